@@ -1,0 +1,1 @@
+"""Built-in config modules: `mso run NAME` loads configs/NAME.py."""

@@ -1,0 +1,108 @@
+"""CartPole-v1 with a small MLP policy: the fast smoke test of the whole pipeline (learns in ~30 k steps)."""
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from mso.policy import CategoricalHead, StatelessPolicy, ValueHead
+
+
+class CartPolePolicy(StatelessPolicy):
+    """Two tanh layers, a categorical action head and a normalised value head (MinePolicy's interface)."""
+
+    def __init__(self, obs_dim: int = 4, n_actions: int = 2, hidsize: int = 64):
+        super().__init__()
+        self.pi_body = nn.Sequential(nn.Linear(obs_dim, hidsize), nn.Tanh(), nn.Linear(hidsize, hidsize), nn.Tanh())
+        self.vf_body = nn.Sequential(nn.Linear(obs_dim, hidsize), nn.Tanh(), nn.Linear(hidsize, hidsize), nn.Tanh())
+        self.pi_head = CategoricalHead(hidsize, n_actions)
+        self.value_head = ValueHead(hidsize)
+
+    def forward(self, input, state_in=None, **kwargs):
+        x = input["obs"].float()
+        return {"pi_logits": self.pi_head(self.pi_body(x)), "vpred": self.value_head(self.vf_body(x))}, []
+
+
+class CartPoleEnv(gym.Wrapper):
+    """CartPole with MineStudio-style dict observations {"obs": float32 (4,)} and an integer action."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return {"obs": obs.astype(np.float32)}, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(int(np.asarray(action).reshape(-1)[0]))
+        return {"obs": obs.astype(np.float32)}, float(reward), terminated, truncated, info
+
+
+def env_generator():
+    return CartPoleEnv(gym.make("CartPole-v1"))
+
+
+def policy_generator():
+    torch.set_num_threads(1)
+    return CartPolePolicy()
+
+
+online_dict = {
+    "trainer_name": "PPOTrainer",
+    "detach_rollout_manager": True,
+    "rollout_config": {
+        "num_rollout_workers": 1,
+        "num_gpus_per_worker": 0,
+        "num_cpus_per_worker": 1,
+        "fragment_length": 32,
+        "to_send_queue_size": 8,
+        "worker_config": {
+            "num_envs": 8,
+            "batch_size": 8,
+            "restart_interval": None,
+            "video_fps": 20,
+            "video_output_dir": "output/videos/cartpole",
+        },
+        "replay_buffer_config": {
+            "max_chunks": 4800,
+            "max_reuse": 1,
+            "max_staleness": 1,
+            "fragments_per_report": 40,
+            "fragments_per_chunk": 1,
+        },
+        "max_pending_fragments": 64,
+    },
+    "train_config": {
+        "num_workers": 1,
+        "num_gpus_per_worker": 0,
+        "num_iterations": 200,
+        "vf_warmup": 0,
+        "learning_rate": 1e-3,
+        "anneal_lr_linearly": True,
+        "weight_decay": 0.0,
+        "adam_eps": 1e-5,
+        "batch_size_per_gpu": 8,
+        "batches_per_iteration": 1,
+        "gradient_accumulation": 1,
+        "epochs_per_iteration": 20,
+        "context_length": 32,
+        "discount": 0.98,
+        "gae_lambda": 0.8,
+        "ppo_clip": 0.2,
+        "clip_vloss": False,
+        "max_grad_norm": 0.5,
+        "zero_initial_vf": True,
+        "ppo_policy_coef": 1.0,
+        "ppo_vf_coef": 0.5,
+        "kl_divergence_coef_rho": 0.0,
+        "entropy_bonus_coef": 0.0,
+        "coef_rho_decay": 1.0,
+        "log_ratio_range": 50,
+        "normalize_advantage_full_batch": True,
+        "use_normalized_vf": False,
+        "save_interval": 0,
+        "keep_interval": 0,
+        "record_video_interval": 0,
+        "resume": None,
+        "resume_optimizer": True,
+        "save_path": None,
+    },
+    "logger_config": {"project": "mso", "name": "cartpole"},
+}

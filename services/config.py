@@ -1,0 +1,249 @@
+"""Config modules and their schema. A config module (MineStudio's format) defines env_generator(),
+policy_generator() and online_dict; `load` imports one by built-in name, dotted path or file path, checks
+online_dict against the typed schema below (the reference's defaults), and applies dot-list overrides."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+BUILTIN_PACKAGE = "mso.configs"
+CONFIG_PATH_ENV = "MSO_CONFIG_PATH"  # extra folders searched for config modules (os.pathsep separated)
+
+
+@dataclass
+class DatabaseConfig:
+    path: str = "output/replay_buffer_cache"  # reference diskcache folder; kept for compatibility, unused
+    num_shards: int = 8                       # reference diskcache shards; kept for compatibility, unused
+
+
+@dataclass
+class ReplayBufferConfig:
+    max_chunks: int = 4800          # most chunks held for sampling
+    max_reuse: int = 2              # a chunk is retired after this many samplings
+    max_staleness: int = 2          # accept data when learner version - data version <= this
+    fragments_per_report: int = 40  # log replay throughput every N fragments
+    fragments_per_chunk: int = 1    # consecutive fragments of one env slot sampled together
+    database_config: DatabaseConfig = field(default_factory=DatabaseConfig)
+
+
+@dataclass
+class WorkerConfig:
+    num_envs: int = 16                        # env subprocesses per rollout worker
+    batch_size: int = 8                       # observations per inference call (or fewer after a short wait)
+    restart_interval: Optional[int] = 3600    # seconds before an env is rebuilt; 0 or null disables
+    video_fps: int = 20                       # fps of recorded episode videos
+    video_output_dir: str = "output/videos"   # where episode videos are written
+    moving_stat_duration: int = 300           # reference extra kwarg (seconds of moving statistics)
+    log_interval: Optional[int] = None        # reference extra kwarg
+    max_fast_reset: int = 10000               # reference extra kwarg (only logged there)
+
+
+@dataclass
+class RolloutConfig:
+    num_rollout_workers: int = 2            # RolloutWorker actors per rollout node
+    num_gpus_per_worker: float = 1.0        # Ray GPUs per worker (0 on a CPU machine)
+    num_cpus_per_worker: float = 1          # Ray CPUs per worker
+    fragment_length: int = 256              # steps per fragment
+    to_send_queue_size: int = 8             # fragments a worker may hold while Redis is full
+    worker_config: WorkerConfig = field(default_factory=WorkerConfig)
+    replay_buffer_config: ReplayBufferConfig = field(default_factory=ReplayBufferConfig)
+    episode_statistics_config: dict = field(default_factory=dict)  # reference: extra EpisodeStatistics kwargs
+    max_pending_fragments: int = 1024       # mso: fragments the Redis stream may hold before producers block
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2                    # trainer ranks (Ray Train workers, DDP)
+    num_gpus_per_worker: float = 1.0        # Ray GPUs per rank (0 on a CPU machine)
+    num_iterations: int = 4000              # PPO iterations before the trainer finishes
+    vf_warmup: int = 0                      # initial iterations training only the value head (and KL)
+    learning_rate: float = 2e-5             # AdamW learning rate
+    anneal_lr_linearly: bool = False        # lr_i = (1 - i/num_iterations) * learning_rate
+    weight_decay: float = 0.04              # AdamW weight decay
+    adam_eps: float = 1e-8                  # AdamW eps
+    batch_size_per_gpu: int = 1             # fragments per training batch per rank
+    batches_per_iteration: int = 200        # batches per rank per iteration
+    gradient_accumulation: int = 10         # batches per optimizer step
+    epochs_per_iteration: int = 1           # passes over the iteration's fragments
+    context_length: int = 64                # truncated-BPTT window (steps per forward)
+    discount: float = 0.999                 # GAE gamma
+    gae_lambda: float = 0.95                # GAE lambda
+    ppo_clip: float = 0.2                   # ratio clip epsilon (and value clip range)
+    clip_vloss: bool = False                # PPO-style value clipping
+    max_grad_norm: float = 5.0              # gradient-norm clip per optimizer step
+    zero_initial_vf: bool = True            # zero the value head (and its normaliser) at start
+    ppo_policy_coef: float = 1.0            # weight of the policy loss
+    ppo_vf_coef: float = 0.5                # weight of the value loss
+    kl_divergence_coef_rho: float = 0.2     # KL(pi || pi_ref) weight; 0 disables the reference policy
+    entropy_bonus_coef: float = 0.0         # weight of -entropy
+    coef_rho_decay: float = 0.9995          # rho <- rho * decay after each iteration
+    log_ratio_range: float = 50.0           # upper clamp on log(pi/pi_behaviour)
+    normalize_advantage_full_batch: bool = True  # normalise advantages over the iteration (all ranks)
+    use_normalized_vf: bool = True          # value head predicts in EWMA-normalised space
+    num_readers: int = 4                    # reference loader actors per rank; kept for compatibility
+    num_cpus_per_reader: float = 0.1        # reference; kept for compatibility
+    prefetch_batches: int = 2               # reference; kept for compatibility
+    save_interval: int = 10                 # checkpoint every N iterations; 0 disables
+    keep_interval: int = 40                 # keep every checkpoint whose iteration is a multiple of this
+    record_video_interval: int = 2          # record episode videos every N iterations; 0 disables
+    enable_ref_update: bool = False         # reference: ignored by PPOTrainer
+    resume: Optional[str] = None            # checkpoint folder to resume from
+    resume_optimizer: bool = True           # also restore the optimizer
+    save_path: Optional[str] = None         # base folder for checkpoints
+    use_amp: bool = False                   # mixed precision (CUDA only)
+
+
+@dataclass
+class LoggerConfig:
+    project: str = "mso"
+    name: str = "run"
+
+
+@dataclass
+class OnlineConfig:
+    trainer_name: str = "PPOTrainer"        # only PPOTrainer exists
+    detach_rollout_manager: bool = True     # reference: detached manager actor; a rollout node owns its own
+    seed: int = 0                           # mso: seeds the policy init, so every node starts from version 0
+    rollout_config: RolloutConfig = field(default_factory=RolloutConfig)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    logger_config: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+class ConfigError(ValueError):
+    """A config module or key that cannot be used; the message names it and what was expected."""
+
+
+@dataclass
+class LoadedConfig:
+    name: str             # how it was asked for: built-in name, dotted path or file path
+    module: ModuleType
+    source: str           # the module's source text (stored with the session and every checkpoint)
+    cfg: DictConfig       # online_dict, validated and with overrides applied
+
+    @property
+    def source_hash(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+    @property
+    def env_generator(self):
+        return self.module.env_generator
+
+    @property
+    def policy_generator(self):
+        return self.module.policy_generator
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.cfg)
+
+
+def import_module(name: str) -> ModuleType:
+    """A config module by built-in name (configs/NAME.py), dotted module path, or .py file path."""
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"config file {name} does not exist")
+        mod_name = "mso_config_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+        return module
+    for folder in filter(None, os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep)):
+        candidate = Path(folder) / f"{name}.py"
+        if candidate.is_file():
+            return import_module(str(candidate))
+    for candidate in (f"{BUILTIN_PACKAGE}.{name}", name):
+        try:
+            return importlib.import_module(candidate)
+        except ModuleNotFoundError as exc:
+            if exc.name not in (candidate, candidate.rsplit(".", 1)[0]) and not candidate.startswith(exc.name):
+                raise  # the module exists but one of its own imports is missing
+    raise ConfigError(f"no config named {name!r}: not a built-in ({', '.join(builtin_names())}), "
+                      f"not an importable module, not a .py file")
+
+
+def builtin_names() -> list[str]:
+    folder = Path(importlib.import_module(BUILTIN_PACKAGE).__file__).parent
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _closest(cfg: DictConfig, full_key: str) -> str:
+    parent_path, _, leaf = full_key.rpartition(".")
+    node = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    options = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, options, n=1)
+    prefix = f"{parent_path}." if parent_path else ""
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys there: {', '.join(options)}"
+
+
+def validate(online_dict: Any, overrides: list[str] = ()) -> DictConfig:
+    schema = OmegaConf.structured(OnlineConfig)
+    OmegaConf.set_struct(schema, True)
+    if isinstance(online_dict, DictConfig):
+        online_dict = OmegaConf.to_container(online_dict, resolve=True)
+    if not isinstance(online_dict, dict):
+        raise ConfigError(f"online_dict must be a dict, got {type(online_dict).__name__}")
+    for source, layer in [("online_dict", online_dict), *[(f"override {o!r}", o) for o in overrides]]:
+        try:
+            if isinstance(layer, str):
+                if "=" not in layer:
+                    raise ConfigError(f"override {layer!r} is not KEY=VALUE")
+                layer = OmegaConf.from_dotlist([layer])
+            schema = OmegaConf.merge(schema, layer)
+        except (ConfigKeyError, ConfigAttributeError) as exc:
+            key = exc.full_key or str(exc.key)
+            raise ConfigError(f"{source}: unknown key {key}{_closest(schema, key)}") from None
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{source}: {exc.full_key}: {exc.msg.splitlines()[0]}") from None
+    check(schema)
+    return schema
+
+
+def check(cfg: DictConfig) -> None:
+    """Impossible combinations of otherwise well-typed values."""
+    r, w, t = cfg.rollout_config, cfg.rollout_config.worker_config, cfg.train_config
+    positive = {"rollout_config.num_rollout_workers": r.num_rollout_workers,
+                "rollout_config.fragment_length": r.fragment_length,
+                "rollout_config.worker_config.num_envs": w.num_envs,
+                "rollout_config.worker_config.batch_size": w.batch_size,
+                "train_config.num_workers": t.num_workers,
+                "train_config.batch_size_per_gpu": t.batch_size_per_gpu,
+                "train_config.batches_per_iteration": t.batches_per_iteration,
+                "train_config.gradient_accumulation": t.gradient_accumulation,
+                "train_config.context_length": t.context_length,
+                "rollout_config.max_pending_fragments": r.max_pending_fragments}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if t.batches_per_iteration % t.gradient_accumulation:
+        raise ConfigError(f"train_config.batches_per_iteration ({t.batches_per_iteration}) must be a multiple "
+                          f"of train_config.gradient_accumulation ({t.gradient_accumulation})")
+    if not 0 <= t.discount <= 1 or not 0 <= t.gae_lambda <= 1:
+        raise ConfigError(f"train_config.discount and gae_lambda must lie in [0, 1], got {t.discount}, "
+                          f"{t.gae_lambda}")
+
+
+def load(name: str, overrides: list[str] = ()) -> LoadedConfig:
+    module = import_module(name)
+    for attr in ("env_generator", "policy_generator", "online_dict"):
+        if not hasattr(module, attr):
+            raise ConfigError(f"config module {name} defines no {attr} (a config module needs env_generator, "
+                              f"policy_generator and online_dict)")
+    source = Path(module.__file__).read_text()
+    return LoadedConfig(name=name, module=module, source=source, cfg=validate(module.online_dict, overrides))
+
+
+def from_yaml(text: str) -> DictConfig:
+    return validate(OmegaConf.to_container(OmegaConf.create(text)))

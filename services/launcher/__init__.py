@@ -1,0 +1,1 @@
+"""The launcher: the `mso` CLI, the LauncherService, and the embedded mode that starts everything locally."""

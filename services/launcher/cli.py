@@ -1,0 +1,260 @@
+"""The `mso` command line.
+
+  mso run [CONFIG] [key=value ...]       start everything locally and train (default config: cartpole)
+  mso config CONFIG [key=value ...]      print the resolved config as YAML, or the error; start nothing
+  mso rollout serve | trainer serve | launcher serve     run one service (REDIS_URL, RAY_ADDRESS)
+  mso launch --launcher HOST:PORT CONFIG [key=value ...] / mso status --launcher HOST:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+DEFAULT_CONFIG = "cartpole"
+PORTS = {"launcher": 50050, "rollout": 50051, "trainer": 50052}
+
+
+def _split_config(args) -> tuple[str, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    if config is None or "=" in config:
+        overrides = ([config] if config else []) + overrides
+        config = DEFAULT_CONFIG
+    return config, overrides
+
+
+def _redis_url(args) -> str:
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if not url:
+        sys.exit("error: no Redis: pass --redis-url or set REDIS_URL")
+    return url
+
+
+def cmd_config(args) -> int:
+    from mso.config import ConfigError, load
+
+    name, overrides = _split_config(args)
+    try:
+        print(load(name, overrides).to_yaml(), end="")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_serve(args) -> int:
+    address = f"{args.host}:{args.port}"
+    url = _redis_url(args)
+    if args.service == "rollout":
+        from mso.rollout.server import serve
+    elif args.service == "trainer":
+        from mso.trainer.server import serve
+    else:
+        return _serve_launcher(address, url)
+    serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"))
+    return 0
+
+
+def _serve_launcher(address: str, url: str) -> int:
+    from mso.launcher.launch import Launcher
+    from mso.launcher.server import start_server
+    from mso.redis_server import connect
+
+    server = start_server(Launcher(connect(url)), address)
+    server.wait_for_termination()
+    return 0
+
+
+def _format(p) -> str:
+    ret = "   n/a" if math.isnan(p.mean_return) else f"{p.mean_return:6.1f}"
+    return (f"iter {p.iteration}/{p.num_iterations}  env steps {p.env_steps}  {p.env_steps_per_second:7.0f} steps/s  "
+            f"return {ret}  version {p.model_version}  lag {p.policy_lag:.2f}  queue {p.queue_depth}")
+
+
+def cmd_run(args) -> int:
+    from mso.config import ConfigError, load
+    from mso.launcher.embedded import Embedded
+    from mso.launcher.launch import Launcher, LaunchError
+    from mso.launcher.server import start_server
+    from mso.redis_server import connect
+    from mso.v1 import launcher_pb2
+
+    name, overrides = _split_config(args)
+    try:
+        cfg = load(name, overrides).cfg
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    needed = (cfg.rollout_config.num_rollout_workers * cfg.rollout_config.num_cpus_per_worker
+              + cfg.train_config.num_workers + 1)
+    embedded = Embedded(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), quiet=args.quiet)
+    started = time.monotonic()
+    server = None
+    summary = {"config": name, "overrides": overrides}
+    code = 1
+    try:
+        embedded.start()
+        client = connect(embedded.redis_url)
+        launcher = Launcher(client)
+        server = start_server(launcher, f"{args.host}:{args.port}")
+        print(f"mso: launcher on {server.address}, Redis {embedded.redis_url}", file=sys.stderr)
+        sid = launcher.launch(name, overrides)
+        summary["session_id"] = sid
+        print(f"mso: session {sid} running ({time.monotonic() - started:.1f}s after start)", file=sys.stderr)
+        from mso import session
+
+        P = launcher_pb2.SessionPhase
+        last_print, best = 0.0, -math.inf
+        live = _live(args)
+        while True:
+            phase = session.read(client, sid)["phase"]
+            p = launcher.progress(sid)
+            if not math.isnan(p.mean_return):
+                best = max(best, p.mean_return)
+            if live is not None:
+                live.update(_format(p))
+            elif time.monotonic() - last_print >= args.print_interval:
+                print(f"mso: {_format(p)}", flush=True)
+                last_print = time.monotonic()
+            if phase not in (P.Name(P.SESSION_PHASE_RUNNING),):
+                break
+            time.sleep(0.5)
+        if live is not None:
+            live.stop()
+        record = session.read(client, sid)
+        summary.update(phase=record["phase"], error=record["error"], mean_return=p.mean_return,
+                       best_mean_return=best, env_steps=p.env_steps, iterations=p.iteration,
+                       model_version=p.model_version, ledger=p.ledger, wall_seconds=time.monotonic() - started)
+        print(f"mso: {record['phase']}: {_format(p)}" + (f"  error: {record['error']}" if record["error"] else ""))
+        code = 0 if record["phase"] == P.Name(P.SESSION_PHASE_FINISHED) else 1
+    except KeyboardInterrupt:
+        print("\nmso: interrupted, stopping", file=sys.stderr)
+        summary["phase"] = "INTERRUPTED"
+        code = 130
+    except (LaunchError, ConfigError, RuntimeError, ConnectionError) as exc:
+        print(f"mso: error: {exc}", file=sys.stderr)
+        summary.update(phase="FAILED", error=str(exc))
+    finally:
+        if server is not None:
+            server.stop(grace=1)
+        embedded.stop()
+        if args.summary:
+            with open(args.summary, "w") as f:
+                json.dump(summary, f, indent=2, default=float)
+    return code
+
+
+def _live(args):
+    if args.quiet or not sys.stdout.isatty():
+        return None
+    from rich.live import Live
+    from rich.text import Text
+
+    class Line:
+        def __init__(self):
+            self.live = Live(Text(""), refresh_per_second=4, transient=False)
+            self.live.start()
+
+        def update(self, text: str) -> None:
+            self.live.update(Text(text))
+
+        def stop(self) -> None:
+            self.live.stop()
+
+    return Line()
+
+
+def cmd_launch(args) -> int:
+    from mso.rpc import channel
+    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+
+    import grpc
+
+    name, overrides = _split_config(args)
+    with channel(args.launcher) as ch:
+        try:
+            s = launcher_pb2_grpc.LauncherServiceStub(ch).Launch(
+                launcher_pb2.LaunchRequest(config=name, overrides=overrides), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"session {s.session_id}: {launcher_pb2.SessionPhase.Name(s.phase)}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    import grpc
+    from mso.rpc import CALL_TIMEOUT, channel
+    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+
+    with channel(args.launcher) as ch:
+        try:
+            s = launcher_pb2_grpc.LauncherServiceStub(ch).GetSession(
+                launcher_pb2.GetSessionRequest(session_id=args.session or ""), timeout=CALL_TIMEOUT)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    s.ClearField("config_yaml")
+    print(MessageToJson(s))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mso", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p):
+        p.add_argument("config", nargs="?", help=f"built-in name, dotted module or .py path (default {DEFAULT_CONFIG})")
+        p.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. train_config.learning_rate=1e-4")
+
+    p = sub.add_parser("run", help="start everything locally and train")
+    config_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=PORTS["launcher"], help="LauncherService port (0: any free port)")
+    p.add_argument("--summary", help="write a JSON summary of the run here")
+    p.add_argument("--quiet", action="store_true", help="no live line, no service logs")
+    p.add_argument("--print-interval", type=float, default=2.0, help="seconds between progress lines (no tty)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved config, or the error")
+    config_args(p)
+    p.set_defaults(fn=cmd_config)
+
+    for service in ("rollout", "trainer", "launcher"):
+        p = sub.add_parser(service, help=f"the {service} service")
+        s = p.add_subparsers(dest="action", required=True).add_parser("serve", help=f"run the {service} service")
+        s.add_argument("--host", default=os.environ.get("MSO_HOST", "0.0.0.0"))
+        s.add_argument("--port", type=int, default=int(os.environ.get("MSO_PORT", PORTS[service])))
+        s.add_argument("--redis-url", default=None, help="default: $REDIS_URL")
+        s.set_defaults(fn=cmd_serve, service=service)
+
+    p = sub.add_parser("launch", help="launch a session through a running LauncherService")
+    config_args(p)
+    p.add_argument("--launcher", default=f"127.0.0.1:{PORTS['launcher']}")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(fn=cmd_launch)
+
+    p = sub.add_parser("status", help="show a session through a running LauncherService")
+    p.add_argument("--launcher", default=f"127.0.0.1:{PORTS['launcher']}")
+    p.add_argument("--session", default="")
+    p.set_defaults(fn=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MSO_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Embedded mode of `mso run`: redis-server, one local Ray head, and the rollout and trainer services as
+separate processes on this machine, stopped in reverse order with nothing left behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from mso.redis_server import RedisServer, free_port
+from mso.rpc import wait_serving
+
+log = logging.getLogger(__name__)
+
+
+class ChildProcess:
+    """A child in its own process group (so the terminal's Ctrl-C reaches only us, and we stop it in
+    order), whose output is copied to our stderr with a prefix."""
+
+    def __init__(self, name: str, args: list[str], env: dict, ready_line: str | None = None, quiet: bool = False):
+        self.name = name
+        self.ready = threading.Event()
+        self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self._ready_line, self._quiet = ready_line, quiet
+        threading.Thread(target=self._pump, name=f"{name}-output", daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines = (self.lines + [line])[-200:]
+            if self._ready_line and self._ready_line in line:
+                self.ready.set()
+            if not self._quiet:
+                sys.stderr.write(f"[{self.name}] {line}")
+
+    def stop(self, grace: float) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever the group still holds (Ray's raylet, workers) goes too
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+
+
+class Embedded:
+    """Everything a session needs, started locally. `redis_url` and the service addresses are set once
+    start() returns."""
+
+    def __init__(self, num_cpus: int, quiet: bool = False):
+        self.num_cpus = num_cpus
+        self.quiet = quiet
+        self.redis: RedisServer | None = None
+        self.children: list[ChildProcess] = []
+        self.redis_url = os.environ.get("REDIS_URL") or ""
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        if not self.redis_url:
+            self.redis = RedisServer()
+            self.redis_url = self.redis.url
+        ray_port = free_port()
+        env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{ray_port}", REDIS_URL=self.redis_url,
+                   RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        head = ChildProcess("ray", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                                    f"--port={ray_port}", "--node-ip-address=127.0.0.1",
+                                    "--include-dashboard=false", f"--num-cpus={self.num_cpus}",
+                                    f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+                            env, ready_line="Ray runtime started", quiet=True)
+        self.children.append(head)
+        if not head.ready.wait(60) or head.process.poll() is not None:
+            raise RuntimeError("Ray head did not start:\n" + "".join(head.lines[-20:]))
+        for kind in ("rollout", "trainer"):
+            port = free_port()
+            child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve",
+                                        f"--port={port}", f"--redis-url={self.redis_url}"], env, quiet=self.quiet)
+            self.children.append(child)
+            try:
+                wait_serving(f"127.0.0.1:{port}", timeout=60)
+            except TimeoutError as exc:
+                raise RuntimeError(f"{kind} service did not come up: {exc}\n" + "".join(child.lines[-20:])) from None
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop(grace=30 if child.name != "ray" else 10)
+        self.children = []
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None

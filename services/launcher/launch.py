@@ -1,0 +1,223 @@
+"""Bringing a session up in order and watching it: Redis reachable -> rollout nodes registered -> every
+rollout node Started and producing fragments -> trainer Started and training -> running -> finished.
+Nodes are found through the registry in Redis, so compose replicas and remote nodes need no addresses.
+A failure at any step stops what was started and says which node failed and why."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import msgpack
+import redis
+
+from mso import config, keys, session
+from mso.queue import ledger
+from mso.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
+from mso.v1 import launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
+P = launcher_pb2.SessionPhase
+
+
+class LaunchError(RuntimeError):
+    """A session that could not be brought up; the message names the step, the node and the cause."""
+
+
+@dataclass
+class Timeouts:
+    nodes: float = 60.0        # for a rollout and a trainer node to register
+    fragments: float = 120.0   # for every rollout node's first fragment
+    training: float = 120.0    # for the trainer to report RUNNING
+
+
+@dataclass
+class Progress:
+    iteration: int = 0
+    num_iterations: int = 0
+    env_steps: int = 0
+    env_steps_per_second: float = 0.0
+    mean_return: float = float("nan")
+    episodes: int = 0
+    model_version: int = 0
+    policy_lag: float = 0.0
+    queue_depth: int = 0
+    ledger: dict = field(default_factory=dict)
+
+
+class Launcher:
+    def __init__(self, client: redis.Redis, timeouts: Timeouts | None = None):
+        self.client = client
+        self.timeouts = timeouts or Timeouts()
+        self._lock = threading.Lock()
+        self._rate = (time.monotonic(), 0, 0.0)  # (when, env_steps then, steps/s)
+        self._watcher: threading.Thread | None = None
+
+    # -- launching -------------------------------------------------------------------------------------
+    def launch(self, name: str, overrides: list[str]) -> str:
+        """Start a session and return its id; raises config.ConfigError for a bad config, LaunchError when
+        a step fails, SessionBusy when another session runs."""
+        loaded = config.load(name, list(overrides))
+        with self._lock:
+            running = self.running_session()
+            if running is not None:
+                record = session.read(self.client, running)
+                if record["source_hash"] == loaded.source_hash and record["config_yaml"] == loaded.to_yaml():
+                    return running  # the same launch again: idempotent
+                raise SessionBusy(f"session {running} ({record['config_name']}) is running; stop it first")
+            sid = session.create(self.client, loaded)
+        try:
+            self._bring_up(sid)
+        except Exception as exc:
+            session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED), error=str(exc))
+            self._stop_nodes(sid)
+            raise
+        self._watcher = threading.Thread(target=self._watch, args=(sid,), name="session-watch", daemon=True)
+        self._watcher.start()
+        return sid
+
+    def _bring_up(self, sid: str) -> None:
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_ROLLOUTS))
+        rollouts = self._wait_nodes("rollout")
+        for node in rollouts:
+            with channel(node["address"]) as ch:
+                try:
+                    rollout_pb2_grpc.RolloutServiceStub(ch).Start(
+                        rollout_pb2.RolloutStartRequest(session_id=sid), timeout=START_TIMEOUT)
+                except grpc.RpcError as exc:
+                    raise LaunchError(f"rollout node {node['node_id']} at {node['address']} failed to start: "
+                                      f"{exc.details()}") from None
+        self._wait(lambda: ledger(self.client, sid).get("produced", 0) > 0, self.timeouts.fragments,
+                   lambda: f"no fragment from rollout nodes {[n['node_id'] for n in rollouts]} within "
+                           f"{self.timeouts.fragments:.0f}s; their status: {self._rollout_errors(rollouts)}")
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_TRAINER))
+        trainer = self._wait_nodes("trainer")[0]
+        with channel(trainer["address"]) as ch:
+            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+            try:
+                stub.Start(trainer_pb2.TrainerStartRequest(session_id=sid), timeout=START_TIMEOUT)
+            except grpc.RpcError as exc:
+                raise LaunchError(f"trainer node {trainer['node_id']} at {trainer['address']} failed to start: "
+                                  f"{exc.details()}") from None
+        self._wait(lambda: self._trainer_state(sid) in ("SERVICE_STATE_RUNNING", "SERVICE_STATE_FINISHED"),
+                   self.timeouts.training,
+                   lambda: f"trainer node {trainer['node_id']} not training within {self.timeouts.training:.0f}s"
+                           f" (state {self._trainer_state(sid)}, error {self._trainer_error(sid)!r})")
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_RUNNING))
+
+    def _wait_nodes(self, kind: str) -> list[dict]:
+        found: list[dict] = []
+
+        def ready():
+            found[:] = [n for n in session.list_nodes(self.client) if n["kind"] == kind]
+            return bool(found)
+
+        self._wait(ready, self.timeouts.nodes, lambda: f"no {kind} node registered in Redis within "
+                                                       f"{self.timeouts.nodes:.0f}s")
+        return list(found)
+
+    def _wait(self, predicate, timeout: float, message) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise LaunchError(message())
+            time.sleep(0.1)
+            failed = self._failed_trainer_error()
+            if failed:
+                raise LaunchError(failed)
+
+    def _failed_trainer_error(self) -> str:
+        sid = session.current(self.client)
+        if sid and self._trainer_state(sid) == "SERVICE_STATE_FAILED":
+            return f"trainer failed: {self._trainer_error(sid)}"
+        return ""
+
+    def _trainer_state(self, sid: str) -> str:
+        raw = self.client.hget(keys.SessionKeys(sid).trainer, "state")
+        return raw.decode() if raw else ""
+
+    def _trainer_error(self, sid: str) -> str:
+        raw = self.client.hget(keys.SessionKeys(sid).trainer, "error")
+        return raw.decode() if raw else ""
+
+    def _rollout_errors(self, rollouts: list[dict]) -> str:
+        out = []
+        for node in rollouts:
+            try:
+                with channel(node["address"]) as ch:
+                    st = rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(),
+                                                                           timeout=CALL_TIMEOUT)
+                out.append(f"{node['node_id']}: {st.last_error or 'no error'}")
+            except grpc.RpcError as exc:
+                out.append(f"{node['node_id']}: unreachable ({exc.code().name})")
+        return "; ".join(out)
+
+    # -- watching and stopping -------------------------------------------------------------------------
+    def _watch(self, sid: str) -> None:
+        while True:
+            phase = session.read(self.client, sid)["phase"]
+            if phase != P.Name(P.SESSION_PHASE_RUNNING):
+                return
+            state = self._trainer_state(sid)
+            if state == "SERVICE_STATE_FINISHED":
+                self._stop_nodes(sid)
+                session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FINISHED))
+                return
+            if state == "SERVICE_STATE_FAILED":
+                self._stop_nodes(sid)
+                session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED),
+                               error=f"trainer failed: {self._trainer_error(sid)}")
+                return
+            time.sleep(0.5)
+
+    def stop(self, sid: str) -> None:
+        session.read(self.client, sid)  # raises SessionError for an unknown session
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPING))
+        self._stop_nodes(sid)
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPED))
+
+    def _stop_nodes(self, sid: str) -> None:
+        """Stop the trainer first (it stops consuming), then the rollout nodes; errors are logged only."""
+        nodes = session.list_nodes(self.client)
+        for node in sorted(nodes, key=lambda n: n["kind"] != "trainer"):
+            try:
+                with channel(node["address"]) as ch:
+                    if node["kind"] == "trainer":
+                        trainer_pb2_grpc.TrainerServiceStub(ch).Stop(trainer_pb2.TrainerStopRequest(), timeout=90)
+                    else:
+                        rollout_pb2_grpc.RolloutServiceStub(ch).Stop(rollout_pb2.RolloutStopRequest(), timeout=90)
+            except grpc.RpcError as exc:
+                log.warning("stopping %s: %s", node["node_id"], exc.details())
+
+    def running_session(self) -> str | None:
+        sid = session.current(self.client)
+        if sid is None:
+            return None
+        phase = session.read(self.client, sid)["phase"]
+        ended = {P.Name(p) for p in (P.SESSION_PHASE_FINISHED, P.SESSION_PHASE_FAILED, P.SESSION_PHASE_STOPPED)}
+        return None if phase in ended else sid
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def progress(self, sid: str) -> Progress:
+        sk = keys.SessionKeys(sid)
+        counts = ledger(self.client, sid)
+        trainer = {k.decode(): v for k, v in self.client.hgetall(sk.trainer).items()}
+        metrics = msgpack.unpackb(trainer["metrics"]) if "metrics" in trainer else {}
+        returns = [msgpack.unpackb(f[b"e"])["return"] for _id, f in self.client.xrevrange(sk.episodes, count=20)]
+        now, env_steps = time.monotonic(), counts.get("env_steps", 0)
+        then, steps_then, rate = self._rate
+        if now - then >= 1.0:
+            rate = (env_steps - steps_then) / (now - then)
+            self._rate = (now, env_steps, rate)
+        return Progress(iteration=int(trainer.get("iteration", 0)), num_iterations=int(trainer.get("num_iterations", 0)),
+                        env_steps=env_steps, env_steps_per_second=rate,
+                        mean_return=sum(returns) / len(returns) if returns else float("nan"),
+                        episodes=counts.get("episodes", 0), model_version=int(trainer.get("model_version", 0)),
+                        policy_lag=metrics.get("policy_lag", 0.0), queue_depth=counts["pending"], ledger=counts)
+
+
+class SessionBusy(RuntimeError):
+    """Another session is running."""

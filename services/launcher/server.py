@@ -1,0 +1,84 @@
+"""LauncherService: Launch / GetSession / StopSession / ListNodes over the Launcher."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from mso import session
+from mso.config import ConfigError
+from mso.launcher.launch import Launcher, LaunchError, SessionBusy
+from mso.rpc import Server
+from mso.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc
+
+S = common_pb2.ServiceState
+
+
+def node_message(n: dict) -> common_pb2.Node:
+    state = n.get("state", "")
+    return common_pb2.Node(node_id=n["node_id"], kind=n["kind"], address=n["address"],
+                           state=S.Value(state) if state in S.keys() else S.SERVICE_STATE_UNSPECIFIED,
+                           last_heartbeat_unix=n["time"])
+
+
+class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
+    def __init__(self, launcher: Launcher):
+        self.launcher = launcher
+
+    def Launch(self, request, context):
+        if not request.config.strip():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "config is empty: give a built-in name, a dotted "
+                                                            "module path or a .py file path")
+        try:
+            sid = self.launcher.launch(request.config.strip(), list(request.overrides))
+        except ConfigError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except SessionBusy as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except LaunchError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return self._session(sid)
+
+    def GetSession(self, request, context):
+        return self._session(self._resolve(request.session_id, context))
+
+    def StopSession(self, request, context):
+        sid = self._resolve(request.session_id, context)
+        self.launcher.stop(sid)
+        return self._session(sid)
+
+    def ListNodes(self, request, context):
+        return launcher_pb2.ListNodesResponse(nodes=[node_message(n) for n in session.list_nodes(self.launcher.client)])
+
+    def _resolve(self, sid: str, context) -> str:
+        sid = sid.strip() or session.current(self.launcher.client) or ""
+        if not sid:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no session has been launched")
+        try:
+            session.read(self.launcher.client, sid)
+        except session.SessionError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return sid
+
+    def _session(self, sid: str) -> launcher_pb2.Session:
+        record = session.read(self.launcher.client, sid)
+        p = self.launcher.progress(sid)
+        phase = record["phase"]
+        return launcher_pb2.Session(
+            session_id=sid, config_name=record["config_name"], config_yaml=record["config_yaml"],
+            phase=launcher_pb2.SessionPhase.Value(phase) if phase in launcher_pb2.SessionPhase.keys() else 0,
+            nodes=[node_message(n) for n in session.list_nodes(self.launcher.client)], error=record["error"],
+            progress=launcher_pb2.Progress(
+                iteration=p.iteration, num_iterations=p.num_iterations, env_steps=p.env_steps,
+                env_steps_per_second=p.env_steps_per_second,
+                mean_return=0.0 if math.isnan(p.mean_return) else p.mean_return, episodes=p.episodes,
+                model_version=p.model_version, policy_lag=p.policy_lag, queue_depth=p.queue_depth))
+
+
+def start_server(launcher: Launcher, address: str) -> Server:
+    server = Server(address)
+    server.add(launcher_pb2_grpc.add_LauncherServiceServicer_to_server, LauncherServicer(launcher),
+               "mso.v1.LauncherService")
+    server.start()
+    return server

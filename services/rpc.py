@@ -1,0 +1,96 @@
+"""gRPC plumbing every service shares: a server with health, reflection, raised size limits and a graceful
+SIGTERM stop; client channels with the same limits; the deadline every client call carries."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Fragments and weights travel through Redis, but status and config messages can still be large
+# (a resolved config, many nodes); 4 MiB is gRPC's default and too small for a VPT-sized config dump.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+# Default deadline of a unary client call, in seconds. Start calls get longer ones (actors come up).
+CALL_TIMEOUT = 10.0
+START_TIMEOUT = 120.0
+
+
+class Server:
+    """A gRPC server on one port: the service's own API, grpc.health.v1 and server reflection."""
+
+    def __init__(self, address: str, max_workers: int = 16):
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC server to {address}")
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+        self._service_names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+        self._stopped = threading.Event()
+
+    def add(self, add_fn, servicer, service_name: str) -> None:
+        add_fn(servicer, self.grpc)
+        self._service_names.append(service_name)
+
+    def start(self) -> None:
+        reflection.enable_server_reflection(self._service_names, self.grpc)
+        self.grpc.start()
+        for name in self._service_names[1:] + [""]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", ", ".join(self._service_names[2:]), self.address)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+
+    def wait_for_termination(self, on_stop=None) -> None:
+        """Block until SIGTERM or SIGINT, then run on_stop (release actors) and stop gracefully."""
+        done = threading.Event()
+
+        def handle(signum, _frame):
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        while not done.wait(0.5):
+            if self._stopped.is_set():
+                break
+        if on_stop is not None:
+            on_stop()
+        self.stop()
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def wait_serving(address: str, timeout: float) -> None:
+    """Block until the server at address reports SERVING on grpc.health.v1, or raise TimeoutError."""
+    with channel(address) as ch:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise TimeoutError(f"no gRPC server answered at {address} within {timeout:.0f}s") from None
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise TimeoutError(f"{address} is not SERVING: {reply.status}")
+
+
+def abort_invalid(context: grpc.ServicerContext, message: str):
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -1,0 +1,112 @@
+"""The session record and the node registry in Redis.
+
+A session record holds the resolved config (YAML), the config module's name and the hash of its source;
+a node that joins imports the module itself and refuses to join when its source differs. Each service node
+keeps a heartbeat key that expires when the node dies, which is how the launcher lists live nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import redis
+
+from mso import keys
+from mso.config import LoadedConfig, from_yaml, import_module
+
+HEARTBEAT_SECONDS = 2.0
+HEARTBEAT_TTL = 10
+
+
+class SessionError(LookupError):
+    """An unknown session, or a node that cannot join it; the message says which and why."""
+
+
+def create(client: redis.Redis, loaded: LoadedConfig) -> str:
+    session_id = uuid.uuid4().hex[:12]
+    client.hset(keys.SessionKeys(session_id).record, mapping={
+        "config_name": loaded.name, "config_yaml": loaded.to_yaml(), "source_hash": loaded.source_hash,
+        "source": loaded.source, "created": time.time(), "phase": "starting", "error": ""})
+    client.set(keys.CURRENT_SESSION, session_id)
+    return session_id
+
+
+def read(client: redis.Redis, session_id: str) -> dict[str, str]:
+    record = client.hgetall(keys.SessionKeys(session_id).record)
+    if not record:
+        raise SessionError(f"no session {session_id!r} in Redis")
+    return {k.decode(): v.decode() for k, v in record.items()}
+
+
+def current(client: redis.Redis) -> str | None:
+    sid = client.get(keys.CURRENT_SESSION)
+    return sid.decode() if sid else None
+
+
+def update(client: redis.Redis, session_id: str, **fields) -> None:
+    client.hset(keys.SessionKeys(session_id).record, mapping={k: str(v) for k, v in fields.items()})
+
+
+def join(client: redis.Redis, session_id: str):
+    """(record, resolved config) for a node joining session_id, after checking its config module's source."""
+    record = read(client, session_id)
+    module = import_module(record["config_name"])
+    local = Path(module.__file__)
+    if hashlib.sha256(local.read_text().encode()).hexdigest() != record["source_hash"]:
+        raise SessionError(f"config module {record['config_name']} at {local} differs from the one session "
+                           f"{session_id} was launched with; deploy the same file on every node")
+    return record, from_yaml(record["config_yaml"])
+
+
+class Heartbeat:
+    """Refreshes a node's registry entry every HEARTBEAT_SECONDS from a background thread."""
+
+    def __init__(self, client: redis.Redis, node_id: str, kind: str, address: str, state_fn):
+        self.client, self.node_id, self.kind, self.address, self.state_fn = client, node_id, kind, address, state_fn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        entry = {"node_id": self.node_id, "kind": self.kind, "address": self.address,
+                 "state": self.state_fn(), "time": time.time()}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(keys.node(self.node_id), msgpack.packb(entry), ex=HEARTBEAT_TTL)
+        pipe.sadd(keys.NODES, self.node_id)
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.beat()
+            except redis.RedisError:
+                pass  # Redis away for a moment: the entry expires if it stays away, which is the truth
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.client.delete(keys.node(self.node_id))
+            self.client.srem(keys.NODES, self.node_id)
+        except redis.RedisError:
+            pass
+
+
+def list_nodes(client: redis.Redis) -> list[dict]:
+    ids = sorted(i.decode() for i in client.smembers(keys.NODES))
+    nodes = []
+    for node_id, raw in zip(ids, client.mget([keys.node(i) for i in ids]) if ids else []):
+        if raw is None:
+            client.srem(keys.NODES, node_id)  # expired: the node is gone
+            continue
+        nodes.append(msgpack.unpackb(raw))
+    return nodes

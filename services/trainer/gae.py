@@ -1,0 +1,49 @@
+"""Generalised advantage estimation over fragments, chained across contiguous fragments of one env slot.
+
+For each step t (all values in the return scale, i.e. denormalised):
+    nonterminal_t = 1 - next_done_t
+    delta_t = r_t + gamma * V_{t+1} * nonterminal_t - V_t
+    A_t     = delta_t + gamma * lambda * nonterminal_t * A_{t+1}
+    target_t = A_t + V_t                                     (the TD(lambda) return)
+At the end of a chain, V_{t+1} is V(next_obs) of the chain's last fragment and A_{t+1} = 0. Fragments chain
+when they come from the same slot, their sequence numbers are consecutive and the later one says it is
+contiguous (no env restart or dropped buffer between them).
+
+Time-limit truncation is treated as termination here, as in the reference: the terminal observation is
+never sent to the agent, so there is no V(terminal obs) to bootstrap from. Fragments keep next_truncated so
+this can change without a new wire format.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def chains(slots: list[str], seqs: list[int], contiguous: list[bool]) -> list[list[int]]:
+    """Fragment indices grouped into chains, each chain in time order."""
+    order = sorted(range(len(slots)), key=lambda i: (slots[i], seqs[i]))
+    out: list[list[int]] = []
+    for i in order:
+        if out and slots[out[-1][-1]] == slots[i] and seqs[out[-1][-1]] + 1 == seqs[i] and contiguous[i]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, next_done: np.ndarray, bootstrap: np.ndarray,
+        chain_list: list[list[int]], gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """rewards, values, next_done: (N, T); bootstrap: (N,) V(next_obs). Returns advantages and targets (N, T)."""
+    n, t_len = rewards.shape
+    adv = np.zeros((n, t_len), dtype=np.float64)
+    nonterminal = 1.0 - next_done.astype(np.float64)
+    for chain in chain_list:
+        a_next, v_next = 0.0, float(bootstrap[chain[-1]])
+        for i in reversed(chain):
+            r, v, nt = rewards[i], values[i], nonterminal[i]
+            for t in range(t_len - 1, -1, -1):
+                delta = r[t] + gamma * v_next * nt[t] - v[t]
+                a_next = delta + gamma * lam * nt[t] * a_next
+                adv[i, t] = a_next
+                v_next = v[t]
+    return adv.astype(np.float32), (adv + values).astype(np.float32)

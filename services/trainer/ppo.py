@@ -1,0 +1,73 @@
+"""The PPO loss on one chunk of a batch (MineStudio's maths, reference §4.5), with the ratio taken against
+the behaviour policy's log-prob stored in each fragment.
+
+    log_ratio = min(log pi(a|s) - log mu(a|s), log_ratio_range)        mu: the policy that acted
+    pg   = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+    vf   = mean(0.5 * (V - target)^2)          (target normalised by the EWMA head if use_normalized_vf)
+    kl   = mean(KL(pi || pi_ref))              (pi_ref: the frozen initial policy; weight rho decays)
+    ent  = mean(H(pi))
+    loss = policy_coef * pg + rho * kl + vf_coef * vf - entropy_coef * ent
+During vf_warmup iterations: loss = vf_coef * vf + kl. Where A < 0, log pi is floored at -11 as in the
+reference, so a near-impossible action cannot blow the ratio up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Chunk:
+    obs: object                 # tree of (B, C, ...) tensors
+    action: object              # tree of (B, C, ...) tensors
+    first: torch.Tensor         # (B, C) bool
+    behaviour_logp: torch.Tensor  # (B, C)
+    advantage: torch.Tensor     # (B, C), normalised if configured
+    target: torch.Tensor        # (B, C) TD(lambda) return, denormalised
+    old_vpred: torch.Tensor     # (B, C) value at iteration start, in the head's space
+
+
+def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: float, warmup: bool):
+    """(loss, metrics, state_out, ref_state_out) for one chunk; the caller backpropagates."""
+    latents, state_out = policy(chunk.obs, state, context={"first": chunk.first})
+    logits = latents["pi_logits"]
+    b, c = chunk.first.shape
+    new_logp = policy.pi_head.logprob(chunk.action, logits).reshape(b, c)
+    new_logp = torch.where(chunk.advantage < 0, new_logp.clamp(min=-11.0), new_logp)
+    log_ratio = (new_logp - chunk.behaviour_logp).clamp(max=tc.log_ratio_range)
+    ratio = log_ratio.exp()
+    adv = chunk.advantage
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - tc.ppo_clip, 1 + tc.ppo_clip)).mean()
+
+    vpred = latents["vpred"].reshape(b, c)
+    if tc.use_normalized_vf:
+        vf_bt = 0.5 * policy.value_head.loss(vpred, chunk.target, reduction="none").reshape(b, c)
+    else:
+        vf_bt = 0.5 * (vpred - chunk.target) ** 2
+    if tc.clip_vloss:
+        clipped = chunk.old_vpred + (vpred - chunk.old_vpred).clamp(-tc.ppo_clip, tc.ppo_clip)
+        if tc.use_normalized_vf:
+            vf_c = 0.5 * policy.value_head.loss(clipped, chunk.target, reduction="none").reshape(b, c)
+        else:
+            vf_c = 0.5 * (clipped - chunk.target) ** 2
+        vf_bt = torch.max(vf_bt, vf_c)
+    vf = vf_bt.mean()
+    entropy = policy.pi_head.entropy(logits).reshape(b, c).mean()
+
+    kl = torch.zeros((), device=vpred.device)
+    if ref_policy is not None:
+        with torch.no_grad():
+            ref_latents, ref_state = ref_policy(chunk.obs, ref_state, context={"first": chunk.first})
+        kl = policy.pi_head.kl_divergence(logits, ref_latents["pi_logits"]).mean()
+
+    if warmup:
+        loss = tc.ppo_vf_coef * vf + kl
+    else:
+        loss = tc.ppo_policy_coef * pg + rho * kl + tc.ppo_vf_coef * vf - tc.entropy_bonus_coef * entropy
+    with torch.no_grad():
+        metrics = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": entropy.item(),
+                   "kl_divergence": kl.item(), "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                   "clip_fraction": ((ratio - 1).abs() > tc.ppo_clip).float().mean().item()}
+    return loss, metrics, state_out, ref_state

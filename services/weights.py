@@ -1,0 +1,129 @@
+"""The weight store: the trainer publishes each model version as safetensors bytes in chunks (a Redis value
+is capped at 512 MB), then flips a `latest` pointer and notifies; rollout nodes pull, verify and load it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+import msgpack
+import redis
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mso import keys
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 * 1024 * 1024
+GRACE_SECONDS = 120  # a superseded version stays readable this long for nodes mid-download
+
+
+class WeightError(ValueError):
+    """A published version that fails verification (missing chunk, size or checksum mismatch)."""
+
+
+def publish(client: redis.Redis, session_id: str, version: int, state_dict: dict[str, torch.Tensor]) -> dict:
+    sk = keys.SessionKeys(session_id)
+    data = st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    n = max(1, -(-len(data) // CHUNK_BYTES))
+    pointer = {"version": version, "chunks": n, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    previous = latest_pointer(client, session_id)
+    pipe = client.pipeline(transaction=False)
+    view = memoryview(data)
+    for i in range(n):
+        pipe.set(sk.weights_chunk(version, i), bytes(view[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]))
+    pipe.set(sk.weights_latest, msgpack.packb(pointer))
+    if previous is not None and previous["version"] != version:
+        for i in range(previous["chunks"]):
+            pipe.expire(sk.weights_chunk(previous["version"], i), GRACE_SECONDS)
+    pipe.publish(sk.weights_channel, str(version))
+    pipe.execute()
+    return pointer
+
+
+def latest_pointer(client: redis.Redis, session_id: str) -> dict | None:
+    raw = client.get(keys.SessionKeys(session_id).weights_latest)
+    if raw is None:
+        return None
+    try:
+        pointer = msgpack.unpackb(raw)
+        int(pointer["version"]), int(pointer["chunks"]), int(pointer["size"]), str(pointer["sha256"])
+    except Exception as exc:
+        raise WeightError(f"unreadable weights pointer: {exc}") from exc
+    return pointer
+
+
+def fetch(client: redis.Redis, session_id: str, pointer: dict) -> dict[str, torch.Tensor]:
+    """The state dict of pointer's version, verified against its size and checksum."""
+    sk = keys.SessionKeys(session_id)
+    version = pointer["version"]
+    parts = client.mget([sk.weights_chunk(version, i) for i in range(pointer["chunks"])])
+    missing = [i for i, p in enumerate(parts) if p is None]
+    if missing:
+        raise WeightError(f"version {version}: chunks {missing} of {pointer['chunks']} are missing")
+    data = b"".join(parts)
+    if len(data) != pointer["size"]:
+        raise WeightError(f"version {version}: {len(data)} bytes, pointer says {pointer['size']}")
+    if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
+        raise WeightError(f"version {version}: checksum mismatch")
+    return st_load(data)
+
+
+class WeightWatcher:
+    """Follows a session's published versions in a background thread and hands the newest verified one to
+    whoever calls take() (the inference loop, between batches). A failed load keeps the old weights."""
+
+    def __init__(self, client: redis.Redis, session_id: str, poll_seconds: float = 1.0):
+        self.client = client
+        self.session_id = session_id
+        self.poll_seconds = poll_seconds
+        self.version = -1
+        self.last_error = ""
+        self._ready: tuple[int, dict] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weight-watcher", daemon=True)
+
+    def start(self) -> WeightWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def take(self) -> tuple[int, dict] | None:
+        with self._lock:
+            ready, self._ready = self._ready, None
+        return ready
+
+    def _run(self) -> None:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.SessionKeys(self.session_id).weights_channel)
+            while not self._stop.is_set():
+                self._check()
+                # A notification wakes us at once; the timeout is the fallback for a missed one.
+                pubsub.get_message(timeout=self.poll_seconds)
+        except redis.RedisError as exc:
+            self.last_error = f"weight watcher lost Redis: {exc}"
+            log.error(self.last_error)
+        finally:
+            pubsub.close()
+
+    def _check(self) -> None:
+        try:
+            pointer = latest_pointer(self.client, self.session_id)
+            if pointer is None or pointer["version"] <= self.version:
+                return
+            state = fetch(self.client, self.session_id, pointer)
+        except WeightError as exc:
+            self.last_error = str(exc)
+            log.warning("keeping weights of version %d: %s", self.version, exc)
+            return
+        with self._lock:
+            self._ready = (pointer["version"], state)
+        self.version = pointer["version"]
