@@ -129,7 +129,7 @@ def cmd_run(args) -> int:
         record = session.read(client, sid)
         summary.update(phase=record["phase"], error=record["error"], mean_return=p.mean_return,
                        best_mean_return=best, env_steps=p.env_steps, iterations=p.iteration,
-                       model_version=p.model_version, ledger=p.ledger, wall_seconds=time.monotonic() - started)
+                       model_version=p.model_version, rollout_model_version=p.rollout_model_version, ledger=p.ledger, wall_seconds=time.monotonic() - started)
         print(f"mso: {record['phase']}: {_format(p)}" + (f"  error: {record['error']}" if record["error"] else ""))
         code = 0 if record["phase"] == P.Name(P.SESSION_PHASE_FINISHED) else 1
     except KeyboardInterrupt:

@@ -45,6 +45,7 @@ class Progress:
     model_version: int = 0
     policy_lag: float = 0.0
     queue_depth: int = 0
+    rollout_model_version: int = 0     # the version rollouts acted with in the newest finished episode
     ledger: dict = field(default_factory=dict)
 
 
@@ -206,7 +207,8 @@ class Launcher:
         counts = ledger(self.client, sid)
         trainer = {k.decode(): v for k, v in self.client.hgetall(sk.trainer).items()}
         metrics = msgpack.unpackb(trainer["metrics"]) if "metrics" in trainer else {}
-        returns = [msgpack.unpackb(f[b"e"])["return"] for _id, f in self.client.xrevrange(sk.episodes, count=20)]
+        episodes = [msgpack.unpackb(f[b"e"]) for _id, f in self.client.xrevrange(sk.episodes, count=20)]
+        returns = [e["return"] for e in episodes]
         now, env_steps = time.monotonic(), counts.get("env_steps", 0)
         then, steps_then, rate = self._rate
         if now - then >= 1.0:
@@ -216,7 +218,8 @@ class Launcher:
                         env_steps=env_steps, env_steps_per_second=rate,
                         mean_return=sum(returns) / len(returns) if returns else float("nan"),
                         episodes=counts.get("episodes", 0), model_version=int(trainer.get("model_version", 0)),
-                        policy_lag=metrics.get("policy_lag", 0.0), queue_depth=counts["pending"], ledger=counts)
+                        policy_lag=metrics.get("policy_lag", 0.0), queue_depth=counts["pending"],
+                        rollout_model_version=episodes[0]["version"] if episodes else 0, ledger=counts)
 
 
 class SessionBusy(RuntimeError):

@@ -1,0 +1,38 @@
+"""Config modules load by name with overrides; bad keys and values fail naming the key."""
+
+import pytest
+
+from mso.config import ConfigError, load
+
+
+def test_builtin_with_overrides():
+    c = load("cartpole", ["train_config.learning_rate=3e-4", "rollout_config.worker_config.num_envs=3"])
+    assert c.cfg.train_config.learning_rate == 3e-4
+    assert c.cfg.rollout_config.worker_config.num_envs == 3
+    assert c.cfg.train_config.use_amp is False  # a key the module leaves out gets the schema default
+    assert len(c.source_hash) == 64
+
+
+def test_file_path_loads(tmp_path):
+    src = (load("cartpole").module.__file__)
+    copy = tmp_path / "mine.py"
+    copy.write_text(open(src).read())
+    assert load(str(copy)).cfg.rollout_config.fragment_length == 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train_config.learning_rat=1", "unknown key train_config.learning_rat; did you mean train_config.learning_rate"),
+    ("rollout_config.worker_config.num_env=2", "did you mean rollout_config.worker_config.num_envs"),
+    ("train_config.learning_rate=fast", "train_config.learning_rate"),
+    ("train_config.gradient_accumulation=3", "multiple of train_config.gradient_accumulation"),
+    ("rollout_config.fragment_length=0", "fragment_length must be at least 1"),
+    ("no_equals_sign", "is not KEY=VALUE"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load("cartpole", [override])
+
+
+def test_unknown_config_lists_builtins():
+    with pytest.raises(ConfigError, match="cartpole"):
+        load("no_such_config")

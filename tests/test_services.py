@@ -1,0 +1,142 @@
+"""Every service as a real process on loopback (one Ray, one redis-server for the module): health, reflection,
+the real grpcurl binary, Start/Stop/GetStatus on all three, and clear status codes for bad requests."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mso.launcher.embedded import ChildProcess, Embedded
+from mso.redis_server import connect, free_port
+from mso.rpc import channel, wait_serving
+from mso.v1 import launcher_pb2, launcher_pb2_grpc, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from tests.conftest import wait_until
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+SHORT_RUN = ["train_config.num_iterations=3", "rollout_config.worker_config.num_envs=2",
+             "rollout_config.worker_config.batch_size=2", "train_config.batch_size_per_gpu=2"]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """redis-server, a Ray head, rollout and trainer services (as `mso run` starts them) and a launcher service."""
+    embedded = Embedded(num_cpus=4, quiet=True)
+    embedded.start()
+    port = free_port()
+    launcher = ChildProcess("launcher", [sys.executable, "-m", "mso.launcher.cli", "launcher", "serve",
+                                         "--host=127.0.0.1", f"--port={port}", f"--redis-url={embedded.redis_url}"],
+                            dict(os.environ), quiet=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=60)
+        client = connect(embedded.redis_url)
+        nodes = wait_until(lambda: {n["kind"]: n["address"].replace("0.0.0.0", "127.0.0.1")
+                                    for n in __import__("mso.session").session.list_nodes(client)}
+                           if len(__import__("mso.session").session.list_nodes(client)) == 2 else None,
+                           30, "both nodes registered")
+        yield {"launcher": f"127.0.0.1:{port}", "rollout": nodes["rollout"], "trainer": nodes["trainer"],
+               "redis": client}
+    finally:
+        launcher.stop(grace=10)
+        embedded.stop()
+
+
+def grpcurl(*args, check=True):
+    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", "60", *args], capture_output=True, text=True, timeout=90)
+    if check and out.returncode != 0:
+        pytest.fail(f"grpcurl {' '.join(args)} failed: {out.stderr}")
+    return out
+
+
+@pytest.mark.parametrize("service, name", [("launcher", "mso.v1.LauncherService"),
+                                           ("rollout", "mso.v1.RolloutService"),
+                                           ("trainer", "mso.v1.TrainerService")])
+def test_service_serves_health_and_reflection(stack, service, name):
+    with channel(stack[service]) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    listed = grpcurl(stack[service], "list").stdout.split()
+    assert name in listed and "grpc.health.v1.Health" in listed
+
+
+@pytest.mark.parametrize("service, method", [("rollout", "mso.v1.RolloutService/GetStatus"),
+                                             ("trainer", "mso.v1.TrainerService/GetStatus"),
+                                             ("launcher", "mso.v1.LauncherService/ListNodes")])
+def test_grpcurl_calls_each_service(stack, service, method):
+    reply = json.loads(grpcurl("-d", "{}", stack[service], method).stdout or "{}")
+    if service == "launcher":
+        assert {n["kind"] for n in reply["nodes"]} == {"rollout", "trainer"}
+    else:
+        assert reply["node_id"].startswith(service)
+
+
+def test_bad_requests_get_clear_status_codes(stack):
+    with channel(stack["rollout"]) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Start(rollout_pb2.RolloutStartRequest(session_id=""), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Start(rollout_pb2.RolloutStartRequest(session_id="nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Scale(rollout_pb2.ScaleRequest(num_workers=2), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with channel(stack["trainer"]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            trainer_pb2_grpc.TrainerServiceStub(ch).Start(trainer_pb2.TrainerStartRequest(session_id="nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    out = grpcurl("-d", '{"config": "cartpole", "overrides": ["train_config.learning_rat=1"]}', stack["launcher"],
+                  "mso.v1.LauncherService/Launch", check=False)
+    assert "InvalidArgument" in out.stderr and "did you mean train_config.learning_rate" in out.stderr
+
+
+def test_launch_through_grpcurl_runs_a_session_to_the_end(stack):
+    request = json.dumps({"config": "cartpole", "overrides": SHORT_RUN})
+    session = json.loads(grpcurl("-d", request, stack["launcher"], "mso.v1.LauncherService/Launch").stdout)
+    assert session["phase"] in ("SESSION_PHASE_RUNNING", "SESSION_PHASE_FINISHED")
+    sid = session["session_id"]
+    # Launching the same config again while it runs returns the same session.
+    again = launcher_pb2.LaunchRequest(config="cartpole", overrides=SHORT_RUN)
+    with channel(stack["launcher"]) as ch:
+        stub = launcher_pb2_grpc.LauncherServiceStub(ch)
+        if stub.GetSession(launcher_pb2.GetSessionRequest(), timeout=10).phase == launcher_pb2.SESSION_PHASE_RUNNING:
+            assert stub.Launch(again, timeout=60).session_id == sid
+
+        def finished():
+            s = stub.GetSession(launcher_pb2.GetSessionRequest(session_id=sid), timeout=10)
+            return s if s.phase == launcher_pb2.SESSION_PHASE_FINISHED else None
+
+        s = wait_until(finished, 120, "the session to finish", interval=0.5)
+    assert s.progress.iteration == 3 and s.progress.model_version == 3
+    assert s.progress.env_steps > 0
+    with channel(stack["trainer"]) as ch:
+        st = trainer_pb2_grpc.TrainerServiceStub(ch).GetStatus(trainer_pb2.TrainerStatusRequest(), timeout=10)
+    assert st.iteration == 3 and st.fragments_consumed >= 3 * 2
+    with channel(stack["rollout"]) as ch:
+        st = rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10)
+    assert st.state == 1 and st.workers == 0  # stopped by the launcher once training finished: IDLE
+
+
+def test_rollout_start_status_stop_directly(stack):
+    from mso import session
+    from mso.config import load
+
+    sid = session.create(stack["redis"], load("cartpole", SHORT_RUN))
+    with channel(stack["rollout"]) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        st = stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120)
+        assert st.state == 3 and st.workers == 1
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Start(rollout_pb2.RolloutStartRequest(session_id="other"), timeout=10)
+        assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+        st = wait_until(lambda: (s := stub.GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10))
+                        .fragments_pushed > 0 and s, 60, "fragments from the rollout node")
+        assert st.live_envs == 2 and st.env_steps >= 32
+        st = stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=90)
+        assert st.state == 1
