@@ -39,14 +39,15 @@ class FragmentProducer:
             time.sleep(delay)  # the consumer frees room by deleting retired entries; no event to wait on
             delay = min(delay * 2, 0.05)
 
-    def push(self, fragment: dict, env_steps: int) -> bytes:
+    def push(self, fragment: dict, env_steps: int) -> int:
+        """Append one fragment; returns its encoded size in bytes."""
         payload = encode(fragment)
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(self.keys.fragments, {b"f": payload})
         pipe.hincrby(self.keys.ledger, "produced", 1)
         pipe.hincrby(self.keys.ledger, "env_steps", env_steps)
-        entry_id, *_ = pipe.execute()
-        return entry_id
+        pipe.execute()
+        return len(payload)
 
 
 class FragmentConsumer:

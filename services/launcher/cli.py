@@ -52,7 +52,10 @@ def cmd_serve(args) -> int:
     url = _redis_url(args)
     if args.service == "rollout":
         from mso.rollout.server import serve
-    elif args.service == "trainer":
+
+        serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"), metrics_port=args.metrics_port)
+        return 0
+    if args.service == "trainer":
         from mso.trainer.server import serve
     else:
         return _serve_launcher(address, url)
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--host", default=os.environ.get("MSO_HOST", "0.0.0.0"))
         s.add_argument("--port", type=int, default=int(os.environ.get("MSO_PORT", PORTS[service])))
         s.add_argument("--redis-url", default=None, help="default: $REDIS_URL")
+        if service == "rollout":
+            s.add_argument("--metrics-port", type=int, default=int(os.environ.get("MSO_METRICS_PORT", 0)),
+                           help="serve Prometheus metrics on this port (0: off)")
         s.set_defaults(fn=cmd_serve, service=service)
 
     p = sub.add_parser("launch", help="launch a session through a running LauncherService")

@@ -1,58 +1,88 @@
 """Env subprocesses. Each env slot runs one environment built by the config's env_generator in its own
-process and talks to its RolloutWorker over a pipe; a crashed or dead env is rebuilt, never fatal.
+process and talks to its RolloutWorker over a pipe; a crashed, dead or hung env is rebuilt, never fatal.
 
-Child -> parent message, one per observation the agent must act on:
+Child -> parent, one message per observation the agent must act on:
     (obs, last_reward, last_terminated, last_truncated, finished_episode or None, restarted)
 `last_*` describe the transition that led to obs (MineStudio's alignment: the terminal observation is never
-sent; its reward and done flag ride on the next episode's first observation). `restarted` is True when the
-env was rebuilt after an error, so the worker knows the stream of this slot is broken there.
-Parent -> child: an action, or None to close.
+sent; its reward and done flags ride on the next episode's first observation). `restarted` is True when the
+env was rebuilt after an error, so the worker knows the slot's stream is broken there.
+Parent -> child: (action, video_path or None) — a path asks to record the next episode — or None to close.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import time
 import traceback
 from multiprocessing.connection import Connection
+
+from mso.rollout.video import VideoWriter, frame_of
 
 log = logging.getLogger(__name__)
 _ctx = mp.get_context("spawn")  # a Ray worker process has threads: fork would copy their locks
 
 
-def _env_main(conn: Connection, config_name: str, seed: int) -> None:
+class _Episode:
+    """Running statistics of the current episode, and its video when one was asked for."""
+
+    def __init__(self, discount: float, video: VideoWriter | None):
+        self.discount, self.video = discount, video
+        self.ret = self.disc_ret = 0.0
+        self.length = 0
+
+    def add(self, reward: float) -> None:
+        self.disc_ret += self.discount ** self.length * reward
+        self.ret += reward
+        self.length += 1
+
+    def finish(self, truncated: bool, task) -> dict:
+        return {"return": self.ret, "discounted_return": self.disc_ret, "length": self.length,
+                "truncated": bool(truncated), "task": task if isinstance(task, str) else None,
+                "video": self.video.close() if self.video else None}
+
+
+def _env_main(conn: Connection, config_name: str, seed: int, discount: float, restart_interval, fps: int) -> None:
     from mso.config import import_module
 
     module = import_module(config_name)
     restarted = False
     reward, terminated, truncated = 0.0, True, False  # the first obs starts an episode
-    episode = None
+    finished, video_path, env = None, None, None
     while True:
         try:
             env = module.env_generator()
+            built = time.monotonic()
             obs, _info = env.reset(seed=seed)
             seed = None
-            ep_return, ep_len = 0.0, 0
+            episode = _Episode(discount, VideoWriter(video_path, fps) if video_path else None)
+            video_path = None
             while True:
-                conn.send((obs, reward, terminated, truncated, episode, restarted))
-                restarted, episode = False, None
-                action = conn.recv()
-                if action is None:
+                if episode.video is not None and (frame := frame_of(obs, env)) is not None:
+                    episode.video.write(frame)
+                conn.send((obs, reward, terminated, truncated, finished, restarted))
+                restarted, finished = False, None
+                message = conn.recv()
+                if message is None:
                     env.close()
                     return
+                action, video_path = message[0], message[1] or video_path
                 obs, reward, terminated, truncated, _info = env.step(action)
                 reward = float(reward)
-                ep_return += reward
-                ep_len += 1
+                episode.add(reward)
                 if terminated or truncated:
-                    episode = {"return": ep_return, "length": ep_len, "truncated": bool(truncated)}
+                    finished = episode.finish(truncated, obs.get("task") if isinstance(obs, dict) else None)
+                    if restart_interval and time.monotonic() - built > restart_interval:
+                        env.close()
+                        break  # a planned rebuild at an episode boundary: the stream stays continuous
                     obs, _info = env.reset()
-                    ep_return, ep_len = 0.0, 0
+                    episode = _Episode(discount, VideoWriter(video_path, fps) if video_path else None)
+                    video_path = None
         except (EOFError, BrokenPipeError, KeyboardInterrupt):
             return
         except Exception:
             log.error("env crashed, rebuilding it:\n%s", traceback.format_exc())
-            restarted, episode = True, None
+            restarted, finished = True, None
             reward, terminated, truncated = 0.0, True, False
             try:
                 env.close()
@@ -61,29 +91,35 @@ def _env_main(conn: Connection, config_name: str, seed: int) -> None:
 
 
 class EnvSlot:
-    """One env slot of a worker: its process, its pipe, and how often it was restarted."""
+    """One env slot of a worker: its process, its pipe, when it was last asked for something, restarts."""
 
-    def __init__(self, index: int, config_name: str, seed: int):
+    def __init__(self, index: int, config_name: str, seed: int, discount: float, restart_interval, fps: int):
         self.index = index
-        self.config_name = config_name
-        self.seed = seed
+        self.args = (config_name, seed, discount, restart_interval, fps)
         self.restarts = 0
+        self.waiting_since = 0.0  # when the env was last asked for an observation (spawn or action)
         self.conn: Connection | None = None
         self.process: mp.Process | None = None
         self.spawn()
 
     def spawn(self) -> None:
         parent, child = _ctx.Pipe()
-        self.process = _ctx.Process(target=_env_main, args=(child, self.config_name, self.seed), daemon=True,
+        self.process = _ctx.Process(target=_env_main, args=(child, *self.args), daemon=True,
                                     name=f"mso-env-{self.index}")
         self.process.start()
         child.close()
         self.conn = parent
+        self.waiting_since = time.monotonic()
+
+    def send(self, action, video_path: str | None = None) -> None:
+        self.conn.send((action, video_path))
+        self.waiting_since = time.monotonic()
 
     def restart(self) -> None:
         self.restarts += 1
         self.close(timeout=1.0)
-        self.seed += 1000003  # a fresh seed, so a deterministic crash is not replayed forever
+        name, seed, *rest = self.args
+        self.args = (name, seed + 1000003, *rest)  # a fresh seed, so a deterministic crash is not replayed
         self.spawn()
 
     def close(self, timeout: float = 5.0) -> None:

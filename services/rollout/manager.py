@@ -1,5 +1,5 @@
-"""RolloutManager: a Ray actor that starts this node's RolloutWorker actors for a session, stops them, and
-sums their status (env steps/s is measured here, between two status calls)."""
+"""RolloutManager: a Ray actor that starts this node's RolloutWorker actors for a session, scales them up
+and down, stops them, and sums their status (env steps/s is measured here, between two status calls)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,57 @@ from mso.config import from_yaml
 from mso.rollout.worker import RolloutWorker
 
 STATUS_TIMEOUT = 5.0
+SUMMED = ("env_steps", "fragments_pushed", "bytes_pushed", "episodes", "env_restarts", "env_timeouts",
+          "steps_dropped", "live_envs", "videos")
 
 
 @ray.remote(num_cpus=0)
 class RolloutManager:
     def __init__(self, node_id: str, session_id: str, redis_url: str, config_name: str, config_yaml: str):
-        cfg = from_yaml(config_yaml)
-        rc = cfg.rollout_config
-        self.session_id = session_id
-        self.workers = [
-            RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker,
-                                  name=f"rollout-worker-{node_id}-{i}", namespace="online")
-            .remote(i, session_id, redis_url, config_name, config_yaml)
-            for i in range(rc.num_rollout_workers)]
+        self.args = (session_id, redis_url, config_name, config_yaml, node_id)
+        self.node_id = node_id
+        self.rc = from_yaml(config_yaml).rollout_config
+        self.workers: list = []
+        self.next_index = 0
+        self.retired = {k: 0 for k in SUMMED}  # counters of workers scaled away, so totals never go back
         self._last = (time.monotonic(), 0)
         self._rate = 0.0
 
     def start(self) -> int:
-        ray.get([w.start.remote() for w in self.workers])
+        return self.scale(self.rc.num_rollout_workers)
+
+    def scale(self, num_workers: int) -> int:
+        """Grow or shrink to num_workers workers; a removed worker's partial fragments are never produced."""
+        added = []
+        while len(self.workers) < num_workers:
+            worker = RolloutWorker.options(
+                num_cpus=self.rc.num_cpus_per_worker, num_gpus=self.rc.num_gpus_per_worker,
+                name=f"rollout-worker-{self.node_id}-{self.next_index}", namespace="online",
+            ).remote(self.next_index, *self.args)
+            self.next_index += 1
+            self.workers.append(worker)
+            added.append(worker)
+        ray.get([w.start.remote() for w in added])
+        while len(self.workers) > num_workers:
+            self._retire(self.workers.pop())
         return len(self.workers)
+
+    def _retire(self, worker) -> None:
+        final = ray.get(worker.stop.remote(), timeout=60)
+        for k in SUMMED:
+            if k != "live_envs":
+                self.retired[k] += final[k]
+        ray.kill(worker)
 
     def status(self) -> dict:
         refs = [w.status.remote() for w in self.workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STATUS_TIMEOUT)
         stats = [ray.get(r) for r in ready]
-        total = {k: sum(s[k] for s in stats) for k in ("env_steps", "fragments_pushed", "episodes",
-                                                          "env_restarts", "steps_dropped", "live_envs")}
+        total = {k: self.retired[k] * (k != "live_envs") + sum(s[k] for s in stats) for k in SUMMED}
         total["workers"] = len(self.workers)
         total["workers_answering"] = len(stats)
         total["model_version"] = min((s["model_version"] for s in stats), default=0)
+        total["inference_ms"] = sum(s["inference_ms"] for s in stats) / max(len(stats), 1)
         total["last_error"] = next((s["last_error"] for s in stats if s["last_error"]), "")
         now = time.monotonic()
         then, steps = self._last
@@ -50,7 +72,6 @@ class RolloutManager:
         return total
 
     def stop(self) -> dict:
-        final = ray.get([w.stop.remote() for w in self.workers], timeout=60)
-        for w in self.workers:
-            ray.kill(w)
-        return {"env_steps": sum(s["env_steps"] for s in final)}
+        while self.workers:
+            self._retire(self.workers.pop())
+        return dict(self.retired)

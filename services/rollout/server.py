@@ -1,4 +1,5 @@
-"""RolloutService: translates gRPC calls into the RolloutManager actor's lifecycle, nothing more."""
+"""RolloutService: translates gRPC calls into the RolloutManager actor's lifecycle, and joins a running
+session on its own (elastic scale-out: a node started while a session runs just adds throughput)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from mso.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
+JOIN_POLL_SECONDS = 2.0
+JOINABLE_PHASES = ("SESSION_PHASE_STARTING_TRAINER", "SESSION_PHASE_RUNNING")
+STATUS_FIELDS = ("workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "bytes_pushed",
+                 "episodes", "model_version", "env_restarts", "env_timeouts", "steps_dropped", "inference_ms",
+                 "videos")
+
+
+class StartError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
@@ -25,28 +37,37 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.client, self.redis_url, self.node_id = client, redis_url, node_id
         self.state = S.SERVICE_STATE_IDLE
         self.session_id = ""
+        self.stopped_session = ""  # a session this node was told to leave: never rejoined on its own
         self.manager = None
         self.last_error = ""
         self._lock = threading.Lock()
+        self._closing = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def Start(self, request, context):
         sid = request.session_id.strip()
         if not sid:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        try:
+            self._start(sid)
+        except StartError as exc:
+            context.abort(exc.code, str(exc))
+        return self._status()
+
+    def _start(self, sid: str) -> None:
         with self._lock:
             if self.manager is not None:
                 if sid == self.session_id:
-                    return self._status()
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"already running session {self.session_id}; Stop it first")
+                    return
+                raise StartError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"already running session {self.session_id}; Stop it first")
             try:
-                record, cfg = session.join(self.client, sid)
+                record, _cfg = session.join(self.client, sid)
             except session.SessionError as exc:
                 code = grpc.StatusCode.NOT_FOUND if "no session" in str(exc) else grpc.StatusCode.FAILED_PRECONDITION
-                context.abort(code, str(exc))
+                raise StartError(code, str(exc)) from None
             except (ConfigError, ImportError) as exc:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load the session's config: {exc}")
+                raise StartError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load the session's config: {exc}") from None
             self.state, self.session_id, self.last_error = S.SERVICE_STATE_STARTING, sid, ""
             try:
                 from mso.rollout.manager import RolloutManager
@@ -54,30 +75,39 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 ray_runtime.ensure()
                 self.manager = RolloutManager.options(name=f"rollout-manager-{self.node_id}").remote(
                     self.node_id, sid, self.redis_url, record["config_name"], record["config_yaml"])
-                ray.get(self.manager.start.remote(), timeout=120)
+                ray.get(self.manager.start.remote(), timeout=180)
             except Exception as exc:
                 self.last_error = f"cannot start rollout workers: {exc}"
                 self.state = S.SERVICE_STATE_FAILED
                 self._release()
-                context.abort(grpc.StatusCode.INTERNAL, self.last_error)
+                raise StartError(grpc.StatusCode.INTERNAL, self.last_error) from None
             self.state = S.SERVICE_STATE_RUNNING
             log.info("rollout node %s running session %s", self.node_id, sid)
-            return self._status()
 
     def Stop(self, request, context):
         with self._lock:
             if self.manager is not None:
+                self.stopped_session = self.session_id
                 self.state = S.SERVICE_STATE_STOPPING
                 self._release()
             self.state = S.SERVICE_STATE_IDLE
-            return self._status()
+        return self._status()
 
     def GetStatus(self, request, context):
         return self._status()
 
     def Scale(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Scale is not implemented yet: restart the session with "
-                                                     "rollout_config.num_rollout_workers=N")
+        if request.num_workers < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"num_workers must be at least 1, got {request.num_workers} (Stop removes them all)")
+        with self._lock:
+            if self.manager is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no session running on this node: Start first")
+            try:
+                ray.get(self.manager.scale.remote(request.num_workers), timeout=180)
+            except Exception as exc:
+                context.abort(grpc.StatusCode.INTERNAL, f"scaling to {request.num_workers} workers failed: {exc}")
+        return self._status()
 
     def WatchEpisodes(self, request, context):
         sid = request.session_id or self.session_id or session.current(self.client)
@@ -86,13 +116,35 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         if not self.client.exists(keys.SessionKeys(sid).record):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {sid!r}")
         stream, last = keys.SessionKeys(sid).episodes, "$"
-        while context.is_active():
+        while context.is_active() and not self._closing.is_set():
             for _name, entries in self.client.xread({stream: last}, block=1000, count=100) or []:
                 for entry_id, fields in entries:
                     last = entry_id
                     e = msgpack.unpackb(fields[b"e"])
-                    yield rollout_pb2.Episode(episode_id=entry_id.decode(), episode_return=e["return"],
-                                              length=e["length"], model_version=e["version"])
+                    yield rollout_pb2.Episode(
+                        episode_id=entry_id.decode(), episode_return=e["return"], length=e["length"],
+                        model_version=e["version"], discounted_return=e.get("discounted_return", 0.0),
+                        slot=e.get("slot", ""), task=e.get("task") or "", truncated=e.get("truncated", False),
+                        video=e.get("video") or "")
+
+    # -- elastic join ----------------------------------------------------------------------------------
+    def join_loop(self) -> None:
+        """Join the current session when it is running and this node is idle (and was not told to leave)."""
+        while not self._closing.wait(JOIN_POLL_SECONDS):
+            if self.manager is not None:
+                continue
+            try:
+                sid = session.current(self.client)
+                if not sid or sid == self.stopped_session:
+                    continue
+                if session.read(self.client, sid)["phase"] in JOINABLE_PHASES:
+                    log.info("joining running session %s", sid)
+                    self._start(sid)
+            except StartError as exc:
+                self.stopped_session = sid  # do not retry a session this node cannot run
+                log.error("cannot join session %s: %s", sid, exc)
+            except (redis.RedisError, session.SessionError) as exc:
+                log.warning("session discovery: %s", exc)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _release(self) -> None:
@@ -100,37 +152,66 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         if manager is None:
             return
         try:
-            ray.get(manager.stop.remote(), timeout=60)
+            ray.get(manager.stop.remote(), timeout=90)
         except Exception as exc:
             log.warning("rollout manager did not stop cleanly: %s", exc)
         ray.kill(manager)
 
+    def status_dict(self) -> dict | None:
+        manager = self.manager
+        if manager is None:
+            return None
+        return ray.get(manager.status.remote(), timeout=10)
+
     def _status(self) -> rollout_pb2.RolloutStatus:
         reply = rollout_pb2.RolloutStatus(node_id=self.node_id, session_id=self.session_id, state=self.state,
                                           last_error=self.last_error)
-        manager = self.manager
-        if manager is not None:
-            try:
-                st = ray.get(manager.status.remote(), timeout=10)
-            except Exception as exc:
-                reply.last_error = f"rollout manager not answering: {exc}"
-                return reply
-            reply.workers = st["workers"]
-            reply.live_envs = st["live_envs"]
-            reply.env_steps = st["env_steps"]
-            reply.env_steps_per_second = st["env_steps_per_second"]
-            reply.fragments_pushed = st["fragments_pushed"]
-            reply.model_version = st["model_version"]
-            reply.env_restarts = st["env_restarts"]
+        try:
+            st = self.status_dict()
+        except Exception as exc:
+            reply.last_error = f"rollout manager not answering: {exc}"
+            return reply
+        if st is not None:
+            for name in STATUS_FIELDS:
+                setattr(reply, name, st[name])
             reply.last_error = reply.last_error or st["last_error"]
         return reply
 
     def shutdown(self) -> None:
+        self._closing.set()
         with self._lock:
             self._release()
 
 
-def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
+class RolloutMetrics:
+    """Prometheus collector: reads the manager's status at scrape time, so no counter can drift."""
+
+    def __init__(self, servicer: RolloutServicer):
+        self.servicer = servicer
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            st = self.servicer.status_dict() or {}
+        except Exception:
+            st = {}
+        labels = {"node": self.servicer.node_id}
+        for name, doc in (("env_steps", "environment steps taken"), ("fragments_pushed", "fragments written"),
+                          ("bytes_pushed", "fragment bytes written"), ("env_restarts", "env processes rebuilt"),
+                          ("episodes", "episodes finished")):
+            c = CounterMetricFamily(f"mso_rollout_{name}", doc, labels=list(labels))
+            c.add_metric(list(labels.values()), st.get(name, 0))
+            yield c
+        for name, doc in (("env_steps_per_second", "env steps per second"), ("live_envs", "env processes"),
+                          ("inference_ms", "mean inference batch latency in ms"), ("model_version", "weights in use"),
+                          ("workers", "RolloutWorker actors")):
+            g = GaugeMetricFamily(f"mso_rollout_{name}", doc, labels=list(labels))
+            g.add_metric(list(labels.values()), st.get(name, 0))
+            yield g
+
+
+def serve(address: str, redis_url: str, advertise: str | None = None, metrics_port: int = 0) -> None:
     from mso.redis_server import connect
 
     client = connect(redis_url)
@@ -139,6 +220,13 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     servicer = RolloutServicer(client, redis_url, node_id)
     server.add(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, "mso.v1.RolloutService")
     server.start()
+    if metrics_port:
+        from prometheus_client import REGISTRY, start_http_server
+
+        REGISTRY.register(RolloutMetrics(servicer))
+        start_http_server(metrics_port)
+        log.info("Prometheus metrics on :%d/metrics", metrics_port)
     heartbeat = session.Heartbeat(client, node_id, "rollout", advertise or server.address,
                                   lambda: S.Name(servicer.state)).start()
+    threading.Thread(target=servicer.join_loop, name="session-join", daemon=True).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))

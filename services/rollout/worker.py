@@ -1,13 +1,15 @@
 """RolloutWorker: a Ray actor that owns num_envs env subprocesses, batches inference over whichever envs
-are ready, cuts fragments and pushes them to the session's Redis stream.
+are ready, cuts fragments and pushes them to the session's Redis stream. The loop itself is RolloutLoop,
+a plain class, so the actor adds only the Ray boundary.
 
 The loop never busy-waits: it blocks on the env pipes and runs a batch as soon as batch_size observations
-are waiting, or after a short deadline with at least one, so a slow env never stalls the others.
+are waiting, or BATCH_DEADLINE after the first one, so a slow or restarting env never stalls the others.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -66,34 +68,27 @@ def stack_obs(obs_list: list):
     return np.stack([np.asarray(o) for o in obs_list])[:, None]
 
 
-@ray.remote
-class RolloutWorker:
-    def __init__(self, worker_index: int, session_id: str, redis_url: str, config_name: str, config_yaml: str):
-        self.index = worker_index
-        self.session_id = session_id
-        self.redis_url = redis_url
-        self.config_name = config_name
-        self.cfg = from_yaml(config_yaml)
-        self.stats = {"env_steps": 0, "fragments_pushed": 0, "episodes": 0, "env_restarts": 0,
-                      "steps_dropped": 0, "model_version": 0, "live_envs": 0, "last_error": ""}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+def check_weights(policy: torch.nn.Module, state: dict) -> None:
+    """Refuse a state dict whose keys or shapes differ, before any parameter is touched."""
+    own = policy.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
-    def start(self) -> bool:
-        self._thread = threading.Thread(target=self._run_guarded, name="rollout-loop", daemon=True)
-        self._thread.start()
-        return True
 
-    def status(self) -> dict:
-        return dict(self.stats)
+class RolloutLoop:
+    """Steps one worker's envs until stop is set. `stats` is read by status calls from other threads."""
 
-    def stop(self) -> dict:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        return dict(self.stats)
+    def __init__(self, worker_index: int, session_id: str, redis_url: str, config_name: str, cfg, node_id: str):
+        self.index, self.session_id, self.redis_url = worker_index, session_id, redis_url
+        self.config_name, self.cfg, self.node_id = config_name, cfg, node_id
+        self.stats = {"env_steps": 0, "fragments_pushed": 0, "bytes_pushed": 0, "episodes": 0,
+                      "env_restarts": 0, "env_timeouts": 0, "steps_dropped": 0, "model_version": 0,
+                      "live_envs": 0, "inference_ms": 0.0, "videos": 0, "last_error": ""}
+        self.stop_event = threading.Event()
 
-    def _run_guarded(self) -> None:
+    def run(self) -> None:
         try:
             self._run()
         except Exception:
@@ -101,15 +96,14 @@ class RolloutWorker:
             log.error("rollout worker %d failed:\n%s", self.index, self.stats["last_error"])
 
     def _run(self) -> None:
-        rc, wc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config
+        rc, wc, tc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config, self.cfg.train_config
         client = connect(self.redis_url)
-        sk = keys.SessionKeys(self.session_id)
+        self.keys = keys.SessionKeys(self.session_id)
         module = import_module(self.config_name)
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
         policy = module.policy_generator()
         policy.eval()
         device = policy.device
-        use_normalized_vf = self.cfg.train_config.use_normalized_vf
         max_staleness = rc.replay_buffer_config.max_staleness
         version = 0
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
@@ -119,19 +113,29 @@ class RolloutWorker:
         sender = threading.Thread(target=self._send_loop, args=(producer, outbox), name="sender", daemon=True)
         sender.start()
 
-        node = uuid.uuid4().hex[:8]
-        base_seed = self.cfg.seed * 100_003 + self.index * 1009 + int(time.time()) % 100_000
-        slots = [EnvSlot(i, self.config_name, base_seed + i) for i in range(wc.num_envs)]
-        cutters = [FragmentCutter(self.session_id, f"{node}-w{self.index}-e{i}", rc.fragment_length)
-                   for i in range(wc.num_envs)]
+        seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
+        slots = [EnvSlot(i, self.config_name, seed + i, tc.discount, wc.restart_interval, wc.video_fps)
+                 for i in range(wc.num_envs)]
+        slot_ids = [f"{self.node_id}-w{self.index}-e{i}" for i in range(wc.num_envs)]
+        cutters = [FragmentCutter(self.session_id, slot_ids[i], rc.fragment_length) for i in range(wc.num_envs)]
         states = [policy.initial_state(1) for _ in slots]
         episode_ids = [uuid.uuid4().hex for _ in slots]
-        pending: dict[int, tuple] = {}
+        videos: dict[int, str] = {}      # slot -> path to send with its next action
+        pending: dict[int, tuple] = {}   # slot -> message waiting for an action
         target = min(wc.batch_size, len(slots))
         deadline = 0.0
+
+        def restart(i: int, why: str) -> None:
+            log.warning("env %d of worker %d: %s; restarting it", i, self.index, why)
+            self.stats["env_restarts"] += 1
+            self.stats["steps_dropped"] += cutters[i].drop()
+            pending.pop(i, None)
+            slots[i].restart()
+            states[i] = policy.initial_state(1)
+
         self.stats["live_envs"] = len(slots)
         try:
-            while not self._stop.is_set():
+            while not self.stop_event.is_set():
                 waiting = {slots[i].conn: i for i in range(len(slots)) if i not in pending}
                 if waiting and len(pending) < target:
                     timeout = max(0.0, deadline - time.monotonic()) if pending else 0.5
@@ -140,12 +144,16 @@ class RolloutWorker:
                         try:
                             pending[i] = conn.recv()
                         except (EOFError, OSError):
-                            self._restart(slots[i], cutters[i], "env process died")
-                            states[i] = policy.initial_state(1)
+                            restart(i, "env process died")
                             continue
-                        if pending[i][5]:  # the env rebuilt itself after an error
+                        if pending[i][5]:  # the env rebuilt itself after an exception
                             self.stats["env_restarts"] += 1
                             self.stats["steps_dropped"] += cutters[i].drop()
+                    now = time.monotonic()
+                    for i in [i for i in waiting.values() if i not in pending]:
+                        if now - slots[i].waiting_since > wc.env_timeout:
+                            self.stats["env_timeouts"] += 1
+                            restart(i, f"no answer within env_timeout={wc.env_timeout}s")
                     if not pending:
                         continue
                     if len(pending) < target:
@@ -158,11 +166,17 @@ class RolloutWorker:
                 ready = watcher.take()
                 if ready is not None:
                     try:
+                        check_weights(policy, ready[1])
                         policy.load_state_dict(ready[1])
                         version = ready[0]
-                    except (RuntimeError, KeyError) as exc:
-                        self.stats["last_error"] = f"cannot load weights version {ready[0]}: {exc}"
-                    self.stats["model_version"] = version
+                        self.stats["model_version"] = version
+                        if tc.record_video_interval and version % tc.record_video_interval == 0:
+                            for i in range(min(wc.videos_per_worker, len(slots))):
+                                videos[i] = os.path.join(wc.video_output_dir, self.session_id,
+                                                         f"v{version:06d}-{slot_ids[i]}.mp4")
+                    except ValueError as exc:
+                        self.stats["last_error"] = f"kept version {version}: cannot load version {ready[0]}: {exc}"
+                        log.error(self.stats["last_error"])
 
                 batch = sorted(pending)
                 msgs = [pending.pop(i) for i in batch]
@@ -171,7 +185,8 @@ class RolloutWorker:
                         states[i] = policy.initial_state(1)
                         episode_ids[i] = uuid.uuid4().hex
                     if msg[4] is not None:
-                        self._episode(client, sk, msg[4], version)
+                        self._episode(client, msg[4], version, slot_ids[i])
+                started = time.perf_counter()
                 with torch.inference_mode():
                     obs = to_tensor_tree(stack_obs([m[0] for m in msgs]), device)
                     state_in = policy.merge_state([states[i] for i in batch])
@@ -180,29 +195,30 @@ class RolloutWorker:
                     action = policy.pi_head.sample(latents["pi_logits"])
                     logp = policy.pi_head.logprob(action, latents["pi_logits"]).reshape(-1).cpu().numpy()
                     vpred = latents["vpred"].reshape(-1, 1)
-                    if use_normalized_vf:
+                    if tc.use_normalized_vf:
                         vpred = policy.value_head.denormalize(vpred)
                     vpred = vpred.reshape(-1).cpu().numpy()
                     new_states = policy.split_state(state_out, len(batch))
                 actions = to_numpy_tree(action)
+                self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + \
+                    0.1 * 1000 * (time.perf_counter() - started)
                 for j, i in enumerate(batch):
                     obs_i, last_reward, terminated, truncated = msgs[j][:4]
-                    act = index_tree(actions, j)  # (1, ...) : one time step
+                    act = index_tree(index_tree(actions, j), 0)  # this env's action at its one time step
                     cutter = cutters[i]
                     if cutter.buffer and version - cutter.buffer[0].version > max_staleness:
                         self.stats["steps_dropped"] += cutter.drop()
                     state_np = to_numpy_tree(states[i]) if cutter.needs_state() else None
-                    fragment = cutter.add(Step(obs_i, state_np, index_tree(act, 0), float(logp[j]),
-                                               float(vpred[j]), float(last_reward), bool(terminated),
-                                               bool(truncated), version, episode_ids[i]))
+                    fragment = cutter.add(Step(obs_i, state_np, act, float(logp[j]), float(vpred[j]),
+                                               float(last_reward), bool(terminated), bool(truncated), version,
+                                               episode_ids[i]))
                     states[i] = new_states[j]
                     try:
-                        slots[i].conn.send(index_tree(act, 0))
+                        slots[i].send(act, videos.pop(i, None))
                     except (BrokenPipeError, OSError):
-                        self._restart(slots[i], cutter, "env process died")
-                        states[i] = policy.initial_state(1)
+                        restart(i, "env process died")
                     if fragment is not None:
-                        outbox.put(fragment)  # blocks when the sender is behind: backpressure
+                        outbox.put(fragment)  # blocks while the sender is behind: backpressure
                 self.stats["env_steps"] += len(batch)
         finally:
             outbox.put(None)
@@ -212,19 +228,13 @@ class RolloutWorker:
                 slot.close(timeout=2)
             self.stats["live_envs"] = 0
 
-    def _restart(self, slot: EnvSlot, cutter: FragmentCutter, why: str) -> None:
-        log.warning("env %d of worker %d: %s; restarting it", slot.index, self.index, why)
-        self.stats["env_restarts"] += 1
-        self.stats["steps_dropped"] += cutter.drop()
-        slot.restart()
-
-    def _episode(self, client, sk: keys.SessionKeys, episode: dict, version: int) -> None:
+    def _episode(self, client, episode: dict, version: int, slot_id: str) -> None:
         self.stats["episodes"] += 1
-        record = {"return": episode["return"], "length": episode["length"], "version": version,
-                  "worker": self.index}
+        self.stats["videos"] += episode["video"] is not None
+        record = {**episode, "version": version, "slot": slot_id, "worker": self.index}
         pipe = client.pipeline(transaction=False)
-        pipe.xadd(sk.episodes, {b"e": msgpack.packb(record)}, maxlen=EPISODES_KEPT, approximate=True)
-        pipe.hincrby(sk.ledger, "episodes", 1)
+        pipe.xadd(self.keys.episodes, {b"e": msgpack.packb(record)}, maxlen=EPISODES_KEPT, approximate=True)
+        pipe.hincrby(self.keys.ledger, "episodes", 1)
         pipe.execute()
 
     def _send_loop(self, producer: FragmentProducer, outbox: queue.Queue) -> None:
@@ -233,11 +243,33 @@ class RolloutWorker:
             if fragment is None:
                 return
             try:
-                producer.wait_for_room(should_stop=self._stop.is_set)
-                if self._stop.is_set():
-                    continue
-                producer.push(fragment, env_steps=len(fragment["reward"]))
+                producer.wait_for_room(should_stop=self.stop_event.is_set)
+                if self.stop_event.is_set():
+                    continue  # stopping: unsent fragments were never produced, the ledger stays exact
+                self.stats["bytes_pushed"] += producer.push(fragment, env_steps=len(fragment["reward"]))
                 self.stats["fragments_pushed"] += 1
             except Exception as exc:
                 self.stats["last_error"] = f"cannot push fragment: {exc}"
                 log.error(self.stats["last_error"])
+
+
+@ray.remote
+class RolloutWorker:
+    """The Ray boundary around a RolloutLoop running in a thread of the actor process."""
+
+    def __init__(self, worker_index: int, session_id: str, redis_url: str, config_name: str, config_yaml: str,
+                 node_id: str):
+        self.loop = RolloutLoop(worker_index, session_id, redis_url, config_name, from_yaml(config_yaml), node_id)
+        self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
+
+    def start(self) -> bool:
+        self.thread.start()
+        return True
+
+    def status(self) -> dict:
+        return dict(self.loop.stats)
+
+    def stop(self) -> dict:
+        self.loop.stop_event.set()
+        self.thread.join(timeout=30)
+        return dict(self.loop.stats)

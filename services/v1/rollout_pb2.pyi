@@ -32,19 +32,29 @@ class WatchEpisodesRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class Episode(_message.Message):
-    __slots__ = ("episode_id", "episode_return", "length", "model_version")
+    __slots__ = ("episode_id", "episode_return", "length", "model_version", "discounted_return", "slot", "task", "truncated", "video")
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPISODE_RETURN_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DISCOUNTED_RETURN_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     episode_id: str
     episode_return: float
     length: int
     model_version: int
-    def __init__(self, episode_id: _Optional[str] = ..., episode_return: _Optional[float] = ..., length: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    discounted_return: float
+    slot: str
+    task: str
+    truncated: bool
+    video: str
+    def __init__(self, episode_id: _Optional[str] = ..., episode_return: _Optional[float] = ..., length: _Optional[int] = ..., model_version: _Optional[int] = ..., discounted_return: _Optional[float] = ..., slot: _Optional[str] = ..., task: _Optional[str] = ..., truncated: _Optional[bool] = ..., video: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("node_id", "session_id", "state", "workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "model_version", "env_restarts", "last_error")
+    __slots__ = ("node_id", "session_id", "state", "workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "model_version", "env_restarts", "last_error", "bytes_pushed", "episodes", "env_timeouts", "steps_dropped", "inference_ms", "videos")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +66,12 @@ class RolloutStatus(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENV_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    ENV_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_id: str
     state: _common_pb2.ServiceState
@@ -67,4 +83,10 @@ class RolloutStatus(_message.Message):
     model_version: int
     env_restarts: int
     last_error: str
-    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., workers: _Optional[int] = ..., live_envs: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., fragments_pushed: _Optional[int] = ..., model_version: _Optional[int] = ..., env_restarts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    bytes_pushed: int
+    episodes: int
+    env_timeouts: int
+    steps_dropped: int
+    inference_ms: float
+    videos: int
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., workers: _Optional[int] = ..., live_envs: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., fragments_pushed: _Optional[int] = ..., model_version: _Optional[int] = ..., env_restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., bytes_pushed: _Optional[int] = ..., episodes: _Optional[int] = ..., env_timeouts: _Optional[int] = ..., steps_dropped: _Optional[int] = ..., inference_ms: _Optional[float] = ..., videos: _Optional[int] = ...) -> None: ...
