@@ -48,8 +48,9 @@ class WorkerConfig:
     moving_stat_duration: int = 300           # reference extra kwarg (seconds of moving statistics)
     log_interval: Optional[int] = None        # reference extra kwarg
     max_fast_reset: int = 10000               # reference extra kwarg (only logged there)
-    env_timeout: float = 300.0                # mso: seconds an env may take to start or answer a step
-                                              # (including its automatic reset) before it is killed and rebuilt
+    env_timeout: float = 300.0                # mso: seconds an env may take to answer a step (including its
+                                              # automatic reset) before it is killed and rebuilt
+    env_start_timeout: float = 600.0          # mso: seconds a new env process may take to send its first obs
     videos_per_worker: int = 1                # mso: envs per worker that record their next episode when a
                                               # version divisible by train_config.record_video_interval arrives
 

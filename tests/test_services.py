@@ -86,7 +86,7 @@ def test_bad_requests_get_clear_status_codes(stack):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
             stub.Scale(rollout_pb2.ScaleRequest(num_workers=2), timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # idle: nothing to scale
     with channel(stack["trainer"]) as ch:
         with pytest.raises(grpc.RpcError) as err:
             trainer_pb2_grpc.TrainerServiceStub(ch).Start(trainer_pb2.TrainerStartRequest(session_id="nope"), timeout=10)

@@ -55,6 +55,21 @@ class ChildProcess:
         self.process.wait()
 
 
+def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
+    """A Ray head on free loopback ports (never Redis's 6379), without the dashboard; returns it and its
+    address for RAY_ADDRESS. Its raylet and workers share its process group, so stopping it stops them."""
+    port = free_port()
+    head = ChildProcess("ray", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                                f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                                f"--num-cpus={num_cpus}", f"--ray-client-server-port={free_port()}",
+                                "--disable-usage-stats"],
+                        dict(env, RAY_USAGE_STATS_ENABLED="0"), ready_line="Ray runtime started", quiet=True)
+    if not head.ready.wait(60) or head.process.poll() is not None:
+        head.stop(grace=5)
+        raise RuntimeError("Ray head did not start:\n" + "".join(head.lines[-20:]))
+    return head, f"127.0.0.1:{port}"
+
+
 class Embedded:
     """Everything a session needs, started locally. `redis_url` and the service addresses are set once
     start() returns."""
@@ -77,26 +92,21 @@ class Embedded:
         if not self.redis_url:
             self.redis = RedisServer()
             self.redis_url = self.redis.url
-        ray_port = free_port()
-        env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{ray_port}", REDIS_URL=self.redis_url,
-                   RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-        head = ChildProcess("ray", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                                    f"--port={ray_port}", "--node-ip-address=127.0.0.1",
-                                    "--include-dashboard=false", f"--num-cpus={self.num_cpus}",
-                                    f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
-                            env, ready_line="Ray runtime started", quiet=True)
+        env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        head, env["RAY_ADDRESS"] = start_ray_head(self.num_cpus, env)
         self.children.append(head)
-        if not head.ready.wait(60) or head.process.poll() is not None:
-            raise RuntimeError("Ray head did not start:\n" + "".join(head.lines[-20:]))
-        for kind in ("rollout", "trainer"):
+        services = []
+        for kind in ("rollout", "trainer"):  # started together: each spends seconds importing torch
             port = free_port()
-            child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve",
+            child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve", "--host=127.0.0.1",
                                         f"--port={port}", f"--redis-url={self.redis_url}"], env, quiet=self.quiet)
             self.children.append(child)
+            services.append((child, f"127.0.0.1:{port}"))
+        for child, address in services:
             try:
-                wait_serving(f"127.0.0.1:{port}", timeout=60)
+                wait_serving(address, timeout=60)
             except TimeoutError as exc:
-                raise RuntimeError(f"{kind} service did not come up: {exc}\n" + "".join(child.lines[-20:])) from None
+                raise RuntimeError(f"{child.name} service did not come up: {exc}\n" + "".join(child.lines[-20:])) from None
 
     def stop(self) -> None:
         for child in reversed(self.children):

@@ -93,11 +93,13 @@ def _env_main(conn: Connection, config_name: str, seed: int, discount: float, re
 class EnvSlot:
     """One env slot of a worker: its process, its pipe, when it was last asked for something, restarts."""
 
-    def __init__(self, index: int, config_name: str, seed: int, discount: float, restart_interval, fps: int):
+    def __init__(self, index: int, config_name: str, seed: int, discount: float, restart_interval, fps: int,
+                 step_timeout: float, start_timeout: float):
         self.index = index
         self.args = (config_name, seed, discount, restart_interval, fps)
+        self.step_timeout, self.start_timeout = step_timeout, start_timeout
         self.restarts = 0
-        self.waiting_since = 0.0  # when the env was last asked for an observation (spawn or action)
+        self.deadline = 0.0  # when the observation asked for (by spawning or by an action) is overdue
         self.conn: Connection | None = None
         self.process: mp.Process | None = None
         self.spawn()
@@ -109,11 +111,11 @@ class EnvSlot:
         self.process.start()
         child.close()
         self.conn = parent
-        self.waiting_since = time.monotonic()
+        self.deadline = time.monotonic() + self.start_timeout
 
     def send(self, action, video_path: str | None = None) -> None:
         self.conn.send((action, video_path))
-        self.waiting_since = time.monotonic()
+        self.deadline = time.monotonic() + self.step_timeout
 
     def restart(self) -> None:
         self.restarts += 1

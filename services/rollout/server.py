@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
 JOIN_POLL_SECONDS = 2.0
 JOINABLE_PHASES = ("SESSION_PHASE_STARTING_TRAINER", "SESSION_PHASE_RUNNING")
+ENDED_PHASES = ("SESSION_PHASE_FINISHED", "SESSION_PHASE_FAILED", "SESSION_PHASE_STOPPED")
 STATUS_FIELDS = ("workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "bytes_pushed",
                  "episodes", "model_version", "env_restarts", "env_timeouts", "steps_dropped", "inference_ms",
                  "videos")
@@ -129,9 +130,19 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     # -- elastic join ----------------------------------------------------------------------------------
     def join_loop(self) -> None:
-        """Join the current session when it is running and this node is idle (and was not told to leave)."""
+        """Join the current session when it is running and this node is idle (and was not told to leave);
+        leave a session once it has ended, even if nobody called Stop."""
         while not self._closing.wait(JOIN_POLL_SECONDS):
             if self.manager is not None:
+                try:
+                    if session.read(self.client, self.session_id)["phase"] in ENDED_PHASES:
+                        log.info("session %s has ended: stopping its workers", self.session_id)
+                        with self._lock:
+                            self.stopped_session = self.session_id
+                            self._release()
+                            self.state = S.SERVICE_STATE_IDLE
+                except (redis.RedisError, session.SessionError) as exc:
+                    log.warning("session check: %s", exc)
                 continue
             try:
                 sid = session.current(self.client)

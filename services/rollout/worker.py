@@ -114,8 +114,8 @@ class RolloutLoop:
         sender.start()
 
         seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
-        slots = [EnvSlot(i, self.config_name, seed + i, tc.discount, wc.restart_interval, wc.video_fps)
-                 for i in range(wc.num_envs)]
+        slots = [EnvSlot(i, self.config_name, seed + i, tc.discount, wc.restart_interval, wc.video_fps,
+                         wc.env_timeout, wc.env_start_timeout) for i in range(wc.num_envs)]
         slot_ids = [f"{self.node_id}-w{self.index}-e{i}" for i in range(wc.num_envs)]
         cutters = [FragmentCutter(self.session_id, slot_ids[i], rc.fragment_length) for i in range(wc.num_envs)]
         states = [policy.initial_state(1) for _ in slots]
@@ -151,9 +151,9 @@ class RolloutLoop:
                             self.stats["steps_dropped"] += cutters[i].drop()
                     now = time.monotonic()
                     for i in [i for i in waiting.values() if i not in pending]:
-                        if now - slots[i].waiting_since > wc.env_timeout:
+                        if now > slots[i].deadline:
                             self.stats["env_timeouts"] += 1
-                            restart(i, f"no answer within env_timeout={wc.env_timeout}s")
+                            restart(i, "no answer within worker_config.env_timeout / env_start_timeout")
                     if not pending:
                         continue
                     if len(pending) < target:

@@ -1,0 +1,144 @@
+"""The rollout service as a real process with real Ray actors: Scale while running, a second node joining
+a running session on its own, heartbeat expiry of a killed node, WatchEpisodes, Prometheus metrics."""
+
+import os
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from mso import session
+from mso.config import load
+from mso.launcher.embedded import ChildProcess, start_ray_head
+from mso.queue import FragmentConsumer
+from mso.redis_server import RedisServer, connect, free_port
+from mso.rpc import channel, wait_serving
+from mso.session import HEARTBEAT_TTL
+from mso.v1 import rollout_pb2, rollout_pb2_grpc
+from tests.conftest import wait_until
+
+CONFIG = str(Path(__file__).with_name("scenario_config.py"))
+
+
+def start_node(redis_url, env, metrics_port=0):
+    port = free_port()
+    node = ChildProcess("rollout", [sys.executable, "-m", "mso.launcher.cli", "rollout", "serve", "--host=127.0.0.1",
+                                    f"--port={port}", f"--redis-url={redis_url}", f"--metrics-port={metrics_port}"],
+                        env, quiet=True)
+    wait_serving(f"127.0.0.1:{port}", timeout=60)
+    return node, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    redis = RedisServer()
+    head, ray_address = start_ray_head(4, dict(os.environ))
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    metrics_port = free_port()
+    node, address = start_node(redis.url, env, metrics_port)
+    try:
+        yield {"redis": redis, "client": connect(redis.url), "env": env, "address": address,
+               "metrics": metrics_port, "ray_head": head.process.pid}
+    finally:
+        node.stop(grace=30)
+        head.stop(grace=10)
+        redis.stop()
+
+
+def env_processes(ray_head_pid):
+    """Live env subprocesses (multiprocessing spawn children) under the Ray head, i.e. of any actor."""
+    found = []
+    for p in psutil.Process(ray_head_pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass  # already dead
+    return found
+
+
+def status(address):
+    with channel(address) as ch:
+        return rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10)
+
+
+def test_scale_up_and_down_while_running(cluster):
+    client = cluster["client"]
+    sid = session.create(client, load(CONFIG))
+    with channel(cluster["address"]) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        assert stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120).workers == 1
+        assert stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120).workers == 1  # idempotent
+        st = stub.Scale(rollout_pb2.ScaleRequest(num_workers=3), timeout=180)
+        assert st.workers == 3
+        consumer = FragmentConsumer(client, sid, "test")
+        workers_seen = set()
+
+        def three_workers_produce():
+            for _id, f in consumer.read(100, block_ms=100):
+                workers_seen.add(f["slot"].split("-w")[1].split("-")[0])
+            return workers_seen >= {"0", "1", "2"}
+        wait_until(three_workers_produce, 60, "fragments from all three workers")
+        assert status(cluster["address"]).live_envs == 6
+        steps = status(cluster["address"]).env_steps
+        st = stub.Scale(rollout_pb2.ScaleRequest(num_workers=1), timeout=180)
+        assert st.workers == 1 and st.live_envs == 2 and st.env_steps >= steps  # counters never go back
+        assert len(env_processes(cluster["ray_head"])) == 2
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Scale(rollout_pb2.ScaleRequest(num_workers=0), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        st = stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=120)
+        assert st.workers == 0 and st.state == 1
+        wait_until(lambda: not env_processes(cluster["ray_head"]), 10, "every env process to be gone")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Scale(rollout_pb2.ScaleRequest(num_workers=2), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_new_node_joins_a_running_session_and_its_heartbeat_expires_when_killed(cluster):
+    client = cluster["client"]
+    sid = session.create(client, load(CONFIG))
+    session.update(client, sid, phase="SESSION_PHASE_RUNNING")
+    node, address = start_node(cluster["redis"].url, cluster["env"])
+    try:
+        node_id = wait_until(lambda: status(address).state == 3 and status(address).node_id, 120,
+                             "the new node to join on its own")
+        consumer = FragmentConsumer(client, sid, "test")
+        wait_until(lambda: any(f["slot"].startswith(node_id) for _i, f in consumer.read(100, block_ms=100)), 60,
+                   "fragments from the new node")
+        assert node_id in {n["node_id"] for n in session.list_nodes(client)}
+        os.killpg(node.process.pid, signal.SIGKILL)
+        wait_until(lambda: node_id not in {n["node_id"] for n in session.list_nodes(client)}, HEARTBEAT_TTL + 5,
+                   "the killed node's heartbeat to expire")
+    finally:
+        node.stop(grace=5)
+        session.update(client, sid, phase="SESSION_PHASE_STOPPED")
+    # The fixture's node joined the running session too; it leaves on its own once the session has ended.
+    wait_until(lambda: status(cluster["address"]).state == 1, 60, "the first node to leave the ended session")
+
+
+def test_watch_episodes_streams_finished_episodes(cluster):
+    client = cluster["client"]
+    sid = session.create(client, load(CONFIG))
+    with channel(cluster["address"]) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120)
+        assert status(cluster["address"]).session_id == sid
+        try:
+            stream = stub.WatchEpisodes(rollout_pb2.WatchEpisodesRequest(session_id=sid), timeout=60)
+            episode = next(iter(stream))
+            stream.cancel()
+            assert episode.length == 5 and episode.slot.startswith("rollout-") and episode.discounted_return > 0
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics']}/metrics", timeout=10).read().decode()
+            steps = [line for line in metrics.splitlines() if line.startswith("mso_rollout_env_steps_total")]
+            assert steps and float(steps[0].split()[-1]) > 0
+            assert "mso_rollout_inference_ms" in metrics
+        finally:
+            stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=120)
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(stub.WatchEpisodes(rollout_pb2.WatchEpisodesRequest(session_id="nope"), timeout=10)))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

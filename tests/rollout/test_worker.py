@@ -1,0 +1,174 @@
+"""The rollout loop with real env subprocesses and a real redis-server: alignment, faults, weights,
+backpressure. (The Ray actor around it is covered in test_service.py.)"""
+
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from mso import session, weights
+from mso.config import load
+from mso.queue import FragmentConsumer
+from mso.rollout.worker import RolloutLoop
+from tests.conftest import wait_until
+from tests.rollout import scenario_config as scenario
+
+CONFIG = str(Path(__file__).with_name("scenario_config.py"))
+
+
+class Running:
+    def __init__(self, client, url, overrides=()):
+        loaded = load(CONFIG, list(overrides))
+        self.sid = session.create(client, loaded)
+        self.client = client
+        self.loop = RolloutLoop(0, self.sid, url, CONFIG, loaded.cfg, "node1")
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.consumer = FragmentConsumer(client, self.sid, "test")
+        self.by_slot = defaultdict(list)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.stop_event.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        assert not self.loop.stats["last_error"], self.loop.stats["last_error"]
+
+    def fragments(self, per_slot: int, slots: int, timeout: float = 60):
+        def enough():
+            for _id, f in self.consumer.read(100, block_ms=100):
+                self.by_slot[f["slot"]].append(f)
+            return len(self.by_slot) >= slots and all(len(v) >= per_slot for v in self.by_slot.values())
+        wait_until(enough, timeout, f"{per_slot} fragments from each of {slots} slots")
+        return self.by_slot
+
+
+def test_fragments_follow_the_l_plus_one_rule_across_episodes_and_fragments(redis_server, redis_client):
+    with Running(redis_client, redis_server.url) as run:
+        by_slot = run.fragments(per_slot=6, slots=2)
+    for slot, frags in by_slot.items():
+        frags.sort(key=lambda f: f["seq"])
+        assert [f["seq"] for f in frags] == list(range(len(frags)))
+        for f, nxt in zip(frags, frags[1:] + [None]):
+            g, k = f["obs"]["g"][:, 0], f["obs"]["k"][:, 0]
+            np.testing.assert_array_equal(np.diff(g), 1)                 # one continuous stream
+            np.testing.assert_array_equal(f["reward"], g)                # r_t belongs to the action on o_t
+            np.testing.assert_array_equal(f["first"], k == 0)            # o_t starts an episode
+            np.testing.assert_array_equal(f["next_done"], k == scenario.EPISODE_LENGTH - 1)
+            assert not f["next_truncated"].any()
+            assert f["next_obs"]["g"][0] == g[-1] + 1                    # o_L, the bootstrap observation
+            assert f["in_state"][0][0, 0] == k[0]                         # recurrent state before o_0
+            assert f["contiguous"] and f["session_id"] == run.sid and slot.startswith("node1-w0-e")
+            episode_starts = np.flatnonzero(k == 0)
+            ids = f["episode_ids"]
+            assert all(ids[t] == ids[t - 1] for t in range(1, len(ids)) if t not in episode_starts)
+            assert all(ids[t] != ids[t - 1] for t in episode_starts if t > 0)
+            if nxt is not None:
+                assert nxt["obs"]["g"][0, 0] == f["next_obs"]["g"][0]      # fragments tile the stream
+
+
+@pytest.mark.parametrize("fault", ["crash:7", "die:7", "hang:7"])
+def test_a_faulty_env_is_restarted_and_the_others_keep_stepping(redis_server, redis_client, tmp_path, monkeypatch, fault):
+    monkeypatch.setenv("MSO_TEST_FAULT", fault)
+    monkeypatch.setenv("MSO_TEST_FAULT_DIR", str(tmp_path))
+    overrides = ["rollout_config.worker_config.num_envs=3", "rollout_config.worker_config.env_timeout=1.5"]
+    with Running(redis_client, redis_server.url, overrides) as run:
+        # A crash rebuilds the env inside the same process, which stays the faulty one, so it recurs; a dead
+        # or hung process is replaced by a new one that is healthy.
+        restarts = 2 if fault.startswith("crash") else 1
+        wait_until(lambda: run.loop.stats["env_restarts"] >= restarts, 60, f"{restarts} restarts of the faulty env")
+        by_slot = run.fragments(per_slot=8, slots=3)
+        assert run.loop.stats["env_timeouts"] == (1 if fault.startswith("hang") else 0)
+    assert (tmp_path / "claimed").exists()
+    for frags in by_slot.values():
+        for f in frags:
+            # No fragment mixes two env instances: a new instance restarts g at 0.
+            np.testing.assert_array_equal(np.diff(f["obs"]["g"][:, 0]), 1)
+    faulty = [frags for frags in by_slot.values() if any(not f["contiguous"] for f in frags)]
+    assert len(faulty) == 1  # exactly the faulty slot saw a break; the fragment after it says so
+
+
+def test_weights_published_mid_run_label_exactly_the_actions_they_chose(redis_server, redis_client):
+    with Running(redis_client, redis_server.url) as run:
+        run.fragments(per_slot=2, slots=2)
+        for version in (1, 2, 3):
+            policy = scenario.VersionPolicy()
+            with torch.no_grad():
+                policy.version.fill_(version)
+            weights.publish(redis_client, run.sid, version, policy.state_dict())
+            wait_until(lambda: run.loop.stats["model_version"] == version, 20, f"version {version} in use")
+        run.fragments(per_slot=12, slots=2)
+    seen = set()
+    for frags in run.by_slot.values():
+        for f in frags:
+            np.testing.assert_array_equal(f["action"], f["model_version"] % scenario.N_ACTIONS)
+            assert f["version_first"] == f["model_version"][0] and f["version_last"] == f["model_version"][-1]
+            seen.update(f["model_version"].tolist())
+    assert {0, 3} <= seen
+
+
+def test_a_weight_load_failure_keeps_the_old_weights_and_is_reported(redis_server, redis_client):
+    with Running(redis_client, redis_server.url) as run:
+        run.fragments(per_slot=1, slots=2)
+        weights.publish(redis_client, run.sid, 5, {"something_else": torch.zeros(3)})
+        wait_until(lambda: "cannot load version 5" in run.loop.stats["last_error"], 20, "the load error")
+        assert run.loop.stats["model_version"] == 0
+        run.loop.stats["last_error"] = ""  # reported; the run goes on
+        before = run.loop.stats["env_steps"]
+        wait_until(lambda: run.loop.stats["env_steps"] > before + 50, 20, "stepping to continue")
+
+
+def test_a_full_stream_blocks_the_workers_and_memory_stays_flat(redis_server, redis_client):
+    bound = 6
+    with Running(redis_client, redis_server.url, [f"rollout_config.max_pending_fragments={bound}",
+                                                  "rollout_config.to_send_queue_size=2"]) as run:
+        stream = f"mso:s:{run.sid}:fragments"
+        wait_until(lambda: redis_client.xlen(stream) == bound, 60, "the stream to fill")
+
+        def stalled():
+            before = run.loop.stats["env_steps"]
+            time.sleep(0.5)  # a measurement window, not a synchronisation
+            return run.loop.stats["env_steps"] == before
+        wait_until(stalled, 30, "the workers to block")
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        for _ in range(4):
+            assert redis_client.xlen(stream) <= bound
+            time.sleep(0.5)
+        assert psutil.Process(os.getpid()).memory_info().rss - rss < 20 * 2 ** 20
+        # Once the consumer catches up, production resumes.
+        got = run.consumer.read(bound)
+        run.consumer.retire([i for i, _ in got], "consumed")
+        wait_until(lambda: run.loop.stats["fragments_pushed"] > bound, 30, "production to resume")
+
+
+def test_videos_are_recorded_when_a_version_divisible_by_the_interval_arrives(redis_server, redis_client, tmp_path):
+    import av
+    import msgpack
+
+    overrides = ["train_config.record_video_interval=2", f"rollout_config.worker_config.video_output_dir={tmp_path}"]
+    with Running(redis_client, redis_server.url, overrides) as run:
+        run.fragments(per_slot=1, slots=2)
+        for version in (1, 2):
+            weights.publish(redis_client, run.sid, version, scenario.VersionPolicy().state_dict())
+
+        def recorded():
+            for _id, fields in redis_client.xrange(f"mso:s:{run.sid}:episodes"):
+                episode = msgpack.unpackb(fields[b"e"])
+                if episode["video"]:
+                    return episode
+        episode = wait_until(recorded, 30, "a recorded episode")
+    assert episode["version"] == 2 and episode["length"] == scenario.EPISODE_LENGTH
+    assert Path(episode["video"]).parent == tmp_path / run.sid
+    with av.open(episode["video"]) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == scenario.EPISODE_LENGTH and (frames[0].height, frames[0].width) == (6, 8)
+    assert run.loop.stats["videos"] == 1
+    assert episode["discounted_return"] < episode["return"]
