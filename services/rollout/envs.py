@@ -36,10 +36,11 @@ class _Episode:
         self.ret += reward
         self.length += 1
 
-    def finish(self, truncated: bool, task) -> dict:
+    def finish(self, truncated: bool, task, stats) -> dict:
         return {"return": self.ret, "discounted_return": self.disc_ret, "length": self.length,
                 "truncated": bool(truncated), "task": task if isinstance(task, str) else None,
-                "video": self.video.close() if self.video else None}
+                "video": self.video.close() if self.video else None,
+                "stats": {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}}
 
 
 def _env_main(conn: Connection, config_name: str, seed: int, discount: float, restart_interval, fps: int) -> None:
@@ -67,11 +68,12 @@ def _env_main(conn: Connection, config_name: str, seed: int, discount: float, re
                     env.close()
                     return
                 action, video_path = message[0], message[1] or video_path
-                obs, reward, terminated, truncated, _info = env.step(action)
+                obs, reward, terminated, truncated, info = env.step(action)
                 reward = float(reward)
                 episode.add(reward)
                 if terminated or truncated:
-                    finished = episode.finish(truncated, obs.get("task") if isinstance(obs, dict) else None)
+                    finished = episode.finish(truncated, obs.get("task") if isinstance(obs, dict) else None,
+                                              info.get("episode_stats") if isinstance(info, dict) else None)
                     if restart_interval and time.monotonic() - built > restart_interval:
                         env.close()
                         break  # a planned rebuild at an episode boundary: the stream stays continuous
