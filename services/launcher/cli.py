@@ -205,7 +205,7 @@ def cmd_status(args) -> int:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     s.ClearField("config_yaml")
-    print(MessageToJson(s))
+    print(MessageToJson(s, preserving_proto_field_name=True))
     return 0
 
 

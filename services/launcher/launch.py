@@ -21,6 +21,7 @@ from mso.v1 import launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, tra
 
 log = logging.getLogger(__name__)
 P = launcher_pb2.SessionPhase
+LAUNCH_LOCK = "mso:launch-lock"
 
 
 class LaunchError(RuntimeError):
@@ -62,7 +63,8 @@ class Launcher:
         """Start a session and return its id; raises config.ConfigError for a bad config, LaunchError when
         a step fails, SessionBusy when another session runs."""
         loaded = config.load(name, list(overrides))
-        with self._lock:
+        # The check-and-create is atomic across launchers (processes, machines), not only threads.
+        with self._lock, self.client.lock(LAUNCH_LOCK, timeout=60, blocking_timeout=60):
             running = self.running_session()
             if running is not None:
                 record = session.read(self.client, running)
@@ -91,9 +93,11 @@ class Launcher:
                 except grpc.RpcError as exc:
                     raise LaunchError(f"rollout node {node['node_id']} at {node['address']} failed to start: "
                                       f"{exc.details()}") from None
-        self._wait(lambda: ledger(self.client, sid).get("produced", 0) > 0, self.timeouts.fragments,
-                   lambda: f"no fragment from rollout nodes {[n['node_id'] for n in rollouts]} within "
-                           f"{self.timeouts.fragments:.0f}s; their status: {self._rollout_errors(rollouts)}")
+        for node in rollouts:
+            self._wait(lambda: self._rollout_status(node).fragments_pushed > 0, self.timeouts.fragments,
+                       lambda: f"rollout node {node['node_id']} at {node['address']} produced no fragment within "
+                               f"{self.timeouts.fragments:.0f}s (last error: "
+                               f"{self._rollout_status(node).last_error or 'none'})")
         session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_TRAINER))
         trainer = self._wait_nodes("trainer")[0]
         with channel(trainer["address"]) as ch:
@@ -144,17 +148,13 @@ class Launcher:
         raw = self.client.hget(keys.SessionKeys(sid).trainer, "error")
         return raw.decode() if raw else ""
 
-    def _rollout_errors(self, rollouts: list[dict]) -> str:
-        out = []
-        for node in rollouts:
-            try:
-                with channel(node["address"]) as ch:
-                    st = rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(),
-                                                                           timeout=CALL_TIMEOUT)
-                out.append(f"{node['node_id']}: {st.last_error or 'no error'}")
-            except grpc.RpcError as exc:
-                out.append(f"{node['node_id']}: unreachable ({exc.code().name})")
-        return "; ".join(out)
+    def _rollout_status(self, node: dict) -> rollout_pb2.RolloutStatus:
+        try:
+            with channel(node["address"]) as ch:
+                return rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(),
+                                                                         timeout=CALL_TIMEOUT)
+        except grpc.RpcError as exc:
+            return rollout_pb2.RolloutStatus(last_error=f"unreachable: {exc.code().name}")
 
     # -- watching and stopping -------------------------------------------------------------------------
     def _watch(self, sid: str) -> None:

@@ -84,7 +84,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             sk = keys.SessionKeys(sid)
             self.client.hdel(sk.trainer, "stop")
             self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING", "iteration": 0,
-                                                   "num_iterations": cfg.train_config.num_iterations})
+                                                   "num_iterations": cfg.train_config.num_iterations,
+                                                   "produced_at_start": ledger(self.client, sid).get("produced", 0)})
             spec = {"session_id": sid, "redis_url": self.redis_url, "config_name": record["config_name"],
                     "config_yaml": record["config_yaml"], "node_id": self.node_id}
             self._thread = threading.Thread(target=self._run, args=(spec, cfg), name="learner", daemon=True)

@@ -36,3 +36,28 @@ def test_bad_overrides_name_the_key(override, message):
 def test_unknown_config_lists_builtins():
     with pytest.raises(ConfigError, match="cartpole"):
         load("no_such_config")
+
+
+def test_a_module_with_the_reference_key_set_loads_unchanged():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "launcher" / "reference_keys_config.py"
+    cfg = load(str(path)).cfg
+    assert cfg.train_config.use_amp is False and cfg.train_config.kl_divergence_coef_rho == 0.2
+    assert cfg.rollout_config.replay_buffer_config.database_config.num_shards == 8
+
+
+def test_dotted_module_path_loads():
+    assert load("mso.configs.cartpole").cfg.rollout_config.fragment_length == 32
+
+
+def test_config_command_prints_yaml_or_the_error():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "config", "cartpole",
+                         "train_config.learning_rate=0.5"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "learning_rate: 0.5" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "config", "cartpole", "train_config.lr=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown key train_config.lr" in bad.stderr

@@ -1,0 +1,96 @@
+"""Bringing a session up: order, readiness failures that name the node and leave nothing running, one
+trainer whatever the number of launchers, and `mso status` agreeing with grpcurl."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from mso import keys, session
+from mso.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
+from mso.rpc import channel
+from mso.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from tests.conftest import grpcurl, wait_until
+
+HANGING = str(Path(__file__).with_name("hanging_config.py"))
+SHORT = ["train_config.num_iterations=2", "rollout_config.worker_config.num_envs=2",
+         "rollout_config.worker_config.batch_size=2", "train_config.batch_size_per_gpu=2"]
+
+
+def rollout_status(stack):
+    with channel(stack["rollout"]) as ch:
+        return rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10)
+
+
+def trainer_status(stack):
+    with channel(stack["trainer"]) as ch:
+        return trainer_pb2_grpc.TrainerServiceStub(ch).GetStatus(trainer_pb2.TrainerStatusRequest(), timeout=10)
+
+
+def wait_finished(client, sid):
+    wait_until(lambda: session.read(client, sid)["phase"] == "SESSION_PHASE_FINISHED", 120, "the session to finish",
+               interval=0.2)
+
+
+def test_a_rollout_node_that_never_produces_fails_the_launch_naming_it(stack):
+    client = stack["redis"]
+    launcher = Launcher(client, Timeouts(fragments=8))
+    with pytest.raises(LaunchError) as err:
+        launcher.launch(HANGING, [])
+    node_id = rollout_status(stack).node_id
+    assert node_id in str(err.value) and "produced no fragment within 8s" in str(err.value)
+    sid = session.current(client)
+    assert session.read(client, sid)["phase"] == "SESSION_PHASE_FAILED"
+    st = rollout_status(stack)
+    assert st.state == 1 and st.workers == 0 and st.live_envs == 0  # what was started is stopped
+    assert trainer_status(stack).session_id != sid                   # the trainer was never started
+
+
+def test_the_trainer_starts_only_after_fragments_flow(stack):
+    client = stack["redis"]
+    sid = Launcher(client).launch("cartpole", SHORT)
+    produced_at_start = int(client.hget(keys.SessionKeys(sid).trainer, "produced_at_start"))
+    assert produced_at_start > 0
+    wait_finished(client, sid)
+
+
+def test_concurrent_launchers_start_one_session_and_one_trainer(stack):
+    client = stack["redis"]
+    sessions_before = set(client.keys("mso:s:*:record"))
+    results, errors = [], []
+
+    def launch():
+        try:
+            results.append(Launcher(client).launch("cartpole", SHORT + ["train_config.num_iterations=30"]))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert len(set(client.keys("mso:s:*:record")) - sessions_before) == 1
+    with pytest.raises(SessionBusy, match=results[0]):
+        Launcher(client).launch("cartpole", SHORT + ["train_config.learning_rate=0.1"])
+    assert trainer_status(stack).session_id == results[0]
+    wait_finished(client, results[0])
+
+
+def test_mso_status_and_grpcurl_get_session_agree(stack):
+    client = stack["redis"]
+    sid = Launcher(client).launch("cartpole", SHORT)
+    wait_finished(client, sid)
+    via_grpcurl = json.loads(grpcurl("-d", "{}", stack["launcher"], "mso.v1.LauncherService/GetSession").stdout)
+    out = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "status", f"--launcher={stack['launcher']}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    via_cli = json.loads(out.stdout)
+    for field in ("session_id", "phase", "config_name"):
+        assert via_cli[field] == via_grpcurl[field]
+    assert via_cli["session_id"] == sid and via_cli["phase"] == "SESSION_PHASE_FINISHED"
+    assert via_cli["progress"]["iteration"] == via_grpcurl["progress"]["iteration"] == "2"
