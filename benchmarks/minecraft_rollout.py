@@ -1,0 +1,68 @@
+"""Minecraft-shaped rollout efficiency: N stand-in envs that take 50 ms a step (20 FPS) with 128x128x3
+frames and a small CNN policy on the CPU. Efficiency = achieved env FPS / (N x 20); the baseline is the
+envs' own speed, measured by the same envs in the same run. Goal >= 0.90 for N = 8.
+
+    python -m benchmarks.minecraft_rollout [--envs 8] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+from mso import session
+from mso.config import load
+from mso.queue import FragmentConsumer, ledger
+from mso.redis_server import RedisServer, connect
+from mso.rollout.worker import RolloutLoop
+
+CONFIG = str(Path(__file__).with_name("minecraft_standin_config.py"))
+
+
+def measure(url: str, envs: int, seconds: float) -> dict:
+    client = connect(url)
+    loaded = load(CONFIG, [f"rollout_config.worker_config.num_envs={envs}",
+                           f"rollout_config.worker_config.batch_size={envs}"])
+    sid = session.create(client, loaded)
+    loop = RolloutLoop(0, sid, url, CONFIG, loaded.cfg, "bench")
+    stop = threading.Event()
+
+    def drain():
+        consumer = FragmentConsumer(connect(url), sid, "bench")
+        while not stop.is_set():
+            consumer.retire([i for i, _ in consumer.read(64, block_ms=100)], "consumed")
+
+    threads = [threading.Thread(target=loop.run, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while ledger(client, sid).get("produced", 0) < envs and time.monotonic() < deadline:
+        time.sleep(0.1)  # warm-up: every env has started and produced
+    s0, t0 = loop.stats["env_steps"], time.perf_counter()
+    time.sleep(seconds)
+    s1, t1 = loop.stats["env_steps"], time.perf_counter()
+    loop.stop_event.set()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    fps = (s1 - s0) / (t1 - t0)
+    return {"envs": envs, "env_fps": fps, "ideal_fps": envs / 0.05, "efficiency": fps / (envs / 0.05),
+            "inference_ms": loop.stats["inference_ms"]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args(argv)
+    with RedisServer() as redis:
+        r = measure(redis.url, args.envs, args.seconds)
+    print(f"{r['envs']} envs: {r['env_fps']:.1f} env FPS of {r['ideal_fps']:.0f} ideal -> efficiency "
+          f"{r['efficiency']:.2f} (goal >= 0.90); inference {r['inference_ms']:.1f} ms per batch")
+    return r
+
+
+if __name__ == "__main__":
+    main()
