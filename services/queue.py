@@ -46,6 +46,7 @@ class FragmentProducer:
         pipe.xadd(self.keys.fragments, {b"f": payload})
         pipe.hincrby(self.keys.ledger, "produced", 1)
         pipe.hincrby(self.keys.ledger, "env_steps", env_steps)
+        pipe.hsetnx(self.keys.ledger, "first_fragment_at", time.time())
         pipe.execute()
         return len(payload)
 
@@ -98,7 +99,8 @@ def ensure_group(client: redis.Redis, session_id: str) -> None:
 
 
 def ledger(client: redis.Redis, session_id: str) -> dict[str, int]:
+    """The session's fragment counters, plus pending = entries still in the stream."""
     sk = keys.SessionKeys(session_id)
-    counts = {k.decode(): int(v) for k, v in client.hgetall(sk.ledger).items()}
+    counts = {k.decode(): int(v) for k, v in client.hgetall(sk.ledger).items() if k != b"first_fragment_at"}
     counts["pending"] = client.xlen(sk.fragments)
     return counts

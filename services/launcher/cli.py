@@ -17,6 +17,7 @@ import sys
 import time
 
 DEFAULT_CONFIG = "cartpole"
+MILESTONES = [195.0, 475.0]  # mean returns whose first-reached times the summary reports (CartPole's bars)
 PORTS = {"launcher": 50050, "rollout": 50051, "trainer": 50052}
 
 
@@ -88,6 +89,7 @@ def cmd_run(args) -> int:
     from mso.v1 import launcher_pb2
 
     name, overrides = _split_config(args)
+    started_at = time.time()
     try:
         cfg = load(name, overrides).cfg
     except ConfigError as exc:
@@ -113,12 +115,20 @@ def cmd_run(args) -> int:
 
         P = launcher_pb2.SessionPhase
         last_print, best = 0.0, -math.inf
+        milestones: dict[str, float] = {}  # mean return -> seconds after `mso run` started
         live = _live(args)
         while True:
             phase = session.read(client, sid)["phase"]
             p = launcher.progress(sid)
             if not math.isnan(p.mean_return):
                 best = max(best, p.mean_return)
+                for level in MILESTONES + ([args.until_return] if args.until_return else []):
+                    if p.mean_return >= level:
+                        milestones.setdefault(str(level), time.time() - started_at)
+            if args.until_return and best >= args.until_return and phase == P.Name(P.SESSION_PHASE_RUNNING):
+                launcher.stop(sid)
+                session.update(client, sid, phase=P.Name(P.SESSION_PHASE_FINISHED))
+                continue
             if live is not None:
                 live.update(_format(p))
             elif time.monotonic() - last_print >= args.print_interval:
@@ -130,6 +140,7 @@ def cmd_run(args) -> int:
         if live is not None:
             live.stop()
         record = session.read(client, sid)
+        summary.update(startup_seconds=_startup(client, sid, started_at), return_milestones=milestones)
         summary.update(phase=record["phase"], error=record["error"], mean_return=p.mean_return,
                        best_mean_return=best, env_steps=p.env_steps, iterations=p.iteration,
                        model_version=p.model_version, rollout_model_version=p.rollout_model_version, ledger=p.ledger, wall_seconds=time.monotonic() - started)
@@ -150,6 +161,17 @@ def cmd_run(args) -> int:
             with open(args.summary, "w") as f:
                 json.dump(summary, f, indent=2, default=float)
     return code
+
+
+def _startup(client, sid: str, started_at: float) -> dict:
+    """Seconds from `mso run` to the first fragment in Redis and to the first trainer update."""
+    from mso import keys
+
+    sk = keys.SessionKeys(sid)
+    first_fragment = client.hget(sk.ledger, "first_fragment_at")
+    first_update = client.hget(sk.trainer, "first_update_at")
+    return {"first_fragment": float(first_fragment) - started_at if first_fragment else None,
+            "first_update": float(first_update) - started_at if first_update else None}
 
 
 def _live(args):
@@ -225,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", help="write a JSON summary of the run here")
     p.add_argument("--quiet", action="store_true", help="no live line, no service logs")
     p.add_argument("--print-interval", type=float, default=2.0, help="seconds between progress lines (no tty)")
+    p.add_argument("--until-return", type=float, default=None,
+                   help="stop (as finished) once the mean return of the last 20 episodes reaches this")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("config", help="print the resolved config, or the error")

@@ -55,19 +55,29 @@ class ChildProcess:
         self.process.wait()
 
 
-def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
-    """A Ray head on free loopback ports (never Redis's 6379), without the dashboard; returns it and its
-    address for RAY_ADDRESS. Its raylet and workers share its process group, so stopping it stops them."""
+def spawn_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
+    """A Ray head on free loopback ports (never Redis's 6379), without the dashboard, starting; returns it
+    and its address for RAY_ADDRESS. Its raylet and workers share its process group, so stopping it stops
+    them. wait_ray_head() waits until it is up."""
     port = free_port()
     head = ChildProcess("ray", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                                 f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                                 f"--num-cpus={num_cpus}", f"--ray-client-server-port={free_port()}",
                                 "--disable-usage-stats"],
                         dict(env, RAY_USAGE_STATS_ENABLED="0"), ready_line="Ray runtime started", quiet=True)
+    return head, f"127.0.0.1:{port}"
+
+
+def wait_ray_head(head: ChildProcess) -> None:
     if not head.ready.wait(60) or head.process.poll() is not None:
         head.stop(grace=5)
         raise RuntimeError("Ray head did not start:\n" + "".join(head.lines[-20:]))
-    return head, f"127.0.0.1:{port}"
+
+
+def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
+    head, address = spawn_ray_head(num_cpus, env)
+    wait_ray_head(head)
+    return head, address
 
 
 class Embedded:
@@ -93,15 +103,18 @@ class Embedded:
             self.redis = RedisServer()
             self.redis_url = self.redis.url
         env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-        head, env["RAY_ADDRESS"] = start_ray_head(self.num_cpus, env)
+        # The head and both services start together: each spends seconds importing; the services join Ray
+        # only when a session starts.
+        head, env["RAY_ADDRESS"] = spawn_ray_head(self.num_cpus, env)
         self.children.append(head)
         services = []
-        for kind in ("rollout", "trainer"):  # started together: each spends seconds importing torch
+        for kind in ("rollout", "trainer"):
             port = free_port()
             child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve", "--host=127.0.0.1",
                                         f"--port={port}", f"--redis-url={self.redis_url}"], env, quiet=self.quiet)
             self.children.append(child)
             services.append((child, f"127.0.0.1:{port}"))
+        wait_ray_head(head)
         for child, address in services:
             try:
                 wait_serving(address, timeout=60)

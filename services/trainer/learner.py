@@ -254,6 +254,8 @@ class Learner:
             return
         mapping = {"state": state, "iteration": iteration, "num_iterations": self.tc.num_iterations,
                    "model_version": self.version, "time": time.time()}
+        if iteration == 1:
+            mapping["first_update_at"] = time.time()
         if metrics is not None:
             mapping["metrics"] = msgpack.packb(metrics)
         self.client.hset(self.keys.trainer, mapping=mapping)

@@ -50,13 +50,14 @@ def cluster():
 
 
 def env_processes(ray_head_pid):
-    """Live env subprocesses (multiprocessing spawn children) under the Ray head, i.e. of any actor."""
+    """Live env processes under the Ray head: the children of the actors' forkservers (which fork them
+    without exec, so they share the forkserver's command line)."""
     found = []
     for p in psutil.Process(ray_head_pid).children(recursive=True):
         try:
-            if "spawn_main" in " ".join(p.cmdline()):
+            if "forkserver" in " ".join(p.cmdline()) and "forkserver" in " ".join(p.parent().cmdline()):
                 found.append(p)
-        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, AttributeError):
             pass  # already dead
     return found
 
