@@ -1,0 +1,52 @@
+"""Run every benchmark and print one table of ratios measured in the same run (and write JSON).
+
+    python -m benchmarks [--json benchmarks.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+from benchmarks import data_plane, learning, minecraft_rollout, rollout_throughput, weight_broadcast
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="benchmarks.json")
+    parser.add_argument("--quick", action="store_true", help="shorter windows, 5 M-parameter weights only")
+    args = parser.parse_args()
+    seconds = "5" if args.quick else "15"
+    started = time.time()
+    rows = []  # (measure, value, baseline, ratio, goal)
+    mc = minecraft_rollout.main(["--seconds", seconds])
+    rows.append(("1 Minecraft-shaped rollout, 8 envs @20 FPS", f"{mc['env_fps']:.1f} FPS",
+                 f"{mc['ideal_fps']:.0f} FPS", mc["efficiency"], ">= 0.90"))
+    rt = rollout_throughput.main(["--seconds", seconds])
+    for w in (1, 2):
+        rows.append((f"2 CartPole via rollout service, {w} worker(s)", f"{rt[f'service_{w}_worker_steps_per_s']:.0f}/s",
+                     f"{rt['raw_vector_env_steps_per_s']:.0f}/s raw vec-env", rt[f"ratio_{w}_worker"], ">= 0.30"))
+    dp = data_plane.main([])
+    rows.append(("3 data plane, encode->Redis->decode", f"{dp['mso_mib_per_s']:.0f} MiB/s",
+                 f"{dp['raw_mib_per_s']:.0f} MiB/s raw", dp["ratio"], ">= 0.80"))
+    for wb in weight_broadcast.main(["--sizes", "5e6" if args.quick else "5e6,248.5e6"]):
+        rows.append((f"4 weights {wb['params_m']:.1f} M params, publish+load", f"{wb['mso_s']:.2f} s",
+                     f"{wb['raw_s']:.2f} s raw SET+GET", wb["ratio"], "<= 1.5"))
+    ln = learning.main([])
+    rows.append(("6 CartPole to return 475 (incl. start-up)", f"{ln['mso_seconds_to_475']:.1f} s",
+                 f"{ln['plain_seconds_to_475']:.1f} s plain PPO", ln["ratio"], "lower is better"))
+    rows.append(("7 start-up: first fragment / first update", f"{ln['startup_first_fragment_s']:.1f} s / "
+                 f"{ln['startup_first_update_s']:.1f} s", "", None, ""))
+    print(f"\n{'measure':46s} {'mso':>16s} {'baseline (same run)':>26s} {'ratio':>7s}  goal")
+    for name, value, base, ratio, goal in rows:
+        print(f"{name:46s} {value:>16s} {base:>26s} {'' if ratio is None else f'{ratio:7.2f}':>7s}  {goal}")
+    with open(args.json, "w") as f:
+        json.dump({"machine": platform.platform(), "seconds": time.time() - started,
+                   "rows": [dict(zip(("measure", "value", "baseline", "ratio", "goal"), r)) for r in rows]}, f, indent=2)
+    print(f"\nwritten to {args.json} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""A plain single-process PPO on CartPole-v1 with the cartpole config's network and hyper-parameters: the
+baseline of the learning benchmark. Returns the wall seconds to a mean return (last 20 episodes) of 475."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from mso.config import load
+
+
+def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict:
+    start = time.time()
+    loaded = load("cartpole")
+    rc, tc = loaded.cfg.rollout_config, loaded.cfg.train_config
+    n_envs, t_len = rc.worker_config.num_envs, rc.fragment_length
+    torch.manual_seed(seed)
+    policy = loaded.module.policy_generator()
+    opt = torch.optim.AdamW(policy.parameters(), lr=tc.learning_rate, eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1") for _ in range(n_envs)])
+    obs, _ = envs.reset(seed=seed)
+    returns, running = deque(maxlen=20), np.zeros(n_envs)
+    steps = 0
+    for it in range(max_iterations):
+        for g in opt.param_groups:
+            g["lr"] = (1 - it / tc.num_iterations) * tc.learning_rate if tc.anneal_lr_linearly else tc.learning_rate
+        b_obs, b_act, b_logp, b_val, b_rew, b_done = [], [], [], [], [], []
+        with torch.no_grad():
+            for _ in range(t_len):
+                o = torch.as_tensor(obs, dtype=torch.float32)[:, None]
+                lat, _ = policy({"obs": o}, [])
+                act = policy.pi_head.sample(lat["pi_logits"])
+                b_obs.append(o[:, 0]), b_act.append(act[:, 0])
+                b_logp.append(policy.pi_head.logprob(act, lat["pi_logits"])[:, 0]), b_val.append(lat["vpred"][:, 0, 0])
+                obs, rew, term, trunc, _ = envs.step(act[:, 0].numpy())
+                done = term | trunc
+                running += rew
+                for i in np.flatnonzero(done):
+                    returns.append(running[i])
+                    running[i] = 0
+                b_rew.append(torch.as_tensor(rew, dtype=torch.float32)), b_done.append(torch.as_tensor(done))
+                steps += n_envs
+            next_v = policy({"obs": torch.as_tensor(obs, dtype=torch.float32)[:, None]}, [])[0]["vpred"][:, 0, 0]
+        adv = torch.zeros(t_len, n_envs)
+        last = torch.zeros(n_envs)
+        for t in reversed(range(t_len)):
+            nv = next_v if t == t_len - 1 else b_val[t + 1]
+            nonterm = 1.0 - b_done[t].float()
+            delta = b_rew[t] + tc.discount * nv * nonterm - b_val[t]
+            last = delta + tc.discount * tc.gae_lambda * nonterm * last
+            adv[t] = last
+        values = torch.stack(b_val)
+        target_v = (adv + values).reshape(-1)
+        adv = adv.reshape(-1)
+        adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-8)
+        o, a, lp = torch.stack(b_obs).reshape(-1, 4), torch.stack(b_act).reshape(-1), torch.stack(b_logp).reshape(-1)
+        for _ in range(tc.epochs_per_iteration):
+            lat, _ = policy({"obs": o[None]}, [])
+            new_lp = policy.pi_head.logprob(a[None], lat["pi_logits"])[0]
+            ratio = (new_lp - lp).exp()
+            pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - tc.ppo_clip, 1 + tc.ppo_clip)).mean()
+            vf = 0.5 * ((lat["vpred"][0, :, 0] - target_v) ** 2).mean()
+            loss = pg + tc.ppo_vf_coef * vf
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
+            opt.step()
+        if len(returns) == 20 and np.mean(returns) >= target:
+            return {"seconds": time.time() - start, "env_steps": steps, "iterations": it + 1, "reached": True}
+    return {"seconds": time.time() - start, "env_steps": steps, "iterations": max_iterations, "reached": False}
+
+
+if __name__ == "__main__":
+    print(run())
