@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 BUILTIN_PACKAGE = "mso.configs"
 CONFIG_PATH_ENV = "MSO_CONFIG_PATH"  # extra folders searched for config modules (os.pathsep separated)
+MODULES_ENV = "MSO_CONFIG_MODULES"   # dotted module prefixes a remote Launch may name (comma separated)
 
 
 @dataclass
@@ -153,30 +154,78 @@ class LoadedConfig:
         return OmegaConf.to_yaml(self.cfg)
 
 
-def import_module(name: str) -> ModuleType:
-    """A config module by built-in name (configs/NAME.py), dotted module path, or .py file path."""
+def _config_folders() -> list[Path]:
+    return [Path(f).resolve() for f in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if f]
+
+
+def _exec_file(path: Path) -> ModuleType:
+    mod_name = "mso_config_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None:
+        raise ConfigError(f"config file {path} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _find(name: str) -> ModuleType | None:
+    """The module `name` denotes, or None; errors inside an existing module propagate."""
     if name.endswith(".py") or os.sep in name:
         path = Path(name).expanduser().resolve()
         if not path.is_file():
             raise ConfigError(f"config file {name} does not exist")
-        mod_name = "mso_config_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-        return module
-    for folder in filter(None, os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep)):
-        candidate = Path(folder) / f"{name}.py"
+        return _exec_file(path)
+    for folder in _config_folders():
+        candidate = folder / f"{name}.py"
         if candidate.is_file():
-            return import_module(str(candidate))
+            return _exec_file(candidate)
     for candidate in (f"{BUILTIN_PACKAGE}.{name}", name):
         try:
             return importlib.import_module(candidate)
         except ModuleNotFoundError as exc:
-            if exc.name not in (candidate, candidate.rsplit(".", 1)[0]) and not candidate.startswith(exc.name):
+            if exc.name is None or not candidate.startswith(exc.name):
                 raise  # the module exists but one of its own imports is missing
-    raise ConfigError(f"no config named {name!r}: not a built-in ({', '.join(builtin_names())}), "
-                      f"not an importable module, not a .py file")
+    return None
+
+
+def import_module(name: str) -> ModuleType:
+    """A config module by built-in name (configs/NAME.py), name in an MSO_CONFIG_PATH folder, dotted module
+    path, or .py file path. Any failure is a ConfigError that names the module and the cause."""
+    try:
+        module = _find(name)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"config module {name} needs {exc.name!r}, which is not installed here") from None
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"cannot import config module {name!r}: {exc}") from None
+    except Exception as exc:  # the module's own top-level code failed (SyntaxError included)
+        raise ConfigError(f"config module {name} failed while loading: {type(exc).__name__}: {exc}") from None
+    if module is None:
+        raise ConfigError(f"no config named {name!r}: not a built-in ({', '.join(builtin_names())}), "
+                          f"not in {CONFIG_PATH_ENV}, not an importable module, not a .py file")
+    return module
+
+
+def check_remote_name(name: str) -> None:
+    """What a remote caller (LauncherService/Launch) may name: a built-in, a module in an MSO_CONFIG_PATH
+    folder, or a dotted path under a prefix in MSO_CONFIG_MODULES. Any other file or module would let a
+    network client execute arbitrary code on the launcher's host."""
+    if not name or len(name) > 256:
+        raise ConfigError("config name must be 1 to 256 characters")
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name).expanduser().resolve()
+        if not any(path.is_relative_to(folder) for folder in _config_folders()):
+            raise ConfigError(f"config file {name} is outside the folders in {CONFIG_PATH_ENV}; a remote "
+                              f"launch may only name built-ins, {CONFIG_PATH_ENV} modules or {MODULES_ENV} modules")
+        return
+    if name in builtin_names() or any((folder / f"{name}.py").is_file() for folder in _config_folders()):
+        return
+    prefixes = [p for p in os.environ.get(MODULES_ENV, "").split(",") if p]
+    if not any(name == p or name.startswith(p + ".") for p in prefixes):
+        raise ConfigError(f"config {name!r} is not a built-in ({', '.join(builtin_names())}), not in "
+                          f"{CONFIG_PATH_ENV}, and not under a module prefix allowed by {MODULES_ENV}")
 
 
 def builtin_names() -> list[str]:
@@ -211,7 +260,8 @@ def validate(online_dict: Any, overrides: list[str] = ()) -> DictConfig:
             key = exc.full_key or str(exc.key)
             raise ConfigError(f"{source}: unknown key {key}{_closest(schema, key)}") from None
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"{source}: {exc.full_key}: {exc.msg.splitlines()[0]}") from None
+            what = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
+            raise ConfigError(f"{source}: {getattr(exc, 'full_key', None) or 'value'}: {what}") from None
     check(schema)
     return schema
 

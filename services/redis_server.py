@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 DEFAULT_URL_ENV = "REDIS_URL"
 
@@ -31,18 +33,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Once connected, a command that meets a dropped connection (Redis restarting, a network blip) is retried
+# with jittered exponential backoff for about a minute before the error reaches the caller. A retried
+# write whose reply was lost may apply twice; that is the "last second of writes" at risk on a restart.
+RECONNECT_RETRIES = 30
+
+
 def connect(url: str, timeout: float = 10.0) -> redis.Redis:
     """A client for url, once the server answers PING; raise ConnectionError naming url after timeout."""
-    client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
+    probe = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(
+        ExponentialWithJitterBackoff(), 0))
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.ping()
-            return client
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"Redis at {url} is not reachable after {timeout:.0f}s: {exc}") from exc
-            time.sleep(0.05)
+    try:
+        while True:
+            try:
+                probe.ping()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"Redis at {url} is not reachable after {timeout:.0f}s: {exc}") from exc
+                time.sleep(0.1)
+    finally:
+        probe.close()
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
+                                retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES))
 
 
 class RedisServer:

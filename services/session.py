@@ -8,6 +8,7 @@ keeps a heartbeat key that expires when the node dies, which is how the launcher
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,14 @@ HEARTBEAT_TTL = 10
 
 class SessionError(LookupError):
     """An unknown session, or a node that cannot join it; the message says which and why."""
+
+
+SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def valid_id(session_id: str) -> bool:
+    """Session ids are short lowercase hex strings; anything else is a malformed request, not a lookup."""
+    return bool(SESSION_ID.fullmatch(session_id))
 
 
 def create(client: redis.Redis, loaded: LoadedConfig) -> str:

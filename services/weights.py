@@ -101,18 +101,20 @@ class WeightWatcher:
         return ready
 
     def _run(self) -> None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(keys.SessionKeys(self.session_id).weights_channel)
-            while not self._stop.is_set():
-                self._check()
-                # A notification wakes us at once; the timeout is the fallback for a missed one.
-                pubsub.get_message(timeout=self.poll_seconds)
-        except redis.RedisError as exc:
-            self.last_error = f"weight watcher lost Redis: {exc}"
-            log.error(self.last_error)
-        finally:
-            pubsub.close()
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(keys.SessionKeys(self.session_id).weights_channel)
+                while not self._stop.is_set():
+                    self._check()
+                    # A notification wakes us at once; the timeout is the fallback for a missed one.
+                    pubsub.get_message(timeout=self.poll_seconds)
+            except redis.RedisError as exc:  # Redis restarting: keep the weights we have, resubscribe
+                self.last_error = f"weight watcher lost Redis, retrying: {exc}"
+                log.warning(self.last_error)
+                self._stop.wait(1.0)
+            finally:
+                pubsub.close()
 
     def _check(self) -> None:
         try:

@@ -37,22 +37,7 @@ def test_grpcurl_calls_each_service(stack, service, method):
         assert reply["node_id"].startswith(service)
 
 
-def test_bad_requests_get_clear_status_codes(stack):
-    with channel(stack["rollout"]) as ch:
-        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Start(rollout_pb2.RolloutStartRequest(session_id=""), timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Start(rollout_pb2.RolloutStartRequest(session_id="nope"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Scale(rollout_pb2.ScaleRequest(num_workers=2), timeout=10)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # idle: nothing to scale
-    with channel(stack["trainer"]) as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            trainer_pb2_grpc.TrainerServiceStub(ch).Start(trainer_pb2.TrainerStartRequest(session_id="nope"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+def test_grpcurl_shows_a_bad_launch_as_invalid_argument(stack):
     out = grpcurl("-d", '{"config": "cartpole", "overrides": ["train_config.learning_rat=1"]}', stack["launcher"],
                   "mso.v1.LauncherService/Launch", check=False)
     assert "InvalidArgument" in out.stderr and "did you mean train_config.learning_rate" in out.stderr
@@ -95,7 +80,7 @@ def test_rollout_start_status_stop_directly(stack):
         st = stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120)
         assert st.state == 3 and st.workers == 1
         with pytest.raises(grpc.RpcError) as err:
-            stub.Start(rollout_pb2.RolloutStartRequest(session_id="other"), timeout=10)
+            stub.Start(rollout_pb2.RolloutStartRequest(session_id="abcdef"), timeout=10)
         assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
         st = wait_until(lambda: (s := stub.GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10))
                         .fragments_pushed > 0 and s, 60, "fragments from the rollout node")

@@ -51,6 +51,13 @@ def cmd_config(args) -> int:
 def cmd_serve(args) -> int:
     address = f"{args.host}:{args.port}"
     url = _redis_url(args)
+    from mso.redis_server import connect
+
+    try:
+        connect(url, timeout=args.redis_timeout).close()
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.service == "rollout":
         from mso.rollout.server import serve
 
@@ -261,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--host", default=os.environ.get("MSO_HOST", "0.0.0.0"))
         s.add_argument("--port", type=int, default=int(os.environ.get("MSO_PORT", PORTS[service])))
         s.add_argument("--redis-url", default=None, help="default: $REDIS_URL")
+        s.add_argument("--redis-timeout", type=float, default=30.0,
+                       help="seconds to wait for Redis at start before exiting with an error")
         if service == "rollout":
             s.add_argument("--metrics-port", type=int, default=int(os.environ.get("MSO_METRICS_PORT", 0)),
                            help="serve Prometheus metrics on this port (0: off)")

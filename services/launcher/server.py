@@ -7,12 +7,13 @@ import math
 import grpc
 
 from mso import session
-from mso.config import ConfigError
+from mso.config import ConfigError, check_remote_name
 from mso.launcher.launch import Launcher, LaunchError, SessionBusy
 from mso.rpc import Server
 from mso.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc
 
 S = common_pb2.ServiceState
+MAX_OVERRIDES = 256
 
 
 def node_message(n: dict) -> common_pb2.Node:
@@ -30,7 +31,11 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
         if not request.config.strip():
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "config is empty: give a built-in name, a dotted "
                                                             "module path or a .py file path")
+        if len(request.overrides) > MAX_OVERRIDES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{len(request.overrides)} overrides: at most {MAX_OVERRIDES} are accepted")
         try:
+            check_remote_name(request.config.strip())
             sid = self.launcher.launch(request.config.strip(), list(request.overrides))
         except ConfigError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -55,6 +60,8 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
         sid = sid.strip() or session.current(self.launcher.client) or ""
         if not sid:
             context.abort(grpc.StatusCode.NOT_FOUND, "no session has been launched")
+        if not session.valid_id(sid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
         try:
             session.read(self.launcher.client, sid)
         except session.SessionError as exc:

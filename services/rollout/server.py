@@ -49,6 +49,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         sid = request.session_id.strip()
         if not sid:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        if not session.valid_id(sid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
         try:
             self._start(sid)
         except StartError as exc:
@@ -114,6 +116,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         sid = request.session_id or self.session_id or session.current(self.client)
         if not sid:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no session to watch: give session_id")
+        if not session.valid_id(sid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
         if not self.client.exists(keys.SessionKeys(sid).record):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {sid!r}")
         stream, last = keys.SessionKeys(sid).episodes, "$"

@@ -67,6 +67,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         sid = request.session_id.strip()
         if not sid:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        if not session.valid_id(sid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
         with self._lock:
             if self._running():
                 if sid == self.session_id:
@@ -134,6 +136,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         sid = request.session_id or self.session_id
         if not sid:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no session to watch: give session_id")
+        if not session.valid_id(sid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
         if sid != self.session_id:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this trainer is not running session {sid!r}")
         last = -1

@@ -141,5 +141,5 @@ def test_watch_episodes_streams_finished_episodes(cluster):
         finally:
             stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=120)
         with pytest.raises(grpc.RpcError) as err:
-            next(iter(stub.WatchEpisodes(rollout_pb2.WatchEpisodesRequest(session_id="nope"), timeout=10)))
+            next(iter(stub.WatchEpisodes(rollout_pb2.WatchEpisodesRequest(session_id="abc123"), timeout=10)))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -172,3 +172,23 @@ def test_videos_are_recorded_when_a_version_divisible_by_the_interval_arrives(re
     assert len(frames) == scenario.EPISODE_LENGTH and (frames[0].height, frames[0].width) == (6, 8)
     assert run.loop.stats["videos"] == 1
     assert episode["discounted_return"] < episode["return"]
+
+
+def test_rollouts_survive_a_redis_restart_with_aof(tmp_path):
+    from mso.redis_server import RedisServer, connect
+
+    redis = RedisServer(appendonly=True, data_dir=str(tmp_path))
+    try:
+        client = connect(redis.url)
+        with Running(client, redis.url) as run:
+            run.fragments(per_slot=2, slots=2)
+            redis.stop()  # SIGTERM: Redis writes its AOF and exits
+            redis = RedisServer(port=redis.port, appendonly=True, data_dir=str(tmp_path))
+            assert client.hget(f"mso:s:{run.sid}:record", "config_name")  # the session survived
+            pushed = run.loop.stats["fragments_pushed"]
+            wait_until(lambda: run.loop.stats["fragments_pushed"] > pushed + 4, 60,
+                       "fragments to flow again after the restart")
+            assert run.thread.is_alive()
+            run.loop.stats["last_error"] = ""  # a push may have failed during the outage; it was reported
+    finally:
+        redis.stop()
