@@ -84,7 +84,8 @@ def _serve_launcher(address: str, url: str) -> int:
 def _format(p) -> str:
     ret = "   n/a" if math.isnan(p.mean_return) else f"{p.mean_return:6.1f}"
     return (f"iter {p.iteration}/{p.num_iterations}  env steps {p.env_steps}  {p.env_steps_per_second:7.0f} steps/s  "
-            f"return {ret}  version {p.model_version}  lag {p.policy_lag:.2f}  queue {p.queue_depth}")
+            f"return {ret}  version {p.model_version}  lag {p.policy_lag:.2f}  queue {p.queue_depth}"
+            + (f"  restarts {p.restarts}" if p.restarts else ""))
 
 
 def cmd_run(args) -> int:
@@ -125,6 +126,8 @@ def cmd_run(args) -> int:
         milestones: dict[str, float] = {}  # mean return -> seconds after `mso run` started
         live = _live(args)
         while True:
+            if embedded.supervise():
+                session.update(client, sid, restarts=sum(embedded.restarts.values()))
             phase = session.read(client, sid)["phase"]
             p = launcher.progress(sid)
             if not math.isnan(p.mean_return):
@@ -147,7 +150,8 @@ def cmd_run(args) -> int:
         if live is not None:
             live.stop()
         record = session.read(client, sid)
-        summary.update(startup_seconds=_startup(client, sid, started_at), return_milestones=milestones)
+        summary.update(startup_seconds=_startup(client, sid, started_at), return_milestones=milestones,
+                       service_restarts=dict(embedded.restarts))
         summary.update(phase=record["phase"], error=record["error"], mean_return=p.mean_return,
                        best_mean_return=best, env_steps=p.env_steps, iterations=p.iteration,
                        model_version=p.model_version, rollout_model_version=p.rollout_model_version, ledger=p.ledger, wall_seconds=time.monotonic() - started)

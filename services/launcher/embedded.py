@@ -22,7 +22,7 @@ class ChildProcess:
     order), whose output is copied to our stderr with a prefix."""
 
     def __init__(self, name: str, args: list[str], env: dict, ready_line: str | None = None, quiet: bool = False):
-        self.name = name
+        self.name, self.args, self.env = name, args, env
         self.ready = threading.Event()
         self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, text=True, bufsize=1)
@@ -82,7 +82,11 @@ def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
 
 class Embedded:
     """Everything a session needs, started locally. `redis_url` and the service addresses are set once
-    start() returns."""
+    start() returns. supervise() restarts a service process that died, as `restart: unless-stopped` does
+    for the compose containers: with a doubling backoff and at most MAX_RESTARTS restarts per service."""
+
+    MAX_RESTARTS = 5
+    FIRST_BACKOFF = 1.0
 
     def __init__(self, num_cpus: int, quiet: bool = False):
         self.num_cpus = num_cpus
@@ -90,6 +94,8 @@ class Embedded:
         self.redis: RedisServer | None = None
         self.children: list[ChildProcess] = []
         self.redis_url = os.environ.get("REDIS_URL") or ""
+        self.restarts: dict[str, int] = {"rollout": 0, "trainer": 0}
+        self._dead_since: dict[str, float] = {}
 
     def start(self) -> None:
         try:
@@ -120,6 +126,31 @@ class Embedded:
                 wait_serving(address, timeout=60)
             except TimeoutError as exc:
                 raise RuntimeError(f"{child.name} service did not come up: {exc}\n" + "".join(child.lines[-20:])) from None
+
+    def supervise(self) -> list[str]:
+        """Restart dead service processes whose backoff has passed; returns what was restarted. Raises
+        RuntimeError when the Ray head died or a service exceeded its restarts."""
+        restarted = []
+        for i, child in enumerate(self.children):
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.name == "ray":
+                raise RuntimeError(f"the Ray head exited with code {code}")
+            if self.restarts[child.name] >= self.MAX_RESTARTS:
+                raise RuntimeError(f"the {child.name} service died {self.restarts[child.name] + 1} times "
+                                   f"(last exit code {code}); giving up")
+            now = time.monotonic()
+            died = self._dead_since.setdefault(child.name, now)
+            if now - died < self.FIRST_BACKOFF * 2 ** self.restarts[child.name]:
+                continue
+            log.warning("%s service exited with code %s; restarting it", child.name, code)
+            child.stop(grace=1)  # whatever of its process group survived it
+            self.children[i] = ChildProcess(child.name, child.args, child.env, quiet=self.quiet)
+            self.restarts[child.name] += 1
+            del self._dead_since[child.name]
+            restarted.append(child.name)
+        return restarted
 
     def stop(self) -> None:
         for child in reversed(self.children):

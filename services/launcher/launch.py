@@ -47,6 +47,7 @@ class Progress:
     policy_lag: float = 0.0
     queue_depth: int = 0
     rollout_model_version: int = 0     # the version rollouts acted with in the newest finished episode
+    restarts: int = 0                  # service processes restarted by supervision
     ledger: dict = field(default_factory=dict)
 
 
@@ -172,7 +173,23 @@ class Launcher:
                 session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED),
                                error=f"trainer failed: {self._trainer_error(sid)}")
                 return
+            self._restart_fresh_trainers(sid)
             time.sleep(0.5)
+
+    def _restart_fresh_trainers(self, sid: str) -> None:
+        """A trainer node that does not know the running session (its process was restarted, or a new one
+        replaced it) is started on it; it resumes from the session's latest checkpoint when there is one."""
+        for node in session.list_nodes(self.client):
+            if node["kind"] != "trainer":
+                continue
+            try:
+                with channel(node["address"]) as ch:
+                    stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+                    if stub.GetStatus(trainer_pb2.TrainerStatusRequest(), timeout=CALL_TIMEOUT).session_id == "":
+                        log.warning("trainer node %s is idle while session %s runs: starting it", node["node_id"], sid)
+                        stub.Start(trainer_pb2.TrainerStartRequest(session_id=sid), timeout=START_TIMEOUT)
+            except grpc.RpcError as exc:
+                log.warning("trainer node %s: %s", node["node_id"], exc.details())
 
     def stop(self, sid: str) -> None:
         session.read(self.client, sid)  # raises SessionError for an unknown session
@@ -219,7 +236,8 @@ class Launcher:
                         mean_return=sum(returns) / len(returns) if returns else float("nan"),
                         episodes=counts.get("episodes", 0), model_version=int(trainer.get("model_version", 0)),
                         policy_lag=metrics.get("policy_lag", 0.0), queue_depth=counts["pending"],
-                        rollout_model_version=episodes[0]["version"] if episodes else 0, ledger=counts)
+                        rollout_model_version=episodes[0]["version"] if episodes else 0,
+                        restarts=int(session.read(self.client, sid).get("restarts", 0)), ledger=counts)
 
 
 class SessionBusy(RuntimeError):

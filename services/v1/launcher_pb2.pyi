@@ -58,7 +58,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "num_iterations", "env_steps", "env_steps_per_second", "mean_return", "episodes", "model_version", "policy_lag", "queue_depth")
+    __slots__ = ("iteration", "num_iterations", "env_steps", "env_steps_per_second", "mean_return", "episodes", "model_version", "policy_lag", "queue_depth", "restarts", "ledger")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     NUM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class Progress(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_LAG_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     num_iterations: int
     env_steps: int
@@ -77,7 +79,23 @@ class Progress(_message.Message):
     model_version: int
     policy_lag: float
     queue_depth: int
-    def __init__(self, iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., model_version: _Optional[int] = ..., policy_lag: _Optional[float] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    restarts: int
+    ledger: Ledger
+    def __init__(self, iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., model_version: _Optional[int] = ..., policy_lag: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., ledger: _Optional[_Union[Ledger, _Mapping]] = ...) -> None: ...
+
+class Ledger(_message.Message):
+    __slots__ = ("produced", "consumed", "dropped_stale", "dropped_corrupt", "pending")
+    PRODUCED_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    produced: int
+    consumed: int
+    dropped_stale: int
+    dropped_corrupt: int
+    pending: int
+    def __init__(self, produced: _Optional[int] = ..., consumed: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dropped_corrupt: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config_name", "config_yaml", "phase", "nodes", "progress", "error")

@@ -73,3 +73,45 @@ def test_ctrl_c_leaves_no_process_and_no_ray_behind():
         alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
     assert len(descendants) >= 8  # redis, ray head + raylet/gcs, two services, a worker actor, 8 envs
+
+
+def test_supervision_restarts_dead_services_and_training_goes_on():
+    import grpc  # noqa: F401  (RpcError in wait conditions)
+
+    from mso.redis_server import free_port
+    from mso.rpc import channel
+    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+
+    port = free_port()
+    proc = subprocess.Popen(MSO + ["run", "cartpole", "train_config.num_iterations=100000", f"--port={port}",
+                                   "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "running (" in line:
+                break
+        me = psutil.Process(proc.pid)
+
+        def service(kind):
+            return next(p for p in me.children() if f"{kind} serve" in " ".join(p.cmdline()))
+
+        def progress():
+            with channel(f"127.0.0.1:{port}") as ch:
+                return launcher_pb2_grpc.LauncherServiceStub(ch).GetSession(
+                    launcher_pb2.GetSessionRequest(), timeout=10).progress
+
+        for restarts, kind in enumerate(("rollout", "trainer"), start=1):
+            victim = service(kind)
+            before = progress()
+            os.kill(victim.pid, signal.SIGKILL)
+            wait_until(lambda: progress().restarts == restarts, 60, f"the {kind} service to be restarted")
+            # Training goes on: new env steps and new model versions after the restart.
+            wait_until(lambda: (p := progress()).env_steps > before.env_steps + 2000 and
+                       p.model_version != before.model_version, 120, f"training to go on after the {kind} restart")
+            assert service(kind).pid != victim.pid
+        ledger = progress().ledger
+        assert ledger.produced >= ledger.consumed + ledger.dropped_stale + ledger.dropped_corrupt
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
