@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -47,8 +48,13 @@ class _Episode:
                 "stats": {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}}
 
 
-def _env_main(conn: Connection, config_name: str, seed: int, discount: float, restart_interval, fps: int) -> None:
+def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, discount: float, restart_interval,
+              fps: int) -> None:
     from mso.config import import_module
+
+    # The forkserver's environment is that of when it started; an env sees its worker's, as with spawn.
+    os.environ.clear()
+    os.environ.update(environ)
 
     module = import_module(config_name)
     restarted = False
@@ -112,7 +118,7 @@ class EnvSlot:
 
     def spawn(self) -> None:
         parent, child = _ctx.Pipe()
-        self.process = _ctx.Process(target=_env_main, args=(child, *self.args), daemon=True,
+        self.process = _ctx.Process(target=_env_main, args=(child, dict(os.environ), *self.args), daemon=True,
                                     name=f"mso-env-{self.index}")
         self.process.start()
         child.close()

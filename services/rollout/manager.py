@@ -12,7 +12,7 @@ from mso.rollout.worker import RolloutWorker
 
 STATUS_TIMEOUT = 5.0
 SUMMED = ("env_steps", "fragments_pushed", "bytes_pushed", "episodes", "env_restarts", "env_timeouts",
-          "steps_dropped", "live_envs", "videos")
+          "steps_dropped", "live_envs", "videos", "malformed_obs")
 
 
 @ray.remote(num_cpus=0)

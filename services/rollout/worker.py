@@ -68,6 +68,16 @@ def stack_obs(obs_list: list):
     return np.stack([np.asarray(o) for o in obs_list])[:, None]
 
 
+def signature(tree):
+    """The structure, dtypes and shapes of an observation, to refuse one that cannot be batched."""
+    if isinstance(tree, dict):
+        return tuple(sorted((k, signature(v)) for k, v in tree.items()))
+    if isinstance(tree, (list, tuple)):
+        return tuple(signature(v) for v in tree)
+    a = np.asarray(tree)
+    return (a.dtype.str, a.shape)
+
+
 def check_weights(policy: torch.nn.Module, state: dict) -> None:
     """Refuse a state dict whose keys or shapes differ, before any parameter is touched."""
     own = policy.state_dict()
@@ -85,7 +95,7 @@ class RolloutLoop:
         self.config_name, self.cfg, self.node_id = config_name, cfg, node_id
         self.stats = {"env_steps": 0, "fragments_pushed": 0, "bytes_pushed": 0, "episodes": 0,
                       "env_restarts": 0, "env_timeouts": 0, "steps_dropped": 0, "model_version": 0,
-                      "live_envs": 0, "inference_ms": 0.0, "videos": 0, "last_error": ""}
+                      "live_envs": 0, "inference_ms": 0.0, "videos": 0, "malformed_obs": 0, "last_error": ""}
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -122,6 +132,7 @@ class RolloutLoop:
         episode_ids = [uuid.uuid4().hex for _ in slots]
         videos: dict[int, str] = {}      # slot -> path to send with its next action
         pending: dict[int, tuple] = {}   # slot -> message waiting for an action
+        obs_signature = None             # structure, dtypes and shapes of the first observation seen
         target = min(wc.batch_size, len(slots))
         deadline = 0.0
 
@@ -149,6 +160,11 @@ class RolloutLoop:
                         if pending[i][5]:  # the env rebuilt itself after an exception
                             self.stats["env_restarts"] += 1
                             self.stats["steps_dropped"] += cutters[i].drop()
+                        shape = signature(pending[i][0])
+                        obs_signature = obs_signature or shape
+                        if shape != obs_signature:
+                            self.stats["malformed_obs"] += 1
+                            restart(i, f"malformed observation {shape}, expected {obs_signature}")
                     now = time.monotonic()
                     for i in [i for i in waiting.values() if i not in pending]:
                         if now > slots[i].deadline:

@@ -2,8 +2,9 @@
 (its observations count, so alignment can be checked exactly) and VersionPolicy for a trained model (its
 action is its weights' version, and its recurrent state counts steps since the episode began).
 
-MSO_TEST_FAULT="crash:N" | "die:N" | "hang:N" makes ONE env process (the first to claim a marker in
-MSO_TEST_FAULT_DIR) raise, exit, or hang at its N-th step of every env instance it builds.
+MSO_TEST_FAULT="crash:N" | "die:N" | "hang:N" | "malformed:N" makes ONE env process (the first to claim a
+marker in MSO_TEST_FAULT_DIR) raise, exit, hang, or return a wrongly shaped observation at its N-th step
+of every env instance it builds.
 """
 
 import os
@@ -58,6 +59,8 @@ class CountingEnv(gym.Env):
                 raise RuntimeError("stand-in simulator crash")
             if self.fault[0] == "die":
                 os._exit(3)
+            if self.fault[0] == "malformed":
+                return {"g": np.zeros(3), "k": np.array([0])}, 0.0, False, False, {}
             time.sleep(3600)
         reward = float(self.g)
         self.k += 1

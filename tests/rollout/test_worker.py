@@ -75,7 +75,7 @@ def test_fragments_follow_the_l_plus_one_rule_across_episodes_and_fragments(redi
                 assert nxt["obs"]["g"][0, 0] == f["next_obs"]["g"][0]      # fragments tile the stream
 
 
-@pytest.mark.parametrize("fault", ["crash:7", "die:7", "hang:7"])
+@pytest.mark.parametrize("fault", ["crash:7", "die:7", "hang:7", "malformed:7"])
 def test_a_faulty_env_is_restarted_and_the_others_keep_stepping(redis_server, redis_client, tmp_path, monkeypatch, fault):
     monkeypatch.setenv("MSO_TEST_FAULT", fault)
     monkeypatch.setenv("MSO_TEST_FAULT_DIR", str(tmp_path))
@@ -87,6 +87,7 @@ def test_a_faulty_env_is_restarted_and_the_others_keep_stepping(redis_server, re
         wait_until(lambda: run.loop.stats["env_restarts"] >= restarts, 60, f"{restarts} restarts of the faulty env")
         by_slot = run.fragments(per_slot=8, slots=3)
         assert run.loop.stats["env_timeouts"] == (1 if fault.startswith("hang") else 0)
+        assert run.loop.stats["malformed_obs"] == (1 if fault.startswith("malformed") else 0)
     assert (tmp_path / "claimed").exists()
     for frags in by_slot.values():
         for f in frags:
