@@ -58,17 +58,40 @@ class FragmentConsumer:
         self.client = client
         self.keys = keys.SessionKeys(session_id)
         self.consumer = consumer
+        self._pending_cursor = None  # while set: deliver entries claimed by reclaim() (after this id) first
         ensure_group(client, session_id)
+
+    def reclaim(self) -> int:
+        """Take over every entry other consumers read but never retired (they died: a trainer restarts
+        with new consumer names), so nothing is lost; returns how many."""
+        start, total = "0-0", 0
+        while True:
+            reply = self.client.xautoclaim(self.keys.fragments, keys.GROUP, self.consumer, min_idle_time=0,
+                                           start_id=start, count=256)
+            start, claimed = reply[0], reply[1]
+            total += len(claimed)
+            if start in (b"0-0", "0-0"):
+                break
+        if total:
+            self._pending_cursor = "0"
+        return total
 
     def read(self, count: int, block_ms: int = 200) -> list[tuple[bytes, dict]]:
         """Up to count decoded fragments as (entry_id, fragment); corrupt entries are retired and counted."""
-        reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: ">"},
-                                       count=count, block=block_ms)
+        reply = None
+        if self._pending_cursor is not None:
+            reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: self._pending_cursor},
+                                           count=count)
+            entries = [e for _s, es in reply or [] for e in es]
+            self._pending_cursor = entries[-1][0] if entries else None
+        if self._pending_cursor is None:
+            reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: ">"},
+                                           count=count, block=block_ms)
         out, corrupt = [], []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 try:
-                    payload = fields.get(b"f")
+                    payload = fields.get(b"f") if fields else None
                     if payload is None:
                         raise CodecError(f"entry has no 'f' field (fields: {sorted(fields)})")
                     out.append((entry_id, decode(payload)))

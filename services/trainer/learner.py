@@ -88,18 +88,27 @@ class Learner:
                                            lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay,
                                            eps=self.tc.adam_eps)
         self.consumer = FragmentConsumer(self.client, self.session_id, f"{spec['node_id']}-rank{self.rank}")
-        self.version = 0
-        self.rho = self.tc.kl_divergence_coef_rho
+        reclaimed = self.consumer.reclaim()  # what a dead trainer had read but not retired
+        if reclaimed:
+            log.info("rank %d reclaimed %d fragments pending for a previous trainer", self.rank, reclaimed)
+        self.version, self.start_iteration = 0, 0
+        pointer = weights.latest_pointer(self.client, self.session_id)
+        if pointer is not None:
+            # A trainer ran this session before (this one is its restart): go on from its newest weights, its
+            # version and iteration, so versions keep growing and rollouts pick the new ones up.
+            self.policy.load_state_dict(weights.fetch(self.client, self.session_id, pointer))
+            self.version = pointer["version"]
+            self.start_iteration = int(self.client.hget(self.keys.trainer, "iteration") or 0)
+        self.rho = self.tc.kl_divergence_coef_rho * self.tc.coef_rho_decay ** self.start_iteration
         self.fragments_per_rank = self.tc.batch_size_per_gpu * self.tc.batches_per_iteration
-        if self.rank == 0:
+        if self.rank == 0 and pointer is None:
             weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
 
     # -- the outer loop --------------------------------------------------------------------------------
     def run(self) -> dict:
         tc = self.tc
-        self._status(state="SERVICE_STATE_RUNNING", iteration=0)
-        iteration = 0
-        for iteration in range(tc.num_iterations):
+        self._status(state="SERVICE_STATE_RUNNING", iteration=self.start_iteration)
+        for iteration in range(self.start_iteration, tc.num_iterations):
             if tc.anneal_lr_linearly:
                 for group in self.optimizer.param_groups:
                     group["lr"] = (1 - iteration / tc.num_iterations) * tc.learning_rate

@@ -85,7 +85,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.session_id, self.last_error, self.state = sid, "", S.SERVICE_STATE_STARTING
             sk = keys.SessionKeys(sid)
             self.client.hdel(sk.trainer, "stop")
-            self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING", "iteration": 0,
+            self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING",
                                                    "num_iterations": cfg.train_config.num_iterations,
                                                    "produced_at_start": ledger(self.client, sid).get("produced", 0)})
             spec = {"session_id": sid, "redis_url": self.redis_url, "config_name": record["config_name"],

@@ -99,3 +99,18 @@ def test_producer_blocks_while_stream_is_full(redis_client):
     consumer = FragmentConsumer(redis_client, "s1", "rank0")
     consumer.retire([entry_id for entry_id, _ in consumer.read(1)], "consumed")
     producer.wait_for_room(timeout=1.0)  # room again once the trainer retired one
+
+
+def test_a_new_consumer_reclaims_what_a_dead_one_read_but_never_retired(redis_client):
+    producer = FragmentProducer(redis_client, "s1", max_pending=10)
+    for _ in range(3):
+        producer.push(make_fragment(), env_steps=8)
+    dead = FragmentConsumer(redis_client, "s1", "old-rank0")
+    assert len(dead.read(2)) == 2  # read, then the process died before retiring them
+    successor = FragmentConsumer(redis_client, "s1", "new-rank0")
+    assert successor.reclaim() == 2
+    got = successor.read(10) + successor.read(10)
+    assert len(got) == 3  # the two reclaimed, then the one nobody had read
+    successor.retire([i for i, _ in got], "consumed")
+    counts = ledger(redis_client, "s1")
+    assert counts["consumed"] == 3 and counts["pending"] == 0
