@@ -87,3 +87,19 @@ def test_rollout_start_status_stop_directly(stack):
         assert st.live_envs == 2 and st.env_steps >= 32
         st = stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=90)
         assert st.state == 1
+    session.update(stack["redis"], sid, phase="SESSION_PHASE_STOPPED")  # so later launches are not refused
+
+
+def test_save_checkpoint_through_grpcurl_while_training(stack, tmp_path):
+    from pathlib import Path
+
+    request = json.dumps({"config": "cartpole", "overrides": SHORT_RUN[1:] + [
+        "train_config.num_iterations=100000", f"train_config.save_path={tmp_path}"]})
+    session = json.loads(grpcurl("-d", request, stack["launcher"], "mso.v1.LauncherService/Launch").stdout)
+    try:
+        reply = json.loads(grpcurl("-d", "{}", stack["trainer"], "mso.v1.TrainerService/SaveCheckpoint").stdout)
+        path = Path(reply["path"])
+        assert path.parent.parent == tmp_path and path.parent.name == session["session_id"]
+        assert json.loads((path / "state.json").read_text())["model_version"] >= 1
+    finally:
+        grpcurl("-d", "{}", stack["launcher"], "mso.v1.LauncherService/StopSession")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mso import keys, weights
+from mso.trainer import checkpoints
 from mso.codec import CodecError
 from mso.config import from_yaml, import_module
 from mso.queue import FragmentConsumer
@@ -92,17 +94,34 @@ class Learner:
         if reclaimed:
             log.info("rank %d reclaimed %d fragments pending for a previous trainer", self.rank, reclaimed)
         self.version, self.start_iteration = 0, 0
+        self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id
+        self.config_source = spec.get("config_source", "")
         pointer = weights.latest_pointer(self.client, self.session_id)
-        if pointer is not None:
+        if self.tc.resume:
+            # resume=PATH or resume=latest: model, optimizer, rho, iteration and version of a checkpoint.
+            path = checkpoints.latest(Path(self.tc.save_path or "checkpoints")) if self.tc.resume == "latest" \
+                else Path(self.tc.resume)
+            state = checkpoints.load(path, self.policy, self.optimizer if self.tc.resume_optimizer else None)
+            self.version, self.start_iteration = state["model_version"], state["iteration"]
+            log.info("resumed from %s: iteration %d, version %d", path, self.start_iteration, self.version)
+            pointer = None  # publish the resumed weights so rollouts pick them up
+        elif pointer is not None:
             # A trainer ran this session before (this one is its restart): go on from its newest weights, its
             # version and iteration, so versions keep growing and rollouts pick the new ones up.
             self.policy.load_state_dict(weights.fetch(self.client, self.session_id, pointer))
             self.version = pointer["version"]
             self.start_iteration = int(self.client.hget(self.keys.trainer, "iteration") or 0)
         self.rho = self.tc.kl_divergence_coef_rho * self.tc.coef_rho_decay ** self.start_iteration
+        if self.tc.resume:
+            self.rho = state.get("rho", self.rho)
         self.fragments_per_rank = self.tc.batch_size_per_gpu * self.tc.batches_per_iteration
         if self.rank == 0 and pointer is None:
             weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
+        self.writer, self._last_episode = None, ""
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(spec.get("log_dir") or "runs") / self.session_id))
 
     # -- the outer loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -127,8 +146,14 @@ class Learner:
                     weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
                 steps = self.world * len(fragments) * self.length * tc.epochs_per_iteration
                 metrics["samples_per_second"] = steps / max(time.monotonic() - start, 1e-9)
+                asked = self.client.hget(self.keys.trainer, "save_now") == b"1"
+                if asked or (tc.save_interval and (iteration + 1) % tc.save_interval == 0):
+                    self._checkpoint(iteration + 1)
                 self._status(state="SERVICE_STATE_RUNNING", iteration=iteration + 1, metrics=metrics)
+                self._log(iteration + 1, metrics)
         self._status(state="SERVICE_STATE_FINISHED", iteration=tc.num_iterations)
+        if self.writer is not None:
+            self.writer.close()
         return {"iterations": tc.num_iterations, "stopped": False}
 
     # -- data ------------------------------------------------------------------------------------------
@@ -256,6 +281,28 @@ class Learner:
         torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
+
+    # -- checkpoints and logs --------------------------------------------------------------------------
+    def _checkpoint(self, iteration: int) -> None:
+        path = checkpoints.save(self.save_dir, iteration, self.policy, self.optimizer,
+                                {"model_version": self.version, "rho": self.rho, "session_id": self.session_id},
+                                self.config_source)
+        checkpoints.thin(self.save_dir, self.tc.keep_interval)
+        self.client.hset(self.keys.trainer, mapping={"last_checkpoint": str(path.resolve()), "save_now": "0"})
+
+    def _log(self, iteration: int, metrics: dict) -> None:
+        """TensorBoard scalars of the iteration, and the episodes finished since the last call."""
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"trainer/{k}", v, iteration)
+        self.writer.add_scalar("trainer/model_version", self.version, iteration)
+        entries = self.client.xrange(self.keys.episodes, min=f"({self._last_episode}" if self._last_episode else "-")
+        if entries:
+            self._last_episode = entries[-1][0].decode()
+            episodes = [msgpack.unpackb(f[b"e"]) for _i, f in entries]
+            for k in ("return", "discounted_return", "length"):
+                self.writer.add_scalar(f"episode/mean_{k}", float(np.mean([e[k] for e in episodes])), iteration)
+            self.writer.add_scalar("episode/count", len(episodes), iteration)
+        self.writer.flush()
 
     # -- reporting -------------------------------------------------------------------------------------
     def _status(self, state: str, iteration: int, metrics: dict | None = None) -> None:

@@ -24,6 +24,7 @@ from mso.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
 STOP_GRACE = 60.0
+SAVE_TIMEOUT = 300.0
 
 
 def run_learner(spec: dict, cfg) -> dict:
@@ -89,7 +90,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                                                    "num_iterations": cfg.train_config.num_iterations,
                                                    "produced_at_start": ledger(self.client, sid).get("produced", 0)})
             spec = {"session_id": sid, "redis_url": self.redis_url, "config_name": record["config_name"],
-                    "config_yaml": record["config_yaml"], "node_id": self.node_id}
+                    "config_yaml": record["config_yaml"], "node_id": self.node_id, "config_source": record["source"],
+                    "log_dir": os.environ.get("MSO_LOG_DIR", "runs")}
             self._thread = threading.Thread(target=self._run, args=(spec, cfg), name="learner", daemon=True)
             self._thread.start()
             return self._status()
@@ -129,8 +131,20 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return self._status()
 
     def SaveCheckpoint(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "SaveCheckpoint is not implemented yet "
-                                                     "(train_config.save_interval checkpoints are not either)")
+        """Ask the learner for a checkpoint at the end of the current iteration and wait for its path."""
+        if not self._running():
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no training running on this node")
+        sk = keys.SessionKeys(self.session_id)
+        before = self.client.hget(sk.trainer, "last_checkpoint")
+        self.client.hset(sk.trainer, "save_now", "1")
+        deadline = time.monotonic() + SAVE_TIMEOUT
+        while time.monotonic() < deadline and context.is_active():
+            path = self.client.hget(sk.trainer, "last_checkpoint")
+            if path is not None and path != before:
+                return trainer_pb2.SaveCheckpointResponse(path=path.decode())
+            time.sleep(0.1)
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no checkpoint within {SAVE_TIMEOUT:.0f}s: the "
+                                                         "learner saves at the end of an iteration")
 
     def WatchMetrics(self, request, context):
         sid = request.session_id or self.session_id
