@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from concurrent import futures
 
@@ -36,7 +37,9 @@ class Server:
         self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
-        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+        host = address.rsplit(":", 1)[0]
+        # Bound to every interface (a container): others reach us at this host's address, not 0.0.0.0.
+        self.address = f"{reachable_host() if host in ('0.0.0.0', '[::]') else host}:{self.port}"
         self._service_names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
         self._stopped = threading.Event()
 
@@ -74,6 +77,14 @@ class Server:
         if on_stop is not None:
             on_stop()
         self.stop()
+
+
+def reachable_host() -> str:
+    """This machine's address as others on its network see it (a container's IP in compose)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def channel(address: str) -> grpc.Channel:

@@ -18,8 +18,9 @@ from mso.rpc import wait_serving
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 
-def grpcurl(*args, check=True):
-    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", "60", *args], capture_output=True, text=True, timeout=90)
+def grpcurl(*args, check=True, max_time=120):
+    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", str(max_time), *args], capture_output=True, text=True,
+                         timeout=max_time + 30)
     if check and out.returncode != 0:
         pytest.fail(f"grpcurl {' '.join(args)} failed: {out.stderr}")
     return out

@@ -72,11 +72,26 @@ def cmd_serve(args) -> int:
 
 
 def _serve_launcher(address: str, url: str) -> int:
+    import shlex
+    import threading
+
     from mso.launcher.launch import Launcher
     from mso.launcher.server import start_server
     from mso.redis_server import connect
 
-    server = start_server(Launcher(connect(url)), address)
+    launcher = Launcher(connect(url))
+    server = start_server(launcher, address)
+    autolaunch = os.environ.get("MSO_AUTOLAUNCH", "").strip()
+    if autolaunch:  # compose: `MSO_AUTOLAUNCH=cartpole docker compose up` trains with no further call
+        overrides = shlex.split(os.environ.get("MSO_AUTOLAUNCH_OVERRIDES", ""))
+
+        def launch():
+            try:
+                logging.info("MSO_AUTOLAUNCH: session %s running", launcher.launch(autolaunch, overrides))
+            except Exception as exc:
+                logging.error("MSO_AUTOLAUNCH=%s failed: %s", autolaunch, exc)
+
+        threading.Thread(target=launch, name="autolaunch", daemon=True).start()
     server.wait_for_termination()
     return 0
 
@@ -205,6 +220,25 @@ def _live(args):
     return Line()
 
 
+def cmd_health(args) -> int:
+    """Exit 0 only when the server at address answers SERVING on grpc.health.v1 (compose healthchecks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from mso.rpc import channel
+
+    with channel(args.address) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                         timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_launch(args) -> int:
     from mso.rpc import channel
     from mso.v1 import launcher_pb2, launcher_pb2_grpc
@@ -278,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--metrics-port", type=int, default=int(os.environ.get("MSO_METRICS_PORT", 0)),
                            help="serve Prometheus metrics on this port (0: off)")
         s.set_defaults(fn=cmd_serve, service=service)
+
+    p = sub.add_parser("health", help="exit 0 only if a service answers SERVING on grpc.health.v1")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--service", default="", help="a service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(fn=cmd_health)
 
     p = sub.add_parser("launch", help="launch a session through a running LauncherService")
     config_args(p)

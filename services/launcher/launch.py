@@ -94,11 +94,21 @@ class Launcher:
                 except grpc.RpcError as exc:
                     raise LaunchError(f"rollout node {node['node_id']} at {node['address']} failed to start: "
                                       f"{exc.details()}") from None
+        length = config.from_yaml(session.read(self.client, sid)["config_yaml"]).rollout_config.fragment_length
+
+        def producing(node) -> bool:
+            # A fragment pushed, or one cut and waiting: with several nodes the first may fill the stream
+            # before the others push anything, and the stream drains only once the trainer runs.
+            st = self._rollout_status(node)
+            return st.fragments_pushed > 0 or st.env_steps >= length
+
         for node in rollouts:
-            self._wait(lambda: self._rollout_status(node).fragments_pushed > 0, self.timeouts.fragments,
+            self._wait(lambda: producing(node), self.timeouts.fragments,
                        lambda: f"rollout node {node['node_id']} at {node['address']} produced no fragment within "
                                f"{self.timeouts.fragments:.0f}s (last error: "
                                f"{self._rollout_status(node).last_error or 'none'})")
+        self._wait(lambda: ledger(self.client, sid).get("produced", 0) > 0, self.timeouts.fragments,
+                   lambda: f"no fragment reached Redis within {self.timeouts.fragments:.0f}s")
         session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_TRAINER))
         trainer = self._wait_nodes("trainer")[0]
         with channel(trainer["address"]) as ch:

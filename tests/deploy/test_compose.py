@@ -1,0 +1,128 @@
+"""deploy/docker-compose.yml, checked without a Docker engine: it validates against the compose-spec schema,
+and its services' own commands and environments, run as local processes (compose hostnames mapped to
+loopback, ports to free ones, rollout started twice as `--scale rollout=2` would), train cartpole through
+the launcher port with grpcurl and survive losing a rollout node."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mso.launcher.embedded import ChildProcess, start_ray_head
+from mso.redis_server import RedisServer, free_port
+from mso.rpc import wait_serving
+from tests.conftest import grpcurl, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+MSO = [sys.executable, "-m", "mso.launcher.cli"]
+
+
+def test_compose_file_validates_against_the_compose_spec():
+    out = subprocess.run([str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema",
+                          "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compose_shape_scales_rollout_and_orders_by_health():
+    spec = yaml.safe_load(COMPOSE.read_text())["services"]
+    rollout = spec["rollout"]
+    assert "container_name" not in rollout and "ports" not in rollout  # so --scale works
+    assert rollout["healthcheck"]["test"][1:3] == ["mso", "health"]
+    assert spec["launcher"]["ports"] == ["50050:50050"]
+    assert spec["launcher"]["depends_on"]["rollout"]["condition"] == "service_healthy"
+    assert "--appendonly" in spec["redis"]["command"] and spec["redis"]["healthcheck"]
+
+
+def localise(service: dict, redis_url: str, ports: dict) -> tuple[list[str], dict]:
+    """The service's command and environment as a local process: hostnames -> loopback, ports -> free."""
+    command = list(service["command"])
+    for flag in ("--port", "--metrics-port"):
+        if flag in command:
+            i = command.index(flag) + 1
+            ports[(flag, command[i])] = port = free_port()
+            command[i] = str(port)
+    env = dict(os.environ)
+    for key, value in service.get("environment", {}).items():
+        value = str(value).replace("redis://redis:6379/0", redis_url)
+        if value.startswith("${"):
+            value = ""  # an unset interpolation
+        env[key] = value
+    env["MSO_CONFIG_PATH"] = str(ROOT / "configs")
+    env["MSO_LOG_DIR"] = str(Path(env.get("TMPDIR", "/tmp")) / "mso-compose-test-runs")
+    return MSO + command, env
+
+
+@pytest.fixture(scope="module")
+def topology():
+    spec = yaml.safe_load(COMPOSE.read_text())["services"]
+    redis = RedisServer(appendonly=True)
+    head, ray_address = start_ray_head(4, dict(os.environ))
+    procs = {}
+    try:
+        # depends_on order: trainer and rollout after redis, the launcher after both are healthy.
+        for name, replicas in (("trainer", 1), ("rollout", 2), ("launcher", 1)):
+            for replica in range(replicas):
+                ports = {}
+                command, env = localise(spec[name], redis.url, ports)
+                env["RAY_ADDRESS"] = ray_address  # one shared Ray head instead of one per container: 2 cores
+                child = ChildProcess(f"{name}-{replica}", command, env, quiet=True)
+                port = ports[("--port", spec[name]["command"][spec[name]["command"].index("--port") + 1])]
+                procs[f"{name}-{replica}"] = (child, f"127.0.0.1:{port}")
+            for replica in range(replicas):
+                child, address = procs[f"{name}-{replica}"]
+                wait_serving(address, timeout=60)
+                # The service's own healthcheck command, with the port it really has.
+                check = MSO + spec[name]["healthcheck"]["test"][2:]  # ["CMD", "mso", "health", "HOST:PORT"]
+                check[-1] = address
+                assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0
+        yield procs
+    finally:
+        for child, _address in reversed(list(procs.values())):
+            child.stop(grace=20)
+        head.stop(grace=10)
+        redis.stop()
+
+
+def status(address, service):
+    return json.loads(grpcurl("-d", "{}", address, f"mso.v1.{service}/GetStatus").stdout)
+
+
+def test_two_rollout_replicas_feed_one_trainer_and_losing_one_does_not_stop_training(topology):
+    launcher = topology["launcher-0"][1]
+    request = json.dumps({"config": "cartpole", "overrides": ["train_config.num_iterations=100000",
+                                                               "rollout_config.worker_config.num_envs=2",
+                                                               "rollout_config.worker_config.batch_size=2",
+                                                               "train_config.batch_size_per_gpu=4"]})
+    started = time.monotonic()
+    session = json.loads(grpcurl("-d", request, launcher, "mso.v1.LauncherService/Launch", max_time=240).stdout)
+    assert session["phase"] == "SESSION_PHASE_RUNNING"
+    print(f"\nLaunch through the compose topology took {time.monotonic() - started:.1f}s")
+    try:
+        replicas = [topology["rollout-0"], topology["rollout-1"]]
+        for _child, address in replicas:
+            wait_until(lambda: int(status(address, "RolloutService").get("fragments_pushed", 0)) > 0, 60,
+                       f"fragments from the rollout replica at {address}")
+        trainer = topology["trainer-0"][1]
+        wait_until(lambda: int(status(trainer, "TrainerService").get("iteration", 0)) >= 3, 60, "training")
+        victim, _address = replicas[0]
+        os.kill(victim.process.pid, signal.SIGKILL)
+        after_kill = int(status(trainer, "TrainerService")["iteration"])
+        wait_until(lambda: int(status(trainer, "TrainerService")["iteration"]) >= after_kill + 5, 120,
+                   "training to go on with one rollout replica")
+        got = json.loads(grpcurl("-d", "{}", launcher, "mso.v1.LauncherService/GetSession").stdout)
+        assert got["phase"] == "SESSION_PHASE_RUNNING"
+    finally:
+        grpcurl("-d", "{}", launcher, "mso.v1.LauncherService/StopSession")
+
+
+def test_health_command_fails_for_a_dead_port():
+    out = subprocess.run(MSO + ["health", f"127.0.0.1:{free_port()}", "--timeout", "2"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
