@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     for service in ("rollout", "trainer", "launcher"):
         p = sub.add_parser(service, help=f"the {service} service")
         s = p.add_subparsers(dest="action", required=True).add_parser("serve", help=f"run the {service} service")
-        s.add_argument("--host", default=os.environ.get("MSO_HOST", "0.0.0.0"))
+        s.add_argument("--host", default=os.environ.get("MSO_HOST", "127.0.0.1"),
+                       help="interface to bind (default loopback; MSO_HOST=0.0.0.0 in the container image)")
         s.add_argument("--port", type=int, default=int(os.environ.get("MSO_PORT", PORTS[service])))
         s.add_argument("--redis-url", default=None, help="default: $REDIS_URL")
         s.add_argument("--redis-timeout", type=float, default=30.0,
