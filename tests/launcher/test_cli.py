@@ -1,0 +1,21 @@
+"""The `mso` command line on its own: a service facing an unreachable Redis exits with a clear error after a
+bounded wait instead of hanging."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mso.redis_server import free_port
+
+
+@pytest.mark.parametrize("service", ["rollout", "trainer", "launcher"])
+def test_serve_without_redis_exits_with_a_clear_error(service):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "mso.launcher.cli", service, "serve", "--port=0",
+                          f"--redis-url={url}", "--redis-timeout=2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"Redis at {url} is not reachable after 2s" in out.stderr
+    assert time.monotonic() - started < 30
