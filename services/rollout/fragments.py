@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mso.trees import stack
+
 
 @dataclass
 class Step:
@@ -26,15 +28,6 @@ class Step:
     last_truncated: bool
     version: int                # model version that chose a_t
     episode_id: str
-
-
-def stack(trees: list):
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: stack([t[k] for t in trees]) for k in first}
-    if isinstance(first, (list, tuple)):
-        return [stack([t[i] for t in trees]) for i in range(len(first))]
-    return np.stack([np.asarray(t) for t in trees])
 
 
 class FragmentCutter:

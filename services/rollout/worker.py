@@ -28,44 +28,13 @@ from mso.queue import FragmentProducer
 from mso.redis_server import connect
 from mso.rollout.envs import EnvSlot
 from mso.rollout.fragments import FragmentCutter, Step
+from mso.trees import stack, tree_map
 from mso.weights import WeightWatcher
 
 log = logging.getLogger(__name__)
 
 BATCH_DEADLINE = 0.005  # seconds to wait for a fuller batch once one observation is ready
 EPISODES_KEPT = 10_000  # entries the episode stream keeps
-
-
-def to_tensor_tree(tree, device):
-    if isinstance(tree, dict):
-        return {k: to_tensor_tree(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [to_tensor_tree(v, device) for v in tree]
-    return torch.as_tensor(np.asarray(tree), device=device)
-
-
-def to_numpy_tree(tree):
-    if isinstance(tree, dict):
-        return {k: to_numpy_tree(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [to_numpy_tree(v) for v in tree]
-    return tree.detach().cpu().numpy()
-
-
-def index_tree(tree, i):
-    if isinstance(tree, dict):
-        return {k: index_tree(v, i) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [index_tree(v, i) for v in tree]
-    return tree[i]
-
-
-def stack_obs(obs_list: list):
-    """(B,) list of obs trees -> tree of (B,1,...) arrays: one time step per env."""
-    first = obs_list[0]
-    if isinstance(first, dict):
-        return {k: stack_obs([o[k] for o in obs_list]) for k in first}
-    return np.stack([np.asarray(o) for o in obs_list])[:, None]
 
 
 def signature(tree):
@@ -204,7 +173,8 @@ class RolloutLoop:
                         self._episode(client, msg[4], version, slot_ids[i])
                 started = time.perf_counter()
                 with torch.inference_mode():
-                    obs = to_tensor_tree(stack_obs([m[0] for m in msgs]), device)
+                    # (B,) observations -> (B, 1, ...) tensors: one time step per env
+                    obs = tree_map(lambda a: torch.as_tensor(a[:, None], device=device), stack([m[0] for m in msgs]))
                     state_in = policy.merge_state([states[i] for i in batch])
                     first = torch.tensor([[bool(m[2] or m[3])] for m in msgs], device=device)
                     latents, state_out = policy(obs, state_in, context={"first": first})
@@ -215,16 +185,16 @@ class RolloutLoop:
                         vpred = policy.value_head.denormalize(vpred)
                     vpred = vpred.reshape(-1).cpu().numpy()
                     new_states = policy.split_state(state_out, len(batch))
-                actions = to_numpy_tree(action)
+                actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
                 self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + \
                     0.1 * 1000 * (time.perf_counter() - started)
                 for j, i in enumerate(batch):
                     obs_i, last_reward, terminated, truncated = msgs[j][:4]
-                    act = index_tree(index_tree(actions, j), 0)  # this env's action at its one time step
+                    act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
                     cutter = cutters[i]
                     if cutter.buffer and version - cutter.buffer[0].version > max_staleness:
                         self.stats["steps_dropped"] += cutter.drop()
-                    state_np = to_numpy_tree(states[i]) if cutter.needs_state() else None
+                    state_np = tree_map(lambda t: t.detach().cpu().numpy(), states[i]) if cutter.needs_state() else None
                     fragment = cutter.add(Step(obs_i, state_np, act, float(logp[j]), float(vpred[j]),
                                                float(last_reward), bool(terminated), bool(truncated), version,
                                                episode_ids[i]))

@@ -26,28 +26,12 @@ from mso.queue import FragmentConsumer
 from mso.redis_server import connect
 from mso.trainer.gae import chains, gae
 from mso.trainer.ppo import Chunk, chunk_loss
+from mso.trees import stack, tree_map
 
 log = logging.getLogger(__name__)
 
 FRAGMENT_FIELDS = ("obs", "action", "reward", "first", "next_done", "logp", "model_version", "in_state",
                    "next_obs", "slot", "seq", "contiguous", "version_first", "session_id")
-
-
-def tree_map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [tree_map(fn, v) for v in tree]
-    return fn(tree)
-
-
-def stack_trees(trees: list):
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: stack_trees([t[k] for t in trees]) for k in first}
-    if isinstance(first, (list, tuple)):
-        return [stack_trees([t[i] for t in trees]) for i in range(len(first))]
-    return torch.as_tensor(np.stack(trees))
 
 
 def check_fragment(fragment, session_id: str, length: int) -> None:
@@ -196,13 +180,14 @@ class Learner:
     # -- one PPO iteration -----------------------------------------------------------------------------
     def _update(self, fragments: list[dict], warmup: bool) -> dict:
         tc, policy, n, t_len, c_len = self.tc, self.policy, len(fragments), self.length, self.tc.context_length
-        obs = stack_trees([f["obs"] for f in fragments])
-        action = stack_trees([f["action"] for f in fragments])
+        to_tensor = lambda leaves: torch.as_tensor(np.stack(leaves))  # noqa: E731
+        obs = stack([f["obs"] for f in fragments], to_tensor)
+        action = stack([f["action"] for f in fragments], to_tensor)
         first = torch.as_tensor(np.stack([f["first"] for f in fragments]))
         next_done = np.stack([f["next_done"] for f in fragments])
         rewards = np.stack([f["reward"] for f in fragments])
         behaviour_logp = torch.as_tensor(np.stack([f["logp"] for f in fragments]))
-        next_obs = stack_trees([tree_map(lambda a: np.asarray(a)[None], f["next_obs"]) for f in fragments])
+        next_obs = stack([tree_map(lambda a: np.asarray(a)[None], f["next_obs"]) for f in fragments], to_tensor)
         in_states = [tree_map(torch.as_tensor, f["in_state"]) for f in fragments]
         lag = float(np.mean([self.version - f["model_version"] for f in fragments]))
 

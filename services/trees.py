@@ -1,0 +1,26 @@
+"""Operations on trees: nested dicts and lists whose leaves are arrays. Observations, actions and recurrent
+states are trees (MineStudio's are dicts of arrays; its VPT state is a list), and every part of mso handles
+them through these two functions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def tree_map(fn, tree):
+    """The same tree with fn applied to every leaf."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [tree_map(fn, v) for v in tree]
+    return fn(tree)
+
+
+def stack(trees: list, leaf_stack=np.stack):
+    """Trees of the same structure -> one tree whose leaves are the leaves stacked along a new axis 0."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: stack([t[k] for t in trees], leaf_stack) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [stack([t[i] for t in trees], leaf_stack) for i in range(len(first))]
+    return leaf_stack([np.asarray(t) for t in trees])
