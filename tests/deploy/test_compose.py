@@ -82,9 +82,9 @@ def topology():
                 check = MSO + spec[name]["healthcheck"]["test"][2:]  # ["CMD", "mso", "health", "HOST:PORT"]
                 check[-1] = address
                 assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0
-        yield procs
+        yield {**procs, "redis_url": redis.url, "ray_address": ray_address}
     finally:
-        for child, _address in reversed(list(procs.values())):
+        for child, _address in reversed(list(procs.values())):  # replicas first, as compose stops them
             child.stop(grace=20)
         head.stop(grace=10)
         redis.stop()
@@ -126,3 +126,35 @@ def test_health_command_fails_for_a_dead_port():
     out = subprocess.run(MSO + ["health", f"127.0.0.1:{free_port()}", "--timeout", "2"], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+
+
+def test_mso_autolaunch_starts_training_with_no_call(topology):
+    """The compose launcher service's command with MSO_AUTOLAUNCH set launches on its own."""
+    from mso.rpc import channel
+    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+
+    spec = yaml.safe_load(COMPOSE.read_text())["services"]["launcher"]
+    first = topology["launcher-0"][1]
+    # The rollout replica killed in the previous test must have left the registry before a new launch.
+    wait_until(lambda: len(json.loads(grpcurl("-d", "{}", first, "mso.v1.LauncherService/ListNodes").stdout)
+                           ["nodes"]) == 2, 30, "the killed replica's heartbeat to expire")
+    ports = {}
+    command, env = localise(spec, topology["redis_url"], ports)
+    env.update(MSO_AUTOLAUNCH="cartpole", RAY_ADDRESS=topology["ray_address"],
+               MSO_AUTOLAUNCH_OVERRIDES="train_config.num_iterations=100000 rollout_config.worker_config.num_envs=2")
+    launcher = ChildProcess("launcher-auto", command, env, quiet=True)
+    address = f"127.0.0.1:{next(iter(ports.values()))}"
+    try:
+        wait_serving(address, timeout=60)
+
+        def running():
+            with channel(address) as ch:
+                try:
+                    s = launcher_pb2_grpc.LauncherServiceStub(ch).GetSession(launcher_pb2.GetSessionRequest(), timeout=10)
+                except Exception:
+                    return None
+            return s.phase == launcher_pb2.SESSION_PHASE_RUNNING and s.progress.iteration > 0
+        wait_until(running, 180, "the autolaunched session to train")
+    finally:
+        grpcurl("-d", "{}", address, "mso.v1.LauncherService/StopSession", check=False)
+        launcher.stop(grace=10)
