@@ -13,6 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mso.session import valid_id
+
 log = logging.getLogger(__name__)
 
 # Fragments and weights travel through Redis, but status and config messages can still be large
@@ -103,5 +105,8 @@ def wait_serving(address: str, timeout: float) -> None:
             raise TimeoutError(f"{address} is not SERVING: {reply.status}")
 
 
-def abort_invalid(context: grpc.ServicerContext, message: str):
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+def require_session_id(context: grpc.ServicerContext, session_id: str) -> None:
+    """Abort the call with INVALID_ARGUMENT unless session_id is well formed (never echoing it: it may be
+    huge); a well-formed but unknown id is the caller's NOT_FOUND to give."""
+    if not valid_id(session_id):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")

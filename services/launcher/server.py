@@ -9,7 +9,7 @@ import grpc
 from mso import session
 from mso.config import ConfigError, check_remote_name
 from mso.launcher.launch import Launcher, LaunchError, SessionBusy
-from mso.rpc import Server
+from mso.rpc import Server, require_session_id
 from mso.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc
 
 S = common_pb2.ServiceState
@@ -60,8 +60,7 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
         sid = sid.strip() or session.current(self.launcher.client) or ""
         if not sid:
             context.abort(grpc.StatusCode.NOT_FOUND, "no session has been launched")
-        if not session.valid_id(sid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
+        require_session_id(context, sid)
         try:
             session.read(self.launcher.client, sid)
         except session.SessionError as exc:

@@ -14,7 +14,7 @@ import redis
 
 from mso import keys, ray_runtime, session
 from mso.config import ConfigError
-from mso.rpc import Server
+from mso.rpc import Server, require_session_id
 from mso.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         sid = request.session_id.strip()
         if not sid:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-        if not session.valid_id(sid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
+        require_session_id(context, sid)
         try:
             self._start(sid)
         except StartError as exc:
@@ -116,8 +115,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         sid = request.session_id or self.session_id or session.current(self.client)
         if not sid:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no session to watch: give session_id")
-        if not session.valid_id(sid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
+        require_session_id(context, sid)
         if not self.client.exists(keys.SessionKeys(sid).record):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {sid!r}")
         stream, last = keys.SessionKeys(sid).episodes, "$"

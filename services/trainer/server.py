@@ -18,7 +18,7 @@ import redis
 from mso import keys, ray_runtime, session
 from mso.config import ConfigError
 from mso.queue import ledger
-from mso.rpc import Server
+from mso.rpc import Server, require_session_id
 from mso.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         sid = request.session_id.strip()
         if not sid:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-        if not session.valid_id(sid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
+        require_session_id(context, sid)
         with self._lock:
             if self._running():
                 if sid == self.session_id:
@@ -150,8 +149,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         sid = request.session_id or self.session_id
         if not sid:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no session to watch: give session_id")
-        if not session.valid_id(sid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-64 lowercase hex characters")
+        require_session_id(context, sid)
         if sid != self.session_id:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this trainer is not running session {sid!r}")
         last = -1
