@@ -17,7 +17,7 @@ import redis
 from mso import config, keys, session
 from mso.queue import ledger
 from mso.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
-from mso.v1 import launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from mso.v1 import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 P = launcher_pb2.SessionPhase
@@ -100,6 +100,9 @@ class Launcher:
             # A fragment pushed, or one cut and waiting: with several nodes the first may fill the stream
             # before the others push anything, and the stream drains only once the trainer runs.
             st = self._rollout_status(node)
+            if st.state == common_pb2.SERVICE_STATE_RUNNING and st.live_envs == 0 and st.last_error:
+                raise LaunchError(f"rollout node {node['node_id']} at {node['address']} has no env that runs: "
+                                  f"{st.last_error}")
             return st.fragments_pushed > 0 or st.env_steps >= length
 
         for node in rollouts:

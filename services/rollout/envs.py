@@ -3,6 +3,7 @@ process and talks to its RolloutWorker over a pipe; a crashed, dead or hung env 
 
 Child -> parent, one message per observation the agent must act on:
     (obs, last_reward, last_terminated, last_truncated, finished_episode or None, restarted)
+or, when the env cannot be built and reset BUILD_ATTEMPTS times in a row, ("fatal", reason) before exiting.
 `last_*` describe the transition that led to obs (MineStudio's alignment: the terminal observation is never
 sent; its reward and done flags ride on the next episode's first observation). `restarted` is True when the
 env was rebuilt after an error, so the worker knows the slot's stream is broken there.
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # single-threaded process that imports the heavy modules once; each env process is forked from it in
 # milliseconds instead of spending seconds importing torch again.
 _ctx = mp.get_context("forkserver")
+BUILD_ATTEMPTS = 3  # an env that cannot be built and reset this many times in a row is reported, not retried
 _ctx.set_forkserver_preload(["numpy", "torch", "gymnasium", "mso.config", "mso.rollout.video"])
 
 
@@ -56,16 +58,19 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, disc
     os.environ.clear()
     os.environ.update(environ)
 
-    module = import_module(config_name)
     restarted = False
     reward, terminated, truncated = 0.0, True, False  # the first obs starts an episode
-    finished, video_path, env = None, None, None
+    finished, video_path, env, module = None, None, None, None
+    failures = 0  # consecutive builds that failed before their first observation
     while True:
+        ready = False
         try:
+            module = module or import_module(config_name)
             env = module.env_generator()
             built = time.monotonic()
             obs, _info = env.reset(seed=seed)
             seed = None
+            ready, failures = True, 0
             episode = _Episode(discount, VideoWriter(video_path, fps) if video_path else None)
             video_path = None
             while True:
@@ -92,7 +97,15 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, disc
                     video_path = None
         except (EOFError, BrokenPipeError, KeyboardInterrupt):
             return
-        except Exception:
+        except Exception as exc:
+            if not ready:
+                # It never got as far as an observation: a broken config, not a crash to ride out.
+                failures += 1
+                if failures >= BUILD_ATTEMPTS:
+                    conn.send(("fatal", f"config {config_name}: building and resetting its env failed "
+                                        f"{failures} times: {type(exc).__name__}: {exc}"))
+                    return
+                time.sleep(0.2 * 2 ** failures)
             log.error("env crashed, rebuilding it:\n%s", traceback.format_exc())
             restarted, finished = True, None
             reward, terminated, truncated = 0.0, True, False

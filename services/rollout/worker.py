@@ -102,6 +102,7 @@ class RolloutLoop:
         videos: dict[int, str] = {}      # slot -> path to send with its next action
         pending: dict[int, tuple] = {}   # slot -> message waiting for an action
         obs_signature = None             # structure, dtypes and shapes of the first observation seen
+        broken: set[int] = set()         # slots whose env cannot be built: reported, not respawned
         target = min(wc.batch_size, len(slots))
         deadline = 0.0
 
@@ -116,7 +117,9 @@ class RolloutLoop:
         self.stats["live_envs"] = len(slots)
         try:
             while not self.stop_event.is_set():
-                waiting = {slots[i].conn: i for i in range(len(slots)) if i not in pending}
+                waiting = {slots[i].conn: i for i in range(len(slots)) if i not in pending and i not in broken}
+                if len(broken) == len(slots):
+                    break  # nothing can run; last_error says why
                 if waiting and len(pending) < target:
                     timeout = max(0.0, deadline - time.monotonic()) if pending else 0.5
                     for conn in wait(list(waiting), timeout=timeout):
@@ -125,6 +128,12 @@ class RolloutLoop:
                             pending[i] = conn.recv()
                         except (EOFError, OSError):
                             restart(i, "env process died")
+                            continue
+                        if len(pending[i]) == 2:  # ("fatal", reason): this env cannot be built at all
+                            self.stats["last_error"] = f"env {i}: {pending.pop(i)[1]}"
+                            log.error(self.stats["last_error"])
+                            broken.add(i)
+                            self.stats["live_envs"] -= 1
                             continue
                         if pending[i][5]:  # the env rebuilt itself after an exception
                             self.stats["env_restarts"] += 1

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,15 @@ def test_mso_status_and_grpcurl_get_session_agree(stack):
         assert via_cli[field] == via_grpcurl[field]
     assert via_cli["session_id"] == sid and via_cli["phase"] == "SESSION_PHASE_FINISHED"
     assert via_cli["progress"]["iteration"] == via_grpcurl["progress"]["iteration"] == "2"
+
+
+def test_an_env_generator_that_raises_fails_the_launch_naming_the_module_and_the_error(stack):
+    client = stack["redis"]
+    broken = str(Path(__file__).with_name("broken_env_config.py"))
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        Launcher(client, Timeouts(fragments=120)).launch(broken, [])
+    assert time.monotonic() - started < 60  # reported as soon as known, not at the timeout
+    message = str(err.value)
+    assert "broken_env_config.py" in message and "RuntimeError: stand-in simulator: no engine installed" in message
+    assert rollout_status(stack).workers == 0  # stopped again
