@@ -61,7 +61,7 @@ online_dict = {
             "video_output_dir": "output/videos/cartpole",
         },
         "replay_buffer_config": {
-            "max_chunks": 4800,
+            "max_chunks": 8,  # = fragments per iteration: each iteration takes the oldest unread, like a queue
             "max_reuse": 1,
             "max_staleness": 1,
             "fragments_per_report": 40,

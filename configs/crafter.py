@@ -97,7 +97,7 @@ online_dict = {
         "to_send_queue_size": 8,
         "worker_config": {"num_envs": 8, "batch_size": 8, "restart_interval": None,
                           "video_fps": 10, "video_output_dir": "output/videos/crafter"},
-        "replay_buffer_config": {"max_reuse": 1, "max_staleness": 2, "fragments_per_chunk": 1},
+        "replay_buffer_config": {"max_chunks": 16, "max_reuse": 1, "max_staleness": 2, "fragments_per_chunk": 1},
         "max_pending_fragments": 64,
     },
     "train_config": {

@@ -108,13 +108,16 @@ class TrainConfig:
     resume: Optional[str] = None            # checkpoint folder to resume from
     resume_optimizer: bool = True           # also restore the optimizer
     save_path: Optional[str] = None         # base folder for checkpoints
-    use_amp: bool = False                   # mixed precision (CUDA only)
+    use_amp: bool = False                   # mixed precision (CUDA only; ignored with a warning on CPU)
+    is_weight_clip: float = 1.0             # mso: truncation of the importance weight pi_old/mu of stale data
+    max_approx_kl: float = 10.0             # mso: a batch whose approx KL exceeds this (on any rank) is skipped
 
 
 @dataclass
 class LoggerConfig:
-    project: str = "mso"
-    name: str = "run"
+    project: str = "mso"                    # W&B project (wandb.init(project=...))
+    name: str = "run"                       # W&B run name
+    wandb: bool = False                     # mso: also log to Weights & Biases; offline unless WANDB_API_KEY is set
 
 
 @dataclass
@@ -285,6 +288,22 @@ def check(cfg: DictConfig) -> None:
     if t.batches_per_iteration % t.gradient_accumulation:
         raise ConfigError(f"train_config.batches_per_iteration ({t.batches_per_iteration}) must be a multiple "
                           f"of train_config.gradient_accumulation ({t.gradient_accumulation})")
+    rb = r.replay_buffer_config
+    for key, value in {"replay_buffer_config.max_chunks": rb.max_chunks, "replay_buffer_config.max_reuse":
+                       rb.max_reuse, "replay_buffer_config.fragments_per_chunk": rb.fragments_per_chunk}.items():
+        if value < 1:
+            raise ConfigError(f"rollout_config.{key} must be at least 1, got {value}")
+    per_rank = t.batch_size_per_gpu * t.batches_per_iteration
+    if per_rank > rb.max_chunks * rb.fragments_per_chunk:
+        raise ConfigError(f"train_config.batch_size_per_gpu * batches_per_iteration ({per_rank} fragments per rank "
+                          f"and iteration) exceeds the replay capacity rollout_config.replay_buffer_config."
+                          f"max_chunks * fragments_per_chunk ({rb.max_chunks * rb.fragments_per_chunk})")
+    if per_rank * t.num_workers > r.max_pending_fragments:
+        raise ConfigError(f"rollout_config.max_pending_fragments ({r.max_pending_fragments}) is smaller than the "
+                          f"fragments an iteration needs ({per_rank} x {t.num_workers} ranks): producers would "
+                          f"block before the trainer could start")
+    if t.is_weight_clip <= 0:
+        raise ConfigError(f"train_config.is_weight_clip must be positive, got {t.is_weight_clip}")
     if not 0 <= t.discount <= 1 or not 0 <= t.gae_lambda <= 1:
         raise ConfigError(f"train_config.discount and gae_lambda must lie in [0, 1], got {t.discount}, "
                           f"{t.gae_lambda}")

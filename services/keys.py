@@ -34,6 +34,10 @@ class SessionKeys:
         return self._k("ledger")
 
     @property
+    def uses(self) -> str:            # hash: stream entry id -> times a trainer has used it (replay reuse)
+        return self._k("uses")
+
+    @property
     def episodes(self) -> str:        # capped stream of finished-episode statistics
         return self._k("episodes")
 

@@ -47,7 +47,7 @@ class CategoricalHead(nn.Module):
 
 class EwmaNormalizer(nn.Module):
     """Running mean/std of value targets (MineStudio's NormalizeEwma): updated by normalize() in training
-    mode, averaged across ranks when torch.distributed is initialised."""
+    mode. The learner calls that once per optimizer step and averages the statistics across ranks."""
 
     def __init__(self, beta: float = 0.99999, epsilon: float = 1e-5):
         super().__init__()
@@ -68,10 +68,6 @@ class EwmaNormalizer(nn.Module):
         self.running_mean.mul_(b).add_((1 - b) * x.mean())
         self.running_mean_sq.mul_(b).add_((1 - b) * (x ** 2).mean())
         self.debiasing_term.mul_(b).add_(1 - b)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in (self.running_mean, self.running_mean_sq, self.debiasing_term):
-                torch.distributed.all_reduce(p.data)
-                p.data /= torch.distributed.get_world_size()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

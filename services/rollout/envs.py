@@ -2,11 +2,13 @@
 process and talks to its RolloutWorker over a pipe; a crashed, dead or hung env is rebuilt, never fatal.
 
 Child -> parent, one message per observation the agent must act on:
-    (obs, last_reward, last_terminated, last_truncated, finished_episode or None, restarted)
+    (obs, last_reward, last_terminated, last_truncated, finished_episode or None, restarted, final_obs)
 or, when the env cannot be built and reset BUILD_ATTEMPTS times in a row, ("fatal", reason) before exiting.
-`last_*` describe the transition that led to obs (MineStudio's alignment: the terminal observation is never
-sent; its reward and done flags ride on the next episode's first observation). `restarted` is True when the
-env was rebuilt after an error, so the worker knows the slot's stream is broken there.
+`last_*` describe the transition that led to obs (MineStudio's alignment: the last observation of an episode
+is not acted on; its reward and done flags ride on the next episode's first observation). `final_obs` is
+that last observation when the episode was cut by a time limit (truncated, not terminated), so the worker
+can value it and the learner bootstrap from it; None otherwise. `restarted` is True when the env was
+rebuilt after an error, so the worker knows the slot's stream is broken there.
 Parent -> child: (action, video_path or None) — a path asks to record the next episode — or None to close.
 """
 
@@ -60,7 +62,7 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, disc
 
     restarted = False
     reward, terminated, truncated = 0.0, True, False  # the first obs starts an episode
-    finished, video_path, env, module = None, None, None, None
+    finished, video_path, env, module, final_obs = None, None, None, None, None
     failures = 0  # consecutive builds that failed before their first observation
     while True:
         ready = False
@@ -76,8 +78,8 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, disc
             while True:
                 if episode.video is not None and (frame := frame_of(obs, env)) is not None:
                     episode.video.write(frame)
-                conn.send((obs, reward, terminated, truncated, finished, restarted))
-                restarted, finished = False, None
+                conn.send((obs, reward, terminated, truncated, finished, restarted, final_obs))
+                restarted, finished, final_obs = False, None, None
                 message = conn.recv()
                 if message is None:
                     env.close()
@@ -89,6 +91,7 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, disc
                 if terminated or truncated:
                     finished = episode.finish(truncated, obs.get("task") if isinstance(obs, dict) else None,
                                               info.get("episode_stats") if isinstance(info, dict) else None)
+                    final_obs = obs if truncated and not terminated else None
                     if restart_interval and time.monotonic() - built > restart_interval:
                         env.close()
                         break  # a planned rebuild at an episode boundary: the stream stays continuous
@@ -107,7 +110,7 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, disc
                     return
                 time.sleep(0.2 * 2 ** failures)
             log.error("env crashed, rebuilding it:\n%s", traceback.format_exc())
-            restarted, finished = True, None
+            restarted, finished, final_obs = True, None, None
             reward, terminated, truncated = 0.0, True, False
             try:
                 env.close()

@@ -28,6 +28,7 @@ class Step:
     last_truncated: bool
     version: int                # model version that chose a_t
     episode_id: str
+    last_truncation_value: float = 0.0  # V(final obs) of the episode a time limit just cut (0 otherwise)
 
 
 class FragmentCutter:
@@ -77,6 +78,7 @@ class FragmentCutter:
             "first": np.array([s.last_terminated or s.last_truncated for s in steps], dtype=bool),
             "next_done": np.array([s.last_terminated or s.last_truncated for s in following], dtype=bool),
             "next_truncated": np.array([s.last_truncated for s in following], dtype=bool),
+            "truncation_value": np.array([s.last_truncation_value for s in following], dtype=np.float32),
             "logp": np.array([s.logp for s in steps], dtype=np.float32),
             "vpred": np.array([s.vpred for s in steps], dtype=np.float32),
             "model_version": versions,

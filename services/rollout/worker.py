@@ -143,6 +143,9 @@ class RolloutLoop:
                         if shape != obs_signature:
                             self.stats["malformed_obs"] += 1
                             restart(i, f"malformed observation {shape}, expected {obs_signature}")
+                        elif pending[i][6] is not None and signature(pending[i][6]) != obs_signature:
+                            self.stats["malformed_obs"] += 1  # not bootstrapped: the cut counts as an end
+                            pending[i] = pending[i][:6] + (None,)
                     now = time.monotonic()
                     for i in [i for i in waiting.values() if i not in pending]:
                         if now > slots[i].deadline:
@@ -174,6 +177,8 @@ class RolloutLoop:
 
                 batch = sorted(pending)
                 msgs = [pending.pop(i) for i in batch]
+                cut_values = self._truncation_values(policy, [m[6] for m in msgs], [states[i] for i in batch],
+                                                     tc.use_normalized_vf)
                 for i, msg in zip(batch, msgs):
                     if msg[2] or msg[3]:  # a new episode: fresh recurrent state
                         states[i] = policy.initial_state(1)
@@ -206,7 +211,7 @@ class RolloutLoop:
                     state_np = tree_map(lambda t: t.detach().cpu().numpy(), states[i]) if cutter.needs_state() else None
                     fragment = cutter.add(Step(obs_i, state_np, act, float(logp[j]), float(vpred[j]),
                                                float(last_reward), bool(terminated), bool(truncated), version,
-                                               episode_ids[i]))
+                                               episode_ids[i], last_truncation_value=cut_values[j]))
                     states[i] = new_states[j]
                     try:
                         slots[i].send(act, videos.pop(i, None))
@@ -222,6 +227,27 @@ class RolloutLoop:
             for slot in slots:
                 slot.close(timeout=2)
             self.stats["live_envs"] = 0
+
+    @staticmethod
+    def _truncation_values(policy, final_obs: list, states: list, use_normalized_vf: bool) -> list[float]:
+        """V(final obs) for each env whose episode a time limit just cut, from the recurrent state that
+        observation continues (the behaviour policy's value: the learner never sees that observation), so
+        GAE can bootstrap the cut instead of treating it as a real end; 0.0 for the others."""
+        values = [0.0] * len(final_obs)
+        cut = [j for j, o in enumerate(final_obs) if o is not None]
+        if not cut:
+            return values
+        device = policy.device
+        with torch.inference_mode():
+            obs = tree_map(lambda a: torch.as_tensor(a[:, None], device=device), stack([final_obs[j] for j in cut]))
+            first = torch.zeros(len(cut), 1, dtype=torch.bool, device=device)
+            latents, _ = policy(obs, policy.merge_state([states[j] for j in cut]), context={"first": first})
+            v = latents["vpred"].reshape(-1, 1)
+            if use_normalized_vf:
+                v = policy.value_head.denormalize(v)
+        for j, x in zip(cut, v.reshape(-1).tolist()):
+            values[j] = x
+        return values
 
     def _episode(self, client, episode: dict, version: int, slot_id: str) -> None:
         self.stats["episodes"] += 1

@@ -2,16 +2,17 @@
 
 For each step t (all values in the return scale, i.e. denormalised):
     nonterminal_t = 1 - next_done_t
-    delta_t = r_t + gamma * V_{t+1} * nonterminal_t - V_t
+    delta_t = r_t + gamma * (V_{t+1} * nonterminal_t + B_t) - V_t
     A_t     = delta_t + gamma * lambda * nonterminal_t * A_{t+1}
     target_t = A_t + V_t                                     (the TD(lambda) return)
+B_t is V(final obs) when the episode was cut by a time limit after step t (truncated, not terminated) and 0
+otherwise: a truncation bootstraps from the value of the observation it cut at, a termination does not.
+(The reference reports time limits as terminations, so it never bootstraps them.) The rollout worker
+values the final observation with the behaviour policy, as the learner never sees it.
+
 At the end of a chain, V_{t+1} is V(next_obs) of the chain's last fragment and A_{t+1} = 0. Fragments chain
 when they come from the same slot, their sequence numbers are consecutive and the later one says it is
 contiguous (no env restart or dropped buffer between them).
-
-Time-limit truncation is treated as termination here, as in the reference: the terminal observation is
-never sent to the agent, so there is no V(terminal obs) to bootstrap from. Fragments keep next_truncated so
-this can change without a new wire format.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ def chains(slots: list[str], seqs: list[int], contiguous: list[bool]) -> list[li
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, next_done: np.ndarray, bootstrap: np.ndarray,
-        chain_list: list[list[int]], gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """rewards, values, next_done: (N, T); bootstrap: (N,) V(next_obs). Returns advantages and targets (N, T)."""
+        chain_list: list[list[int]], gamma: float, lam: float,
+        cut_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """rewards, values, next_done: (N, T); bootstrap: (N,) V(next_obs); cut_values: (N, T) B_t (None: no
+    truncations). Returns advantages and targets (N, T)."""
     n, t_len = rewards.shape
     adv = np.zeros((n, t_len), dtype=np.float64)
     nonterminal = 1.0 - next_done.astype(np.float64)
+    cut = np.zeros((n, t_len)) if cut_values is None else cut_values.astype(np.float64)
     for chain in chain_list:
         a_next, v_next = 0.0, float(bootstrap[chain[-1]])
         for i in reversed(chain):
-            r, v, nt = rewards[i], values[i], nonterminal[i]
+            r, v, nt, b = rewards[i], values[i], nonterminal[i], cut[i]
             for t in range(t_len - 1, -1, -1):
-                delta = r[t] + gamma * v_next * nt[t] - v[t]
+                delta = r[t] + gamma * (v_next * nt[t] + b[t]) - v[t]
                 a_next = delta + gamma * lam * nt[t] * a_next
                 adv[i, t] = a_next
                 v_next = v[t]

@@ -19,33 +19,17 @@ import torch
 import torch.distributed as dist
 
 from mso import keys, weights
-from mso.trainer import checkpoints
-from mso.codec import CodecError
 from mso.config import from_yaml, import_module
-from mso.queue import FragmentConsumer
+from mso.queue import FragmentConsumer, ledger
 from mso.redis_server import connect
+from mso.trainer import checkpoints
 from mso.trainer.gae import chains, gae
+from mso.trainer.logs import IterationLog
 from mso.trainer.ppo import Chunk, chunk_loss
+from mso.trainer.replay import Replay
 from mso.trees import stack, tree_map
 
 log = logging.getLogger(__name__)
-
-FRAGMENT_FIELDS = ("obs", "action", "reward", "first", "next_done", "logp", "model_version", "in_state",
-                   "next_obs", "slot", "seq", "contiguous", "version_first", "session_id")
-
-
-def check_fragment(fragment, session_id: str, length: int) -> None:
-    if not isinstance(fragment, dict):
-        raise CodecError(f"fragment is a {type(fragment).__name__}, not a dict")
-    missing = [f for f in FRAGMENT_FIELDS if f not in fragment]
-    if missing:
-        raise CodecError(f"fragment lacks {', '.join(missing)}")
-    if fragment["session_id"] != session_id:
-        raise CodecError(f"fragment of session {fragment['session_id']!r} in session {session_id!r}")
-    for name in ("reward", "first", "next_done", "logp", "model_version"):
-        shape = getattr(fragment[name], "shape", None)
-        if shape != (length,):
-            raise CodecError(f"fragment field {name} has shape {shape}, expected ({length},)")
 
 
 class Learner:
@@ -77,6 +61,10 @@ class Learner:
         reclaimed = self.consumer.reclaim()  # what a dead trainer had read but not retired
         if reclaimed:
             log.info("rank %d reclaimed %d fragments pending for a previous trainer", self.rank, reclaimed)
+        self.replay = Replay(self.consumer, self.session_id, self.length, self.cfg.rollout_config.replay_buffer_config,
+                             seed=self.cfg.seed * 7919 + self.rank)
+        if self.tc.use_amp and not torch.cuda.is_available():
+            log.warning("train_config.use_amp=true needs CUDA; this trainer runs on the CPU in full precision")
         self.version, self.start_iteration = 0, 0
         self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id
         self.config_source = spec.get("config_source", "")
@@ -101,11 +89,10 @@ class Learner:
         self.fragments_per_rank = self.tc.batch_size_per_gpu * self.tc.batches_per_iteration
         if self.rank == 0 and pointer is None:
             weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
-        self.writer, self._last_episode = None, ""
+        self.logs, self._lags = None, np.zeros(0)
         if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(spec.get("log_dir") or "runs") / self.session_id))
+            self.logs = IterationLog(self.client, self.keys, Path(spec.get("log_dir") or "runs"), self.session_id,
+                                     self.cfg)
 
     # -- the outer loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -116,13 +103,17 @@ class Learner:
                 for group in self.optimizer.param_groups:
                     group["lr"] = (1 - iteration / tc.num_iterations) * tc.learning_rate
             start = time.monotonic()
-            collected = self._collect(self.fragments_per_rank)
-            if self._any_rank(collected is None):
+            stop = lambda: self.client.hget(self.keys.trainer, "stop") == b"1"  # noqa: E731
+            filled = self.replay.fill(self.fragments_per_rank, self.version, stop)
+            if self._any_ranks([not filled])[0]:
                 self._status(state="SERVICE_STATE_IDLE", iteration=iteration)
                 return {"iterations": iteration, "stopped": True}
-            entry_ids, fragments = collected
+            picked, _ids, fragments = self.replay.sample(self.fragments_per_rank, self.version)
+            waited = time.monotonic() - start
             metrics = self._update(fragments, warmup=iteration < tc.vf_warmup)
-            self.consumer.retire(entry_ids, "consumed")
+            self.replay.used(picked)
+            metrics.update(replay_fragments=self.replay.held(), replay_capacity=self.replay.capacity,
+                           wait_seconds=waited)
             self.version += 1
             self.rho *= tc.coef_rho_decay
             if self.rank == 0:
@@ -130,46 +121,25 @@ class Learner:
                     weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
                 steps = self.world * len(fragments) * self.length * tc.epochs_per_iteration
                 metrics["samples_per_second"] = steps / max(time.monotonic() - start, 1e-9)
+                metrics["learner_samples_per_second"] = steps / max(time.monotonic() - start - waited, 1e-9)
                 asked = self.client.hget(self.keys.trainer, "save_now") == b"1"
                 if asked or (tc.save_interval and (iteration + 1) % tc.save_interval == 0):
                     self._checkpoint(iteration + 1)
                 self._status(state="SERVICE_STATE_RUNNING", iteration=iteration + 1, metrics=metrics)
-                self._log(iteration + 1, metrics)
+                self.logs.write(iteration + 1, {**metrics, "model_version": self.version}, self._lags)
         self._status(state="SERVICE_STATE_FINISHED", iteration=tc.num_iterations)
-        if self.writer is not None:
-            self.writer.close()
+        if self.logs is not None:
+            self.logs.close()
         return {"iterations": tc.num_iterations, "stopped": False}
 
-    # -- data ------------------------------------------------------------------------------------------
-    def _collect(self, n: int):
-        """(entry ids, fragments) of n fresh fragments, or None when a stop was requested."""
-        ids, fragments = [], []
-        while len(fragments) < n:
-            if self.client.hget(self.keys.trainer, "stop") == b"1":
-                return None
-            stale, corrupt = [], []
-            for entry_id, fragment in self.consumer.read(n - len(fragments), block_ms=200):
-                try:
-                    check_fragment(fragment, self.session_id, self.length)
-                except CodecError as exc:
-                    log.warning("dropping malformed fragment %s: %s", entry_id, exc)
-                    corrupt.append(entry_id)
-                    continue
-                if self.version - fragment["version_first"] > self.max_staleness:
-                    stale.append(entry_id)
-                    continue
-                ids.append(entry_id)
-                fragments.append(fragment)
-            self.consumer.retire(stale, "dropped_stale")
-            self.consumer.retire(corrupt, "dropped_corrupt")
-        return ids, fragments
-
-    def _any_rank(self, flag: bool) -> bool:
+    # -- collectives ----------------------------------------------------------------------------------
+    def _any_ranks(self, flags: list[bool]) -> list[bool]:
+        """Each flag or-ed over all ranks, so every rank takes the same branch."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+            return [bool(f) for f in flags]
+        t = torch.tensor([1.0 if f else 0.0 for f in flags])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(x) for x in t.tolist()]
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -186,32 +156,36 @@ class Learner:
         first = torch.as_tensor(np.stack([f["first"] for f in fragments]))
         next_done = np.stack([f["next_done"] for f in fragments])
         rewards = np.stack([f["reward"] for f in fragments])
+        cut_values = np.stack([f["truncation_value"] * f["next_truncated"] for f in fragments])
         behaviour_logp = torch.as_tensor(np.stack([f["logp"] for f in fragments]))
         next_obs = stack([tree_map(lambda a: np.asarray(a)[None], f["next_obs"]) for f in fragments], to_tensor)
         in_states = [tree_map(torch.as_tensor, f["in_state"]) for f in fragments]
-        lag = float(np.mean([self.version - f["model_version"] for f in fragments]))
+        lags = self.version - np.stack([f["model_version"] for f in fragments])
 
-        # Values of the current model, carrying the recurrent state from each fragment's in_state.
+        # pi_old and V of the current model, carrying the recurrent state from each fragment's in_state.
         policy.eval()
         with torch.inference_mode():
-            state, raw = policy.merge_state(in_states), []
+            state, raw, old = policy.merge_state(in_states), [], []
             for s in range(0, t_len, c_len):
                 e = min(s + c_len, t_len)
                 latents, state = policy(tree_map(lambda x: x[:, s:e], obs), state, context={"first": first[:, s:e]})
                 raw.append(latents["vpred"].reshape(n, e - s))
-            raw_v = torch.cat(raw, dim=1)
-            boot_latents, _ = policy(next_obs, state,
-                                     context={"first": torch.as_tensor(next_done[:, -1:])})
+                old.append(policy.pi_head.logprob(tree_map(lambda x: x[:, s:e], action),
+                                                  latents["pi_logits"]).reshape(n, e - s))
+            raw_v, old_logp = torch.cat(raw, dim=1), torch.cat(old, dim=1)
+            boot_latents, _ = policy(next_obs, state, context={"first": torch.as_tensor(next_done[:, -1:])})
             boot = boot_latents["vpred"].reshape(n)
             if tc.use_normalized_vf:
                 values, boot = policy.value_head.denormalize(raw_v), policy.value_head.denormalize(boot)
             else:
                 values = raw_v
+            values, boot = values.reshape(n, t_len), boot.reshape(n)
         chain_list = chains([f["slot"] for f in fragments], [f["seq"] for f in fragments],
                             [f["contiguous"] for f in fragments])
         adv, target = gae(rewards, values.numpy().astype(np.float64), next_done, boot.numpy(), chain_list,
-                          tc.discount, tc.gae_lambda)
+                          tc.discount, tc.gae_lambda, cut_values)
         adv, target = torch.as_tensor(adv), torch.as_tensor(target)
+        explained = self._explained_variance(values.numpy(), target.numpy())
         if tc.normalize_advantage_full_batch:
             total, total_sq, count = self._all_sum([adv.sum().item(), (adv ** 2).sum().item(), adv.numel()])
             mean = total / count
@@ -219,42 +193,62 @@ class Learner:
             adv = (adv - mean) / (std + 1e-8)
 
         policy.train()
+        policy.value_head.eval()  # the EWMA normaliser is updated once per optimizer step, below, not per loss
         sums: dict[str, float] = {}
-        weight_total, broken = 0.0, 0
-        b = tc.batch_size_per_gpu
+        weight_total, broken_nan, broken_kl = 0.0, 0, 0
+        ga = tc.gradient_accumulation
         for _epoch in range(tc.epochs_per_iteration):
-            perm = torch.randperm(n)
+            batches = np.array_split(torch.randperm(n).numpy(), tc.batches_per_iteration)
             self.optimizer.zero_grad()
-            for bi in range(tc.batches_per_iteration):
-                idx = perm[bi * b:(bi + 1) * b]
+            for bi, idx in enumerate(batches):
+                if bi % ga == 0 and tc.use_normalized_vf:
+                    window = np.concatenate(batches[bi:bi + ga])
+                    self._update_normalizer(target[window])
+                saved = [None if p.grad is None else p.grad.clone() for p in self._params()] if bi % ga else None
                 state = policy.merge_state([in_states[i] for i in idx])
                 ref_state = state if self.ref_policy is not None else None
+                batch_sums, batch_weight = {}, 0.0
                 for s in range(0, t_len, c_len):
                     e = min(s + c_len, t_len)
                     sl = lambda x: x[idx, s:e]  # noqa: E731
                     chunk = Chunk(obs=tree_map(sl, obs), action=tree_map(sl, action), first=sl(first),
-                                  behaviour_logp=sl(behaviour_logp), advantage=sl(adv), target=sl(target),
-                                  old_vpred=sl(raw_v))
+                                  behaviour_logp=sl(behaviour_logp), old_logp=sl(old_logp), advantage=sl(adv),
+                                  target=sl(target), old_vpred=sl(raw_v))
                     loss, m, state, ref_state = chunk_loss(policy, self.ref_policy, chunk, state, ref_state, tc,
                                                            self.rho, warmup)
                     state = tree_map(lambda x: x.detach(), state)
-                    if self._any_rank(not torch.isfinite(loss).item()):
-                        broken += 1
+                    nan, kl_high = self._any_ranks([not torch.isfinite(loss).item(), m["approx_kl"] > tc.max_approx_kl])
+                    if nan or kl_high:
+                        # Skip the whole batch on every rank together: drop what its earlier chunks added.
+                        broken_nan, broken_kl = broken_nan + nan, broken_kl + (kl_high and not nan)
+                        for p, g in zip(self._params(), saved or [None] * len(self._params())):
+                            p.grad = g
+                        batch_sums, batch_weight = {}, 0.0
                         break
                     weight = (e - s) / t_len
-                    (loss * weight / tc.gradient_accumulation).backward()
+                    (loss * weight / ga).backward()
                     for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v * weight
-                    weight_total += weight
-                if (bi + 1) % tc.gradient_accumulation == 0:
+                        batch_sums[k] = batch_sums.get(k, 0.0) + v * weight
+                    batch_weight += weight
+                for k, v in batch_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                weight_total += batch_weight
+                if (bi + 1) % ga == 0:
                     self._step()
         metrics = {k: v / max(weight_total, 1e-9) for k, v in sums.items()}
-        metrics.update(policy_lag=lag, broken_num_lossnan=broken, learning_rate=self.optimizer.param_groups[0]["lr"],
-                       rho=self.rho, buffer_reward=float(rewards.sum(1).mean()))
+        metrics.update(policy_lag=float(lags.mean()), broken_num_lossnan=broken_nan, broken_num_kl=broken_kl,
+                       learning_rate=self.optimizer.param_groups[0]["lr"], rho=self.rho,
+                       buffer_reward=float(rewards.sum(1).mean()), explained_var=explained,
+                       abs_advantage=float(adv.abs().mean()), abs_td_target=float(target.abs().mean()),
+                       truncations=int(np.count_nonzero(cut_values)))
+        self._lags = lags
         return metrics
 
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
     def _step(self) -> None:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
+        params = [p for p in self._params() if p.grad is not None]
         if self.world > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             dist.all_reduce(flat)
@@ -263,31 +257,40 @@ class Learner:
             for p in params:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
-        self.optimizer.step()
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
+            self.optimizer.step()
         self.optimizer.zero_grad()
+
+    def _update_normalizer(self, targets: torch.Tensor) -> None:
+        """One EWMA update of the value normaliser with this optimizer step's targets, averaged over ranks
+        (the update is linear in the batch moments, so the average equals an update with all ranks' data)."""
+        head = self.policy.value_head
+        head.train()
+        head.normalize(targets.float())
+        head.eval()
+        if self.world > 1:
+            for p in head.parameters():
+                if not p.requires_grad:
+                    dist.all_reduce(p.data)
+                    p.data /= self.world
+
+    def _explained_variance(self, values: np.ndarray, targets: np.ndarray) -> float:
+        """1 - Var(target - V) / Var(target) over all ranks' steps."""
+        d = targets - values
+        s = self._all_sum([targets.sum(), (targets ** 2).sum(), d.sum(), (d ** 2).sum(), targets.size])
+        var_t = s[1] / s[4] - (s[0] / s[4]) ** 2
+        var_d = s[3] / s[4] - (s[2] / s[4]) ** 2
+        return float(1 - var_d / var_t) if var_t > 1e-12 else 0.0
 
     # -- checkpoints and logs --------------------------------------------------------------------------
     def _checkpoint(self, iteration: int) -> None:
         path = checkpoints.save(self.save_dir, iteration, self.policy, self.optimizer,
-                                {"model_version": self.version, "rho": self.rho, "session_id": self.session_id},
+                                {"model_version": self.version, "rho": self.rho, "session_id": self.session_id,
+                                 "ledger": ledger(self.client, self.session_id)},
                                 self.config_source)
         checkpoints.thin(self.save_dir, self.tc.keep_interval)
         self.client.hset(self.keys.trainer, mapping={"last_checkpoint": str(path.resolve()), "save_now": "0"})
-
-    def _log(self, iteration: int, metrics: dict) -> None:
-        """TensorBoard scalars of the iteration, and the episodes finished since the last call."""
-        for k, v in metrics.items():
-            self.writer.add_scalar(f"trainer/{k}", v, iteration)
-        self.writer.add_scalar("trainer/model_version", self.version, iteration)
-        entries = self.client.xrange(self.keys.episodes, min=f"({self._last_episode}" if self._last_episode else "-")
-        if entries:
-            self._last_episode = entries[-1][0].decode()
-            episodes = [msgpack.unpackb(f[b"e"]) for _i, f in entries]
-            for k in ("return", "discounted_return", "length"):
-                self.writer.add_scalar(f"episode/mean_{k}", float(np.mean([e[k] for e in episodes])), iteration)
-            self.writer.add_scalar("episode/count", len(episodes), iteration)
-        self.writer.flush()
 
     # -- reporting -------------------------------------------------------------------------------------
     def _status(self, state: str, iteration: int, metrics: dict | None = None) -> None:

@@ -1,14 +1,24 @@
-"""The PPO loss on one chunk of a batch (MineStudio's maths, reference §4.5), with the ratio taken against
-the behaviour policy's log-prob stored in each fragment.
+"""The PPO loss on one chunk of a batch: MineStudio's maths (reference §4.5), decoupled from the behaviour
+policy so stale and reused data are corrected for.
 
-    log_ratio = min(log pi(a|s) - log mu(a|s), log_ratio_range)        mu: the policy that acted
-    pg   = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+    mu       the behaviour policy that acted (its log-prob travels in the fragment)
+    pi_old   the learner at the start of the iteration (the proximal policy of the PPO trust region)
+    w        = min(pi_old(a|s) / mu(a|s), is_weight_clip)     truncated importance weight, no gradient
+    log_r    = min(log pi(a|s) - log pi_old(a|s), log_ratio_range)
+    pg   = mean(w * max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))
     vf   = mean(0.5 * (V - target)^2)          (target normalised by the EWMA head if use_normalized_vf)
     kl   = mean(KL(pi || pi_ref))              (pi_ref: the frozen initial policy; weight rho decays)
     ent  = mean(H(pi))
     loss = policy_coef * pg + rho * kl + vf_coef * vf - entropy_coef * ent
 During vf_warmup iterations: loss = vf_coef * vf + kl. Where A < 0, log pi is floored at -11 as in the
 reference, so a near-impossible action cannot blow the ratio up.
+
+Why decoupled (Hilton et al. 2021, "Batch size-invariance for policy optimization"): the reference takes the
+ratio against pi_old and ignores mu, so data up to max_staleness versions old is trained on as if it were
+on-policy. Taking the ratio against mu instead would put stale data outside the clip range from the first
+epoch and drop its gradient. Splitting the two keeps PPO's trust region around pi_old and corrects the
+off-policyness with a V-trace-style truncated weight (is_weight_clip, default 1: never up-weight). On fresh
+data pi_old = mu, w = 1 and this is exactly the reference's loss.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ class Chunk:
     obs: object                 # tree of (B, C, ...) tensors
     action: object              # tree of (B, C, ...) tensors
     first: torch.Tensor         # (B, C) bool
-    behaviour_logp: torch.Tensor  # (B, C)
+    behaviour_logp: torch.Tensor  # (B, C) log mu(a|s), from the fragment
+    old_logp: torch.Tensor      # (B, C) log pi_old(a|s), at the iteration start
     advantage: torch.Tensor     # (B, C), normalised if configured
     target: torch.Tensor        # (B, C) TD(lambda) return, denormalised
     old_vpred: torch.Tensor     # (B, C) value at iteration start, in the head's space
@@ -36,10 +47,11 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
     b, c = chunk.first.shape
     new_logp = policy.pi_head.logprob(chunk.action, logits).reshape(b, c)
     new_logp = torch.where(chunk.advantage < 0, new_logp.clamp(min=-11.0), new_logp)
-    log_ratio = (new_logp - chunk.behaviour_logp).clamp(max=tc.log_ratio_range)
+    log_ratio = (new_logp - chunk.old_logp).clamp(max=tc.log_ratio_range)
     ratio = log_ratio.exp()
+    weight = (chunk.old_logp - chunk.behaviour_logp).exp().clamp(max=tc.is_weight_clip)
     adv = chunk.advantage
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - tc.ppo_clip, 1 + tc.ppo_clip)).mean()
+    pg = (weight * torch.max(-adv * ratio, -adv * ratio.clamp(1 - tc.ppo_clip, 1 + tc.ppo_clip))).mean()
 
     vpred = latents["vpred"].reshape(b, c)
     if tc.use_normalized_vf:
@@ -69,5 +81,6 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
     with torch.no_grad():
         metrics = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": entropy.item(),
                    "kl_divergence": kl.item(), "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
-                   "clip_fraction": ((ratio - 1).abs() > tc.ppo_clip).float().mean().item()}
+                   "clip_fraction": ((ratio - 1).abs() > tc.ppo_clip).float().mean().item(),
+                   "is_weight": weight.mean().item(), "total_loss": loss.item()}
     return loss, metrics, state_out, ref_state

@@ -180,11 +180,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             reply.samples_per_second = m.get("samples_per_second", 0.0)
             reply.approx_kl = m.get("approx_kl", 0.0)
             reply.policy_lag = m.get("policy_lag", 0.0)
-            for k in ("policy_loss", "value_loss", "entropy", "kl_divergence"):
+            for k in ("policy_loss", "value_loss", "entropy", "kl_divergence", "total_loss"):
                 if k in m:
                     reply.losses[k] = m[k]
+            reply.replay_fragments = int(m.get("replay_fragments", 0))
+            reply.replay_capacity = int(m.get("replay_capacity", 0))
+            for k, v in m.items():
+                reply.metrics[k] = float(v)
         counts = ledger(self.client, self.session_id)
         reply.fragments_consumed = counts.get("consumed", 0)
+        reply.fragments_reused = counts.get("reused", 0)
         reply.fragments_dropped = counts.get("dropped_stale", 0) + counts.get("dropped_corrupt", 0)
         return reply
 

@@ -38,8 +38,15 @@ class WatchMetricsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("node_id", "session_id", "state", "iteration", "num_iterations", "model_version", "samples_per_second", "losses", "approx_kl", "policy_lag", "fragments_consumed", "fragments_dropped", "last_error")
+    __slots__ = ("node_id", "session_id", "state", "iteration", "num_iterations", "model_version", "samples_per_second", "losses", "approx_kl", "policy_lag", "fragments_consumed", "fragments_dropped", "last_error", "replay_fragments", "replay_capacity", "fragments_reused", "metrics")
     class LossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +66,10 @@ class TrainerStatus(_message.Message):
     FRAGMENTS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FRAGMENTS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_id: str
     state: _common_pb2.ServiceState
@@ -72,4 +83,8 @@ class TrainerStatus(_message.Message):
     fragments_consumed: int
     fragments_dropped: int
     last_error: str
-    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., model_version: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., losses: _Optional[_Mapping[str, float]] = ..., approx_kl: _Optional[float] = ..., policy_lag: _Optional[float] = ..., fragments_consumed: _Optional[int] = ..., fragments_dropped: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    replay_fragments: int
+    replay_capacity: int
+    fragments_reused: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., model_version: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., losses: _Optional[_Mapping[str, float]] = ..., approx_kl: _Optional[float] = ..., policy_lag: _Optional[float] = ..., fragments_consumed: _Optional[int] = ..., fragments_dropped: _Optional[int] = ..., last_error: _Optional[str] = ..., replay_fragments: _Optional[int] = ..., replay_capacity: _Optional[int] = ..., fragments_reused: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -1,0 +1,129 @@
+"""What rank 0 logs each iteration: TensorBoard always (scalars, the policy-lag histogram, episode statistics
+from the session's episode stream, and the episode videos rollouts recorded), Weights & Biases when
+logger_config.wandb is set (offline, into the log folder, unless WANDB_API_KEY is set).
+
+Videos: an episode record carries the path of its mp4 on the rollout node. The trainer shows it when it can
+read that path (same machine, or a volume both mount, as deploy/docker-compose.yml does).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_FRAMES = 200  # at most this many frames of a video go into TensorBoard (as an animated GIF)
+
+
+def gif_of(path: str, max_frames: int = VIDEO_FRAMES) -> tuple[bytes, int, int]:
+    """The first max_frames frames of an mp4 as animated-GIF bytes, with height and width."""
+    import av
+
+    frames = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        fps = int(stream.average_rate or 20)
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError(f"{path} holds no frames")
+    h, w = frames[0].shape[:2]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="gif") as out:
+        gif = out.add_stream("gif", rate=fps)
+        gif.height, gif.width, gif.pix_fmt = h, w, "rgb8"
+        for f in frames:
+            for packet in gif.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in gif.encode():
+            out.mux(packet)
+    return buffer.getvalue(), h, w
+
+
+def start_wandb(cfg, session_id: str, log_dir: Path):
+    """A W&B run for the session, or None (with a warning) when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        log.warning("logger_config.wandb=true but wandb is not installed (pip install wandb); logging to "
+                    "TensorBoard only")
+        return None
+    from omegaconf import OmegaConf
+
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.logger_config.project, name=cfg.logger_config.name, id=session_id,
+                      resume="allow", dir=str(log_dir), mode=mode, config=OmegaConf.to_container(cfg))
+
+
+class IterationLog:
+    """Writes one iteration's metrics and the episodes finished since the previous call."""
+
+    def __init__(self, client, session_keys, log_dir: Path, session_id: str, cfg):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.client, self.keys = client, session_keys
+        self.writer = SummaryWriter(str(log_dir / session_id))
+        self.wandb = start_wandb(cfg, session_id, log_dir) if cfg.logger_config.wandb else None
+        self.last_episode = ""
+        self.videos_logged = 0
+
+    def write(self, iteration: int, metrics: dict, lags: np.ndarray) -> None:
+        scalars = {f"trainer/{k}": float(v) for k, v in metrics.items()}
+        if lags.size:
+            self.writer.add_histogram("trainer/policy_lag_histogram", lags, iteration)
+        scalars.update(self._episodes(iteration))
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, iteration)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=iteration)
+
+    def _episodes(self, iteration: int) -> dict[str, float]:
+        entries = self.client.xrange(self.keys.episodes, min=f"({self.last_episode}" if self.last_episode else "-")
+        if not entries:
+            return {}
+        self.last_episode = entries[-1][0].decode()
+        episodes = [msgpack.unpackb(f[b"e"]) for _i, f in entries]
+        out = {f"episode/mean_{k}": float(np.mean([e[k] for e in episodes]))
+               for k in ("return", "discounted_return", "length")}
+        out["episode/count"] = float(len(episodes))
+        stats: dict[str, list[float]] = {}
+        for e in episodes:
+            for k, v in (e.get("stats") or {}).items():
+                stats.setdefault(k, []).append(v)
+        out.update({f"episode/{k}": float(np.mean(v)) for k, v in stats.items()})
+        for e in episodes:
+            if e.get("video") and os.path.isfile(e["video"]):
+                self._video(e["video"], iteration)
+        return out
+
+    def _video(self, path: str, iteration: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        try:
+            gif, h, w = gif_of(path)
+        except Exception as exc:  # a video still being written, or unreadable: not worth a failed iteration
+            log.warning("cannot show video %s: %s", path, exc)
+            return
+        tag = f"episode/video_{self.videos_logged % 4}"
+        image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif)
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), iteration)
+        self.videos_logged += 1
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Video(path, format="mp4")}, step=iteration)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
