@@ -1,6 +1,7 @@
 """GAE against a direct evaluation of its definition, and chaining rules."""
 
 import numpy as np
+import pytest
 
 from mso.trainer.gae import chains, gae
 
@@ -43,3 +44,17 @@ def test_chained_fragments_equal_one_long_fragment():
 def test_chains_break_on_other_slot_gap_or_discontinuity():
     assert chains(["a", "a", "b", "a", "a"], [0, 1, 0, 3, 4], [True, True, True, True, False]) == \
         [[0, 1], [3], [4], [2]]
+
+
+def test_truncation_bootstraps_from_the_cut_value_and_termination_does_not():
+    r = np.array([[1.0, 1.0, 1.0, 1.0]])
+    v = np.array([[0.5, 0.4, 0.3, 0.2]])
+    done = np.array([[False, True, False, False]])
+    gamma, lam, cut = 0.9, 0.8, 7.0
+    truncated = gae(r, v, done, np.array([0.0]), [[0]], gamma, lam, np.array([[0.0, cut, 0.0, 0.0]]))[0]
+    terminated = gae(r, v, done, np.array([0.0]), [[0]], gamma, lam)[0]
+    # step 1 ends the episode either way (no advantage flows from step 2 back), but only a cut adds gamma*V(final)
+    assert truncated[0, 1] == pytest.approx(1.0 + gamma * cut - 0.4)
+    assert terminated[0, 1] == pytest.approx(1.0 - 0.4)
+    assert truncated[0, 0] == pytest.approx(1.0 + gamma * 0.4 - 0.5 + gamma * lam * truncated[0, 1])
+    np.testing.assert_allclose(truncated[0, 2:], terminated[0, 2:])

@@ -1,0 +1,161 @@
+"""Every term of the PPO loss against values computed by hand (plain Python floats) on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mso.config import validate
+from mso.policy import CategoricalHead, StatelessPolicy, ValueHead
+from mso.trainer.ppo import Chunk, chunk_loss
+
+
+class TablePolicy(StatelessPolicy):
+    """A policy whose logits and values are a table indexed by the observation: every number is known."""
+
+    def __init__(self, logits, values):
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+        self.values = nn.Parameter(torch.tensor(values, dtype=torch.float32))
+        self.pi_head = CategoricalHead(1, len(logits[0]))
+        self.value_head = ValueHead(1)
+
+    def forward(self, input, state_in, context=None):
+        x = input["x"]
+        return {"pi_logits": F.log_softmax(self.table[x], -1), "vpred": self.values[x][..., None]}, state_in
+
+
+LOGITS = [[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]
+VALUES = [0.3, -0.2, 1.1]
+
+
+def log_softmax(row):
+    z = math.log(sum(math.exp(v) for v in row))
+    return [v - z for v in row]
+
+
+def make_chunk(action, behaviour, old, adv, target, old_vpred=None):
+    t = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)  # noqa: E731
+    return Chunk(obs={"x": t([0, 1, 2], torch.long)}, action=t(action, torch.long), first=t([False] * 3, torch.bool),
+                 behaviour_logp=t(behaviour), old_logp=t(old), advantage=t(adv), target=t(target),
+                 old_vpred=t(old_vpred if old_vpred is not None else VALUES))
+
+
+def tc(*overrides):
+    return validate({}, ["train_config.entropy_bonus_coef=0.01", "train_config.use_normalized_vf=false",
+                         *overrides]).train_config
+
+
+def expected(action, behaviour, old, adv, target, cfg, rho=0.0, ref_logits=None, warmup=False):
+    pg, vf, ent, kl = [], [], [], []
+    for i in range(3):
+        lp = log_softmax(LOGITS[i])
+        new = lp[action[i]]
+        if adv[i] < 0:
+            new = max(new, -11.0)
+        r = math.exp(min(new - old[i], cfg.log_ratio_range))
+        w = min(math.exp(old[i] - behaviour[i]), cfg.is_weight_clip)
+        clipped = min(max(r, 1 - cfg.ppo_clip), 1 + cfg.ppo_clip)
+        pg.append(w * max(-adv[i] * r, -adv[i] * clipped))
+        vf.append(0.5 * (VALUES[i] - target[i]) ** 2)
+        ent.append(-sum(math.exp(v) * v for v in lp))
+        if ref_logits is not None:
+            q = log_softmax(ref_logits[i])
+            kl.append(sum(math.exp(a) * (a - b) for a, b in zip(lp, q)))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    k = mean(kl) if kl else 0.0
+    if warmup:
+        return cfg.ppo_vf_coef * mean(vf) + k, mean(pg), mean(vf), mean(ent)
+    total = cfg.ppo_policy_coef * mean(pg) + rho * k + cfg.ppo_vf_coef * mean(vf) - cfg.entropy_bonus_coef * mean(ent)
+    return total, mean(pg), mean(vf), mean(ent)
+
+
+CASES = {
+    # on-policy: pi_old = mu, so the weight is 1 and this is the reference's loss
+    "on_policy": dict(action=[1, 0, 1], behaviour=[-0.3, -0.05, -0.7], old=[-0.3, -0.05, -0.7],
+                      adv=[1.0, -0.5, 2.0], target=[0.5, 0.0, 1.0]),
+    # the ratio leaves the clip range in both directions
+    "clipped": dict(action=[1, 1, 0], behaviour=[-1.5, -1.0, -0.2], old=[-1.5, -1.0, -0.2],
+                    adv=[1.0, -1.0, 0.7], target=[0.0, 0.0, 0.0]),
+    # stale data: pi_old/mu above the clip of the weight on step 0, below it on step 1
+    "stale": dict(action=[1, 0, 1], behaviour=[-2.0, -0.01, -0.9], old=[-0.3, -0.05, -0.7],
+                  adv=[0.4, 0.9, -0.3], target=[0.2, 0.3, 0.4]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_loss_terms_match_hand_computation(name):
+    case, cfg = CASES[name], tc()
+    policy = TablePolicy(LOGITS, VALUES)
+    loss, m, _s, _r = chunk_loss(policy, None, make_chunk(**case), [], None, cfg, rho=0.0, warmup=False)
+    total, pg, vf, ent = expected(**case, cfg=cfg)
+    assert m["policy_loss"] == pytest.approx(pg, rel=1e-5)
+    assert m["value_loss"] == pytest.approx(vf, rel=1e-5)
+    assert m["entropy"] == pytest.approx(ent, rel=1e-5)
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_importance_weight_is_truncated_at_is_weight_clip():
+    case = CASES["stale"]
+    for clip in (0.5, 1.0, 5.0):
+        cfg = tc(f"train_config.is_weight_clip={clip}")
+        _l, m, _s, _r = chunk_loss(TablePolicy(LOGITS, VALUES), None, make_chunk(**case), [], None, cfg, 0.0, False)
+        weights = [min(math.exp(o - b), clip) for o, b in zip(case["old"], case["behaviour"])]
+        assert m["is_weight"] == pytest.approx(sum(weights) / 3, rel=1e-5)
+        assert m["policy_loss"] == pytest.approx(expected(**case, cfg=cfg)[1], rel=1e-5)
+
+
+def test_low_probability_clamp_applies_only_where_advantage_is_negative():
+    logits = [[0.0, -30.0], [0.0, -30.0], [0.0, 0.0]]
+    policy = TablePolicy(logits, VALUES)
+    chunk = make_chunk(action=[1, 1, 0], behaviour=[-11.0, -30.0, -0.69], old=[-11.0, -30.0, -0.69],
+                       adv=[-1.0, 1.0, 0.0], target=[0.0, 0.0, 0.0])
+    cfg = tc()
+    _l, m, _s, _r = chunk_loss(policy, None, chunk, [], None, cfg, 0.0, False)
+    # step 0: A<0, log pi = -30 floored to -11 = old: ratio 1, pg = 1 (unfloored, the ratio would be e^-19: pg ~ 0.8)
+    # step 1: A>0, not floored, -30 = old: ratio 1, pg = -1; step 2: A = 0
+    assert m["policy_loss"] == pytest.approx((1.0 - 1.0 + 0.0) / 3, abs=1e-5)
+
+
+def test_kl_to_the_reference_policy_and_rho():
+    case, cfg = CASES["on_policy"], tc()
+    ref_logits = [[1.0, 0.0], [0.0, 0.0], [-1.0, 2.0]]
+    ref = TablePolicy(ref_logits, VALUES)
+    loss, m, _s, _r = chunk_loss(TablePolicy(LOGITS, VALUES), ref, make_chunk(**case), [], [], cfg, rho=0.3,
+                                 warmup=False)
+    total = expected(**case, cfg=cfg, rho=0.3, ref_logits=ref_logits)[0]
+    kl = sum(sum(math.exp(a) * (a - b) for a, b in zip(log_softmax(p), log_softmax(q)))
+             for p, q in zip(LOGITS, ref_logits)) / 3
+    assert m["kl_divergence"] == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_vf_warmup_trains_value_and_kl_only():
+    case, cfg = CASES["clipped"], tc()
+    ref_logits = [[1.0, 0.0], [0.0, 0.0], [-1.0, 2.0]]
+    loss, _m, _s, _r = chunk_loss(TablePolicy(LOGITS, VALUES), TablePolicy(ref_logits, VALUES), make_chunk(**case),
+                                  [], [], cfg, rho=0.3, warmup=True)
+    assert loss.item() == pytest.approx(expected(**case, cfg=cfg, ref_logits=ref_logits, warmup=True)[0], rel=1e-5)
+
+
+def test_normalised_value_loss_and_value_clipping():
+    cfg = tc("train_config.use_normalized_vf=true", "train_config.clip_vloss=true")
+    policy = TablePolicy(LOGITS, VALUES)
+    norm = policy.value_head.normalizer
+    with torch.no_grad():  # statistics of mean 2 and std 3 (debiased)
+        norm.debiasing_term.fill_(0.5)
+        norm.running_mean.fill_(2.0 * 0.5)
+        norm.running_mean_sq.fill_((9.0 + 4.0) * 0.5)
+    policy.value_head.eval()
+    target, old_vpred = [5.0, -1.0, 2.0], [0.0, 0.5, 1.0]
+    case = dict(CASES["on_policy"], target=target)
+    _l, m, _s, _r = chunk_loss(policy, None, make_chunk(**case, old_vpred=old_vpred), [], None, cfg, 0.0, False)
+    vf = []
+    for v, t, o in zip(VALUES, target, old_vpred):
+        nt = (t - 2.0) / 3.0
+        clipped = o + min(max(v - o, -cfg.ppo_clip), cfg.ppo_clip)
+        vf.append(max(0.5 * (v - nt) ** 2, 0.5 * (clipped - nt) ** 2))
+    assert m["value_loss"] == pytest.approx(sum(vf) / 3, rel=1e-5)
+    assert norm.debiasing_term.item() == 0.5  # the loss does not move the statistics; the learner does, once a step
