@@ -1,0 +1,46 @@
+"""What rank 0 logs: TensorBoard scalars, the policy-lag histogram, episode statistics (with env-specific
+stats), the rollouts' episode videos, and a W&B run in offline mode when no API key is set."""
+
+import msgpack
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mso import keys
+from mso.config import validate
+from mso.rollout.video import VideoWriter
+from mso.trainer.logs import IterationLog
+
+
+def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    video = VideoWriter(str(tmp_path / "episode.mp4"), fps=10)
+    for t in range(12):
+        video.write(np.full((128, 128, 3), 20 * t, dtype=np.uint8))
+    path = video.close()
+    sk = keys.SessionKeys("sess")
+    for ret, video_path in ((3.0, path), (5.0, None)):
+        record = {"return": ret, "discounted_return": ret / 2, "length": 10, "video": video_path,
+                  "stats": {"achievement_collect_wood": 1.0 if video_path else 0.0}}
+        redis_client.xadd(sk.episodes, {b"e": msgpack.packb(record)})
+
+    cfg = validate({}, ["logger_config.wandb=true", "logger_config.project=mso-test"])
+    logs = IterationLog(redis_client, sk, tmp_path / "runs", "sess", cfg)
+    logs.write(1, {"policy_loss": 0.25, "explained_var": 0.5}, lags=np.array([0, 1, 1, 2]))
+    logs.write(2, {"policy_loss": 0.125}, lags=np.array([0]))  # no new episodes: none logged twice
+    logs.close()
+
+    events = EventAccumulator(str(tmp_path / "runs" / "sess"), size_guidance={"images": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    assert [e.value for e in events.Scalars("trainer/policy_loss")] == [0.25, 0.125]
+    assert events.Scalars("episode/mean_return")[0].value == 4.0
+    assert len(events.Scalars("episode/count")) == 1
+    assert events.Scalars("episode/achievement_collect_wood")[0].value == 0.5
+    assert "trainer/explained_var" in scalars
+    assert "trainer/policy_lag_histogram" in events.Tags()["histograms"]
+    image = events.Images("episode/video_0")[0]
+    assert (image.width, image.height) == (128, 128) and image.encoded_image_string[:6] == b"GIF89a"
+
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*-sess/run-sess.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert b"trainer/policy_loss" in data and b"episode/mean_return" in data
