@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from mso import keys, weights
 from mso.config import from_yaml, import_module
@@ -39,7 +40,7 @@ class Learner:
         self.session_id = spec["session_id"]
         self.keys = keys.SessionKeys(self.session_id)
         self.cfg = from_yaml(spec["config_yaml"])
-        self.tc = self.cfg.train_config
+        self.tc = OmegaConf.to_object(self.cfg.train_config)  # a plain dataclass: DictConfig lookups are slow
         self.length = self.cfg.rollout_config.fragment_length
         self.max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
         self.client = connect(spec["redis_url"])
@@ -162,24 +163,7 @@ class Learner:
         in_states = [tree_map(torch.as_tensor, f["in_state"]) for f in fragments]
         lags = self.version - np.stack([f["model_version"] for f in fragments])
 
-        # pi_old and V of the current model, carrying the recurrent state from each fragment's in_state.
-        policy.eval()
-        with torch.inference_mode():
-            state, raw, old = policy.merge_state(in_states), [], []
-            for s in range(0, t_len, c_len):
-                e = min(s + c_len, t_len)
-                latents, state = policy(tree_map(lambda x: x[:, s:e], obs), state, context={"first": first[:, s:e]})
-                raw.append(latents["vpred"].reshape(n, e - s))
-                old.append(policy.pi_head.logprob(tree_map(lambda x: x[:, s:e], action),
-                                                  latents["pi_logits"]).reshape(n, e - s))
-            raw_v, old_logp = torch.cat(raw, dim=1), torch.cat(old, dim=1)
-            boot_latents, _ = policy(next_obs, state, context={"first": torch.as_tensor(next_done[:, -1:])})
-            boot = boot_latents["vpred"].reshape(n)
-            if tc.use_normalized_vf:
-                values, boot = policy.value_head.denormalize(raw_v), policy.value_head.denormalize(boot)
-            else:
-                values = raw_v
-            values, boot = values.reshape(n, t_len), boot.reshape(n)
+        raw_v, old_logp, values, boot = self._evaluate(obs, action, first, next_obs, next_done, in_states)
         chain_list = chains([f["slot"] for f in fragments], [f["seq"] for f in fragments],
                             [f["contiguous"] for f in fragments])
         adv, target = gae(rewards, values.numpy().astype(np.float64), next_done, boot.numpy(), chain_list,
@@ -243,6 +227,34 @@ class Learner:
                        truncations=int(np.count_nonzero(cut_values)))
         self._lags = lags
         return metrics
+
+    @torch.inference_mode()
+    def _evaluate(self, obs, action, first, next_obs, next_done, in_states):
+        """log pi_old(a|s) and V of the current model, carrying the recurrent state from each fragment's
+        in_state, in groups of batch_size_per_gpu fragments (smaller batches run faster on a CPU).
+        Returns raw V (the head's space), log pi_old, V and V(next_obs) in the return scale."""
+        policy, tc, n, t_len, c_len = self.policy, self.tc, len(in_states), self.length, self.tc.context_length
+        policy.eval()
+        raw_v, old_logp, boot = torch.zeros(n, t_len), torch.zeros(n, t_len), torch.zeros(n)
+        for g in range(0, n, tc.batch_size_per_gpu):
+            rows = slice(g, min(g + tc.batch_size_per_gpu, n))
+            state = policy.merge_state(in_states[rows])
+            for s in range(0, t_len, c_len):
+                e = min(s + c_len, t_len)
+                sl = lambda x: x[rows, s:e]  # noqa: E731
+                latents, state = policy(tree_map(sl, obs), state, context={"first": sl(first)})
+                raw_v[rows, s:e] = latents["vpred"].reshape(-1, e - s)
+                old_logp[rows, s:e] = policy.pi_head.logprob(tree_map(sl, action),
+                                                             latents["pi_logits"]).reshape(-1, e - s)
+            latents, _ = policy(tree_map(lambda x: x[rows], next_obs), state,
+                                context={"first": torch.as_tensor(next_done[rows, -1:])})
+            boot[rows] = latents["vpred"].reshape(-1)
+        if tc.use_normalized_vf:
+            values, boot = policy.value_head.denormalize(raw_v).reshape(n, t_len), \
+                policy.value_head.denormalize(boot).reshape(n)
+        else:
+            values = raw_v
+        return raw_v, old_logp, values, boot
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
