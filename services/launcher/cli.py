@@ -115,6 +115,10 @@ def cmd_run(args) -> int:
     from mso.v1 import launcher_pb2
 
     name, overrides = _split_config(args)
+    if os.environ.get("MSO_TLS_CERT") and not os.environ.get("MSO_TLS_CA"):
+        print("error: mso run calls the services it serves: with --tls-cert/MSO_TLS_CERT give --tls-ca/MSO_TLS_CA "
+              "(the CA that signed the certificate) too", file=sys.stderr)
+        return 2
     started_at = time.time()
     try:
         cfg = load(name, overrides).cfg
