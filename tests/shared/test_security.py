@@ -245,3 +245,23 @@ def test_rediss_end_to_end_with_password(certs):
         plain = f"redis://:pw@127.0.0.1:{server.port}/0"  # a plaintext client at the TLS port
         with pytest.raises(ConnectionError):
             connect(plain, timeout=1)
+
+
+def test_mso_run_trains_with_tls_the_token_and_a_redis_password(env, certs, tmp_path):
+    """Everything at once through embedded mode: the launcher reaches its nodes over TLS with the token, and
+    every Redis client (services, Ray actors) uses the URL as given — rediss:// when a TLS-capable
+    redis-server is here, else redis:// with the password — which never shows in the output."""
+    tls = TLSFiles(cert=certs["server.pem"], key=certs["server.key"], ca=certs["ca.pem"])
+    password = "run-pw-123"
+    with RedisServer(password=password, tls=tls if shutil.which("redis-server") else None) as server:
+        summary = tmp_path / "summary.json"
+        run_env = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
+        proc = subprocess.run(
+            MSO + ["run", "cartpole", "train_config.num_iterations=2", "--port=0", "--quiet", f"--summary={summary}",
+                   "--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"], "--tls-ca", certs["ca.pem"]],
+            env=dict(run_env, MSO_TOKEN=TOKEN, REDIS_URL=server.url), capture_output=True, text=True, timeout=300)
+        result = json.loads(summary.read_text())
+        assert proc.returncode == 0 and result["phase"] == "SESSION_PHASE_FINISHED", proc.stderr[-3000:]
+        assert result["iterations"] == 2 and result["ledger"]["produced"] > 0
+        assert password not in proc.stdout + proc.stderr + summary.read_text()
+        assert redact(server.url) in proc.stderr
