@@ -1,9 +1,15 @@
 """The wire format of everything that crosses Redis except weights: a msgpack header describing a tree of
-dicts, lists and scalars whose numpy arrays travel as one lz4-compressed block of raw bytes. No pickle.
+dicts, lists and scalars whose numpy arrays travel as raw bytes after it, each lz4-compressed when that
+pays. No pickle.
 
-Layout: b"MSO1" | u32 header length | msgpack header | lz4 frame of the concatenated array bytes.
-The header holds the tree (arrays replaced by {"__nd__": i}), each array's dtype and shape, and a CRC32
-of the uncompressed block, so a truncated or corrupted entry is rejected with a reason, never half-read.
+Layout: b"MSO2" | u32 header length | msgpack header | one segment per array.
+The header holds the tree (arrays replaced by {"__nd__": i}), each array's dtype, shape, segment length and
+whether the segment is an lz4 frame, and a CRC32 of all arrays' uncompressed bytes, so a truncated or
+corrupted entry is rejected with a reason, never half-read.
+
+Compression is decided per array from a 64 KiB sample: image frames of a real game compress well and are
+worth it; noise, float states and tiny arrays are not, and compressing them would cost more time than the
+Redis round trip it saves (benchmarks/data_plane.py).
 """
 
 from __future__ import annotations
@@ -15,16 +21,26 @@ import lz4.frame
 import msgpack
 import numpy as np
 
-MAGIC = b"MSO1"
+MAGIC = b"MSO2"
 _LEN = struct.Struct("<I")
 # Plain numeric dtypes only: object arrays would need pickle, and must never be accepted from the wire.
 ALLOWED_DTYPES = frozenset(
     np.dtype(t).str for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                               "uint64", "float16", "float32", "float64"))
+SAMPLE = 64 * 1024       # bytes of an array compressed to decide whether the rest is worth compressing
+WORTH = 0.75             # compress when the sample shrinks below this fraction
+MIN_COMPRESSED = 4096    # smaller arrays travel raw: a frame's overhead is not worth it
 
 
 class CodecError(ValueError):
     """A payload that is not a valid mso message; the message says what was wrong with it."""
+
+
+def _worth_compressing(view: memoryview) -> bool:
+    if view.nbytes < MIN_COMPRESSED:
+        return False
+    sample = view[:SAMPLE]
+    return len(lz4.frame.compress(sample, store_size=False)) < WORTH * sample.nbytes
 
 
 def encode(tree) -> bytes:
@@ -43,14 +59,17 @@ def encode(tree) -> bytes:
         return node
 
     skeleton = strip(tree)
-    specs = []
+    specs, segments, crc = [], [], 0
     for a in arrays:
         if a.dtype.str not in ALLOWED_DTYPES:
             raise CodecError(f"cannot encode array of dtype {a.dtype}: only plain numeric dtypes travel")
-        specs.append([a.dtype.str, list(a.shape)])
-    raw = b"".join(a.tobytes() for a in arrays)
-    header = msgpack.packb({"tree": skeleton, "arrays": specs, "raw": len(raw), "crc": zlib.crc32(raw)})
-    return MAGIC + _LEN.pack(len(header)) + header + lz4.frame.compress(raw)
+        view = memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+        crc = zlib.crc32(view, crc)
+        segment = lz4.frame.compress(view) if _worth_compressing(view) else view
+        specs.append([a.dtype.str, list(a.shape), len(segment), segment is not view])
+        segments.append(segment)
+    header = msgpack.packb({"tree": skeleton, "arrays": specs, "crc": crc})
+    return b"".join([MAGIC, _LEN.pack(len(header)), header, *segments])
 
 
 def decode(payload: bytes):
@@ -63,27 +82,37 @@ def decode(payload: bytes):
         raise CodecError(f"truncated: header claims {hlen} bytes, payload has {len(payload) - 8}")
     try:
         header = msgpack.unpackb(payload[8:8 + hlen], strict_map_key=False)
-        tree, specs, raw_len, crc = header["tree"], header["arrays"], header["raw"], header["crc"]
+        tree, specs, crc = header["tree"], header["arrays"], header["crc"]
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise CodecError(f"unreadable header: {exc}") from exc
-    try:
-        raw = lz4.frame.decompress(payload[8 + hlen:])
-    except RuntimeError as exc:
-        raise CodecError(f"corrupt array block: {exc}") from exc
-    if len(raw) != raw_len or zlib.crc32(raw) != crc:
-        raise CodecError(f"array block fails its checksum ({len(raw)} bytes, expected {raw_len})")
-    arrays, offset = [], 0
-    for dtype, shape in specs:
-        if dtype not in ALLOWED_DTYPES:
+    body = memoryview(payload)[8 + hlen:]
+    arrays, offset, check = [], 0, 0
+    for spec in specs:
+        try:
+            dtype, shape, stored, compressed = spec
+            dt = np.dtype(dtype) if dtype in ALLOWED_DTYPES else None
+            count = int(np.prod(shape, dtype=np.int64))
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"bad array spec {spec!r}: {exc}") from None
+        if dt is None:
             raise CodecError(f"array dtype {dtype!r} is not allowed")
-        dt = np.dtype(dtype)
-        n = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-        if n < 0 or offset + n > len(raw):
-            raise CodecError(f"array of shape {shape} overruns the block")
-        arrays.append(np.frombuffer(raw, dtype=dt, count=n // dt.itemsize, offset=offset).reshape(shape))
-        offset += n
-    if offset != len(raw):
-        raise CodecError(f"{len(raw) - offset} bytes of the block belong to no array")
+        if count < 0 or stored < 0 or offset + stored > len(body):
+            raise CodecError(f"array of shape {shape} overruns the payload (truncated?)")
+        segment = body[offset:offset + stored]
+        offset += stored
+        if compressed:
+            try:
+                segment = lz4.frame.decompress(segment)
+            except RuntimeError as exc:
+                raise CodecError(f"corrupt array block: {exc}") from exc
+        if len(segment) != count * dt.itemsize:
+            raise CodecError(f"array of shape {shape} has {len(segment)} bytes, expected {count * dt.itemsize}")
+        check = zlib.crc32(segment, check)
+        arrays.append(np.frombuffer(segment, dtype=dt, count=count).reshape(shape))
+    if offset != len(body):
+        raise CodecError(f"{len(body) - offset} bytes of the payload belong to no array")
+    if check != crc:
+        raise CodecError("array block fails its checksum")
 
     def fill(node):
         if isinstance(node, dict):

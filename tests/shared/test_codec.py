@@ -56,6 +56,8 @@ def test_fragment_through_redis_decodes_identically_on_the_trainer_side(redis_cl
     (lambda b: b"XXXX" + b[4:], "bad magic"),
     (lambda b: b[:10], "truncated"),
     (lambda b: b[:-3] + bytes([b[-3] ^ 0xFF]) + b[-2:], "corrupt array block|checksum"),
+    (lambda b: b[:-1], "overruns|truncated|corrupt"),
+    (lambda b: b + b"x", "belong to no array"),
     (lambda b: b[:8] + b"\xc1" * 20 + b[28:], "unreadable header|truncated"),
     (lambda b: 12345, "not bytes"),
 ])
@@ -67,11 +69,20 @@ def test_corrupt_payload_is_rejected_with_a_reason(mangle, reason):
 def test_object_arrays_never_travel():
     with pytest.raises(CodecError, match="dtype"):
         encode({"x": np.array([object()], dtype=object)})
-    header = msgpack.packb({"tree": {"__nd__": 0}, "arrays": [["|O", [1]]], "raw": 0, "crc": 0})
-    import lz4.frame
+    header = msgpack.packb({"tree": {"__nd__": 0}, "arrays": [["|O", [1], 8, False]], "crc": 0})
     import struct
     with pytest.raises(CodecError, match="not allowed"):
-        decode(b"MSO1" + struct.pack("<I", len(header)) + header + lz4.frame.compress(b""))
+        decode(b"MSO2" + struct.pack("<I", len(header)) + header + b"\0" * 8)
+
+
+def test_frames_that_compress_are_compressed_and_noise_is_not():
+    rng = np.random.default_rng(0)
+    flat = np.zeros((16, 128, 128, 3), dtype=np.uint8)  # a game frame is mostly flat colour
+    flat[:, 40:60, 40:60] = 200
+    noise = rng.integers(0, 255, flat.shape, dtype=np.uint8)
+    small, big = len(encode({"x": flat})), len(encode({"x": noise}))
+    assert small < flat.nbytes / 10 and big >= noise.nbytes  # compressed, and stored raw (not inflated by lz4)
+    assert_same({"x": flat, "y": noise}, decode(encode({"x": flat, "y": noise})))
 
 
 def test_corrupt_queue_entry_is_counted_and_skipped_not_fatal(redis_client):
