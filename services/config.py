@@ -52,6 +52,10 @@ class WorkerConfig:
     env_timeout: float = 300.0                # mso: seconds an env may take to answer a step (including its
                                               # automatic reset) before it is killed and rebuilt
     env_start_timeout: float = 600.0          # mso: seconds a new env process may take to send its first obs
+    envs_per_process: int = 1                 # mso: envs one env process steps in lockstep: 1 isolates each
+                                              # env (MineStudio's layout); more save a pipe round trip per step
+                                              # for fast envs (CartPole), at the cost of a slow env holding its
+                                              # process-mates back
     videos_per_worker: int = 1                # mso: envs per worker that record their next episode when a
                                               # version divisible by train_config.record_video_interval arrives
 
@@ -276,6 +280,7 @@ def check(cfg: DictConfig) -> None:
                 "rollout_config.fragment_length": r.fragment_length,
                 "rollout_config.worker_config.num_envs": w.num_envs,
                 "rollout_config.worker_config.batch_size": w.batch_size,
+                "rollout_config.worker_config.envs_per_process": w.envs_per_process,
                 "train_config.num_workers": t.num_workers,
                 "train_config.batch_size_per_gpu": t.batch_size_per_gpu,
                 "train_config.batches_per_iteration": t.batches_per_iteration,

@@ -1,15 +1,20 @@
-"""Env subprocesses. Each env slot runs one environment built by the config's env_generator in its own
-process and talks to its RolloutWorker over a pipe; a crashed, dead or hung env is rebuilt, never fatal.
+"""Env subprocesses. Each env process runs `worker_config.envs_per_process` environments built by the
+config's env_generator and talks to its RolloutWorker over one pipe, in lockstep: the worker sends one
+action per env, the process steps each and answers with one message per env. One env per process (the
+default, MineStudio's layout) isolates a slow or crashing simulator; several per process save a pipe
+round trip per step, which is most of the cost of a fast env like CartPole. An env that raises is rebuilt
+in its process, never fatal; a dead or hung process is respawned by the worker.
 
-Child -> parent, one message per observation the agent must act on:
+Child -> parent, a list with one message per env of the process:
     (obs, last_reward, last_terminated, last_truncated, finished_episode or None, restarted, final_obs)
-or, when the env cannot be built and reset BUILD_ATTEMPTS times in a row, ("fatal", reason) before exiting.
+or, when an env cannot be built and reset BUILD_ATTEMPTS times in a row, ("fatal", reason) before exiting.
 `last_*` describe the transition that led to obs (MineStudio's alignment: the last observation of an episode
 is not acted on; its reward and done flags ride on the next episode's first observation). `final_obs` is
 that last observation when the episode was cut by a time limit (truncated, not terminated), so the worker
 can value it and the learner bootstrap from it; None otherwise. `restarted` is True when the env was
 rebuilt after an error, so the worker knows the slot's stream is broken there.
-Parent -> child: (action, video_path or None) — a path asks to record the next episode — or None to close.
+Parent -> child: a list of (action, video_path or None), one per env — a path asks to record that env's
+next episode — or None to close.
 """
 
 from __future__ import annotations
@@ -52,82 +57,123 @@ class _Episode:
                 "stats": {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}}
 
 
-def _env_main(conn: Connection, environ: dict, config_name: str, seed: int, discount: float, restart_interval,
-              fps: int) -> None:
-    from mso.config import import_module
+class _Fatal(Exception):
+    """An env that cannot be built: reported to the worker, not retried forever."""
 
+
+class _Runner:
+    """One env inside an env process: builds and resets it, steps it, rebuilds it after an error."""
+
+    def __init__(self, config_name: str, module, seed: int, discount: float, restart_interval, fps: int):
+        self.config_name, self.module, self.seed, self.discount = config_name, module, seed, discount
+        self.restart_interval, self.fps = restart_interval, fps
+        self.env, self.episode, self.video_path, self.built = None, None, None, 0.0
+
+    def start(self, carried=(0.0, True, False, None, None), restarted: bool = False) -> tuple:
+        """Build and reset the env; the message of its first observation. `carried` is (reward, terminated,
+        truncated, finished, final_obs) of the step that ended the previous env's last episode."""
+        failures = 0
+        while True:
+            try:
+                self.env = self.module.env_generator()
+                self.built = time.monotonic()
+                obs, _info = self.env.reset(seed=self.seed)
+                break
+            except Exception as exc:
+                # It never got as far as an observation: a broken config, not a crash to ride out.
+                self.close()
+                failures += 1
+                if failures >= BUILD_ATTEMPTS:
+                    raise _Fatal(f"config {self.config_name}: building and resetting its env failed {failures} "
+                                 f"times: {type(exc).__name__}: {exc}") from None
+                log.error("building env failed, retrying:\n%s", traceback.format_exc())
+                time.sleep(0.2 * 2 ** failures)
+        self.seed = None
+        self._new_episode()
+        return self._emit(obs, *carried[:4], restarted, carried[4])
+
+    def step(self, action, video_path: str | None) -> tuple:
+        self.video_path = video_path or self.video_path
+        try:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            reward = float(reward)
+            self.episode.add(reward)
+            finished = final_obs = None
+            if terminated or truncated:
+                finished = self.episode.finish(truncated, obs.get("task") if isinstance(obs, dict) else None,
+                                               info.get("episode_stats") if isinstance(info, dict) else None)
+                final_obs = obs if truncated and not terminated else None
+                if self.restart_interval and time.monotonic() - self.built > self.restart_interval:
+                    self.close()  # a planned rebuild at an episode boundary: the stream stays continuous
+                    return self.start((reward, terminated, truncated, finished, final_obs))
+                obs, _info = self.env.reset()
+                self._new_episode()
+            return self._emit(obs, reward, terminated, truncated, finished, False, final_obs)
+        except _Fatal:
+            raise
+        except Exception:
+            log.error("env crashed, rebuilding it:\n%s", traceback.format_exc())
+            self.close()
+            return self.start(restarted=True)
+
+    def _new_episode(self) -> None:
+        self.episode = _Episode(self.discount, VideoWriter(self.video_path, self.fps) if self.video_path else None)
+        self.video_path = None
+
+    def _emit(self, obs, reward, terminated, truncated, finished, restarted, final_obs) -> tuple:
+        if self.episode.video is not None and (frame := frame_of(obs, self.env)) is not None:
+            self.episode.video.write(frame)
+        return (obs, float(reward), bool(terminated), bool(truncated), finished, restarted, final_obs)
+
+    def close(self) -> None:
+        if self.env is not None:
+            try:
+                self.env.close()
+            except Exception:
+                pass
+            self.env = None
+
+
+def _env_main(conn: Connection, environ: dict, config_name: str, seeds: list[int], discount: float,
+              restart_interval, fps: int) -> None:
     # The forkserver's environment is that of when it started; an env sees its worker's, as with spawn.
     os.environ.clear()
     os.environ.update(environ)
+    from mso.config import import_module
 
-    restarted = False
-    reward, terminated, truncated = 0.0, True, False  # the first obs starts an episode
-    finished, video_path, env, module, final_obs = None, None, None, None, None
-    failures = 0  # consecutive builds that failed before their first observation
-    while True:
-        ready = False
+    runners = []
+    try:
         try:
-            module = module or import_module(config_name)
-            env = module.env_generator()
-            built = time.monotonic()
-            obs, _info = env.reset(seed=seed)
-            seed = None
-            ready, failures = True, 0
-            episode = _Episode(discount, VideoWriter(video_path, fps) if video_path else None)
-            video_path = None
-            while True:
-                if episode.video is not None and (frame := frame_of(obs, env)) is not None:
-                    episode.video.write(frame)
-                conn.send((obs, reward, terminated, truncated, finished, restarted, final_obs))
-                restarted, finished, final_obs = False, None, None
-                message = conn.recv()
-                if message is None:
-                    env.close()
-                    return
-                action, video_path = message[0], message[1] or video_path
-                obs, reward, terminated, truncated, info = env.step(action)
-                reward = float(reward)
-                episode.add(reward)
-                if terminated or truncated:
-                    finished = episode.finish(truncated, obs.get("task") if isinstance(obs, dict) else None,
-                                              info.get("episode_stats") if isinstance(info, dict) else None)
-                    final_obs = obs if truncated and not terminated else None
-                    if restart_interval and time.monotonic() - built > restart_interval:
-                        env.close()
-                        break  # a planned rebuild at an episode boundary: the stream stays continuous
-                    obs, _info = env.reset()
-                    episode = _Episode(discount, VideoWriter(video_path, fps) if video_path else None)
-                    video_path = None
-        except (EOFError, BrokenPipeError, KeyboardInterrupt):
-            return
+            module = import_module(config_name)  # once: a module's globals live as long as the process
         except Exception as exc:
-            if not ready:
-                # It never got as far as an observation: a broken config, not a crash to ride out.
-                failures += 1
-                if failures >= BUILD_ATTEMPTS:
-                    conn.send(("fatal", f"config {config_name}: building and resetting its env failed "
-                                        f"{failures} times: {type(exc).__name__}: {exc}"))
-                    return
-                time.sleep(0.2 * 2 ** failures)
-            log.error("env crashed, rebuilding it:\n%s", traceback.format_exc())
-            restarted, finished, final_obs = True, None, None
-            reward, terminated, truncated = 0.0, True, False
-            try:
-                env.close()
-            except Exception:
-                pass
+            raise _Fatal(f"config {config_name}: importing it failed: {type(exc).__name__}: {exc}") from None
+        runners = [_Runner(config_name, module, seed, discount, restart_interval, fps) for seed in seeds]
+        conn.send([r.start() for r in runners])
+        while True:
+            message = conn.recv()
+            if message is None:
+                return
+            conn.send([r.step(action, video) for r, (action, video) in zip(runners, message)])
+    except _Fatal as exc:
+        conn.send(("fatal", str(exc)))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return
+    finally:
+        for r in runners:
+            r.close()
 
 
-class EnvSlot:
-    """One env slot of a worker: its process, its pipe, when it was last asked for something, restarts."""
+class EnvProcess:
+    """One env process of a worker, stepping the env slots in `slots`: its pipe, when its answer is due,
+    restarts."""
 
-    def __init__(self, index: int, config_name: str, seed: int, discount: float, restart_interval, fps: int,
-                 step_timeout: float, start_timeout: float):
-        self.index = index
-        self.args = (config_name, seed, discount, restart_interval, fps)
+    def __init__(self, slots: list[int], config_name: str, seeds: list[int], discount: float, restart_interval,
+                 fps: int, step_timeout: float, start_timeout: float):
+        self.slots = slots
+        self.args = (config_name, seeds, discount, restart_interval, fps)
         self.step_timeout, self.start_timeout = step_timeout, start_timeout
         self.restarts = 0
-        self.deadline = 0.0  # when the observation asked for (by spawning or by an action) is overdue
+        self.deadline = 0.0  # when the observations asked for (by spawning or by actions) are overdue
         self.conn: Connection | None = None
         self.process: mp.Process | None = None
         self.spawn()
@@ -135,21 +181,22 @@ class EnvSlot:
     def spawn(self) -> None:
         parent, child = _ctx.Pipe()
         self.process = _ctx.Process(target=_env_main, args=(child, dict(os.environ), *self.args), daemon=True,
-                                    name=f"mso-env-{self.index}")
+                                    name=f"mso-env-{self.slots[0]}")
         self.process.start()
         child.close()
         self.conn = parent
         self.deadline = time.monotonic() + self.start_timeout
 
-    def send(self, action, video_path: str | None = None) -> None:
-        self.conn.send((action, video_path))
+    def send(self, actions: list[tuple]) -> None:
+        """One (action, video_path or None) per slot of this process."""
+        self.conn.send(actions)
         self.deadline = time.monotonic() + self.step_timeout
 
     def restart(self) -> None:
         self.restarts += 1
         self.close(timeout=1.0)
-        name, seed, *rest = self.args
-        self.args = (name, seed + 1000003, *rest)  # a fresh seed, so a deterministic crash is not replayed
+        name, seeds, *rest = self.args
+        self.args = (name, [s + 1000003 for s in seeds], *rest)  # fresh seeds: a deterministic crash is not replayed
         self.spawn()
 
     def close(self, timeout: float = 5.0) -> None:

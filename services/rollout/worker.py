@@ -26,7 +26,7 @@ from mso import keys
 from mso.config import from_yaml, import_module
 from mso.queue import FragmentProducer
 from mso.redis_server import connect
-from mso.rollout.envs import EnvSlot
+from mso.rollout.envs import EnvProcess
 from mso.rollout.fragments import FragmentCutter, Step
 from mso.trees import stack, tree_map
 from mso.weights import WeightWatcher
@@ -93,64 +93,73 @@ class RolloutLoop:
         sender.start()
 
         seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
-        slots = [EnvSlot(i, self.config_name, seed + i, tc.discount, wc.restart_interval, wc.video_fps,
-                         wc.env_timeout, wc.env_start_timeout) for i in range(wc.num_envs)]
+        k = wc.envs_per_process
+        procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.config_name,
+                            [seed + i for i in range(first, min(first + k, wc.num_envs))], tc.discount,
+                            wc.restart_interval, wc.video_fps, wc.env_timeout, wc.env_start_timeout)
+                 for first in range(0, wc.num_envs, k)]
+        owner = {i: p for p, proc in enumerate(procs) for i in proc.slots}  # slot -> index of its process
         slot_ids = [f"{self.node_id}-w{self.index}-e{i}" for i in range(wc.num_envs)]
         cutters = [FragmentCutter(self.session_id, slot_ids[i], rc.fragment_length) for i in range(wc.num_envs)]
-        states = [policy.initial_state(1) for _ in slots]
-        episode_ids = [uuid.uuid4().hex for _ in slots]
+        states = [policy.initial_state(1) for _ in range(wc.num_envs)]
+        episode_ids = [uuid.uuid4().hex for _ in range(wc.num_envs)]
         videos: dict[int, str] = {}      # slot -> path to send with its next action
         pending: dict[int, tuple] = {}   # slot -> message waiting for an action
         obs_signature = None             # structure, dtypes and shapes of the first observation seen
-        broken: set[int] = set()         # slots whose env cannot be built: reported, not respawned
-        target = min(wc.batch_size, len(slots))
+        broken: set[int] = set()         # processes whose env cannot be built: reported, not respawned
+        target = min(wc.batch_size, wc.num_envs)
         deadline = 0.0
 
-        def restart(i: int, why: str) -> None:
-            log.warning("env %d of worker %d: %s; restarting it", i, self.index, why)
+        def restart(p: int, why: str) -> None:
+            """Respawn env process p; every slot it steps loses its partial fragment."""
+            log.warning("env process %d (envs %s) of worker %d: %s; restarting it", p, procs[p].slots, self.index, why)
             self.stats["env_restarts"] += 1
-            self.stats["steps_dropped"] += cutters[i].drop()
-            pending.pop(i, None)
-            slots[i].restart()
-            states[i] = policy.initial_state(1)
+            for i in procs[p].slots:
+                self.stats["steps_dropped"] += cutters[i].drop()
+                pending.pop(i, None)
+                states[i] = policy.initial_state(1)
+            procs[p].restart()
 
-        self.stats["live_envs"] = len(slots)
+        self.stats["live_envs"] = wc.num_envs
         try:
             while not self.stop_event.is_set():
-                waiting = {slots[i].conn: i for i in range(len(slots)) if i not in pending and i not in broken}
-                if len(broken) == len(slots):
+                waiting = {procs[p].conn: p for p in range(len(procs))
+                           if procs[p].slots[0] not in pending and p not in broken}
+                if len(broken) == len(procs):
                     break  # nothing can run; last_error says why
                 if waiting and len(pending) < target:
                     timeout = max(0.0, deadline - time.monotonic()) if pending else 0.5
                     for conn in wait(list(waiting), timeout=timeout):
-                        i = waiting[conn]
+                        p = waiting[conn]
                         try:
-                            pending[i] = conn.recv()
+                            messages = conn.recv()
                         except (EOFError, OSError):
-                            restart(i, "env process died")
+                            restart(p, "env process died")
                             continue
-                        if len(pending[i]) == 2:  # ("fatal", reason): this env cannot be built at all
-                            self.stats["last_error"] = f"env {i}: {pending.pop(i)[1]}"
+                        if isinstance(messages, tuple):  # ("fatal", reason): its env cannot be built at all
+                            self.stats["last_error"] = f"env {procs[p].slots[0]}: {messages[1]}"
                             log.error(self.stats["last_error"])
-                            broken.add(i)
-                            self.stats["live_envs"] -= 1
+                            broken.add(p)
+                            self.stats["live_envs"] -= len(procs[p].slots)
                             continue
-                        if pending[i][5]:  # the env rebuilt itself after an exception
-                            self.stats["env_restarts"] += 1
-                            self.stats["steps_dropped"] += cutters[i].drop()
-                        shape = signature(pending[i][0])
-                        obs_signature = obs_signature or shape
-                        if shape != obs_signature:
+                        for i, message in zip(procs[p].slots, messages):
+                            if message[5]:  # the env rebuilt itself after an exception
+                                self.stats["env_restarts"] += 1
+                                self.stats["steps_dropped"] += cutters[i].drop()
+                            if message[6] is not None and signature(message[6]) != signature(message[0]):
+                                self.stats["malformed_obs"] += 1  # not bootstrapped: the cut counts as an end
+                                message = message[:6] + (None,)
+                            pending[i] = message
+                        shapes = {signature(pending[i][0]) for i in procs[p].slots}
+                        obs_signature = obs_signature or next(iter(shapes))
+                        if shapes != {obs_signature}:
                             self.stats["malformed_obs"] += 1
-                            restart(i, f"malformed observation {shape}, expected {obs_signature}")
-                        elif pending[i][6] is not None and signature(pending[i][6]) != obs_signature:
-                            self.stats["malformed_obs"] += 1  # not bootstrapped: the cut counts as an end
-                            pending[i] = pending[i][:6] + (None,)
+                            restart(p, f"malformed observation {shapes - {obs_signature}}, expected {obs_signature}")
                     now = time.monotonic()
-                    for i in [i for i in waiting.values() if i not in pending]:
-                        if now > slots[i].deadline:
+                    for p in [p for p in waiting.values() if procs[p].slots[0] not in pending]:
+                        if now > procs[p].deadline:
                             self.stats["env_timeouts"] += 1
-                            restart(i, "no answer within worker_config.env_timeout / env_start_timeout")
+                            restart(p, "no answer within worker_config.env_timeout / env_start_timeout")
                     if not pending:
                         continue
                     if len(pending) < target:
@@ -168,7 +177,7 @@ class RolloutLoop:
                         version = ready[0]
                         self.stats["model_version"] = version
                         if tc.record_video_interval and version % tc.record_video_interval == 0:
-                            for i in range(min(wc.videos_per_worker, len(slots))):
+                            for i in range(min(wc.videos_per_worker, wc.num_envs)):
                                 videos[i] = os.path.join(wc.video_output_dir, self.session_id,
                                                          f"v{version:06d}-{slot_ids[i]}.mp4")
                     except ValueError as exc:
@@ -202,6 +211,7 @@ class RolloutLoop:
                 actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
                 self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + \
                     0.1 * 1000 * (time.perf_counter() - started)
+                chosen: dict[int, tuple] = {}  # slot -> (action, video path) to send to its process
                 for j, i in enumerate(batch):
                     obs_i, last_reward, terminated, truncated = msgs[j][:4]
                     act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
@@ -213,19 +223,21 @@ class RolloutLoop:
                                                float(last_reward), bool(terminated), bool(truncated), version,
                                                episode_ids[i], last_truncation_value=cut_values[j]))
                     states[i] = new_states[j]
-                    try:
-                        slots[i].send(act, videos.pop(i, None))
-                    except (BrokenPipeError, OSError):
-                        restart(i, "env process died")
+                    chosen[i] = (act, videos.pop(i, None))
                     if fragment is not None:
                         outbox.put(fragment)  # blocks while the sender is behind: backpressure
+                for p in sorted({owner[i] for i in batch}):
+                    try:
+                        procs[p].send([chosen.pop(i) for i in procs[p].slots])
+                    except (BrokenPipeError, OSError):
+                        restart(p, "env process died")
                 self.stats["env_steps"] += len(batch)
         finally:
             outbox.put(None)
             sender.join(timeout=10)
             watcher.stop()
-            for slot in slots:
-                slot.close(timeout=2)
+            for proc in procs:
+                proc.close(timeout=2)
             self.stats["live_envs"] = 0
 
     @staticmethod

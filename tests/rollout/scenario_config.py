@@ -4,7 +4,8 @@ action is its weights' version, and its recurrent state counts steps since the e
 
 MSO_TEST_FAULT="crash:N" | "die:N" | "hang:N" | "malformed:N" makes ONE env process (the first to claim a
 marker in MSO_TEST_FAULT_DIR) raise, exit, hang, or return a wrongly shaped observation at its N-th step
-of every env instance it builds.
+of every env instance it builds; with MSO_TEST_FAULT_ENVS=N only the first N instances it builds are faulty
+(with several envs per process: one env of the process, not its process-mates or its own rebuild).
 """
 
 import os
@@ -20,6 +21,7 @@ from mso.policy import CategoricalHead, ValueHead
 EPISODE_LENGTH = 5
 N_ACTIONS = 4
 _claimed = None
+_built = 0  # CountingEnv instances this process has built
 
 
 def _is_faulty() -> bool:
@@ -39,9 +41,12 @@ class CountingEnv(gym.Env):
     The reward of acting on observation g is g; episodes terminate after EPISODE_LENGTH steps."""
 
     def __init__(self):
+        global _built
         self.g, self.k, self.steps = -1, 0, 0
         kind, _, n = os.environ.get("MSO_TEST_FAULT", "").partition(":")
-        self.fault = (kind, int(n)) if kind and _is_faulty() else None
+        limit = int(os.environ.get("MSO_TEST_FAULT_ENVS", 0)) or None
+        self.fault = (kind, int(n)) if kind and _is_faulty() and (limit is None or _built < limit) else None
+        _built += 1
 
     def _obs(self):
         return {"g": np.array([self.g], dtype=np.int64), "k": np.array([self.k], dtype=np.int64),
@@ -127,5 +132,6 @@ online_dict = {
         "max_pending_fragments": 10000,
     },
     "train_config": {"num_workers": 1, "num_gpus_per_worker": 0, "use_normalized_vf": False,
-                     "record_video_interval": 0, "kl_divergence_coef_rho": 0.0},
+                     "record_video_interval": 0, "kl_divergence_coef_rho": 0.0, "batch_size_per_gpu": 2,
+                     "batches_per_iteration": 1, "gradient_accumulation": 1},
 }

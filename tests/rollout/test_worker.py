@@ -51,9 +51,13 @@ class Running:
         return self.by_slot
 
 
-def test_fragments_follow_the_l_plus_one_rule_across_episodes_and_fragments(redis_server, redis_client):
-    with Running(redis_client, redis_server.url) as run:
-        by_slot = run.fragments(per_slot=6, slots=2)
+@pytest.mark.parametrize("envs, per_process", [(2, 1), (3, 2)])
+def test_fragments_follow_the_l_plus_one_rule_across_episodes_and_fragments(redis_server, redis_client, envs,
+                                                                             per_process):
+    overrides = [f"rollout_config.worker_config.num_envs={envs}", f"rollout_config.worker_config.batch_size={envs}",
+                 f"rollout_config.worker_config.envs_per_process={per_process}"]
+    with Running(redis_client, redis_server.url, overrides) as run:
+        by_slot = run.fragments(per_slot=6, slots=envs)
     for slot, frags in by_slot.items():
         frags.sort(key=lambda f: f["seq"])
         assert [f["seq"] for f in frags] == list(range(len(frags)))
@@ -193,3 +197,23 @@ def test_rollouts_survive_a_redis_restart_with_aof(tmp_path):
             run.loop.stats["last_error"] = ""  # a push may have failed during the outage; it was reported
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("fault, broken_slots", [("crash:7", 1), ("die:7", 2)])
+def test_with_two_envs_per_process_a_crash_breaks_one_slot_and_a_dead_process_both(
+        redis_server, redis_client, tmp_path, monkeypatch, fault, broken_slots):
+    monkeypatch.setenv("MSO_TEST_FAULT", fault)
+    monkeypatch.setenv("MSO_TEST_FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("MSO_TEST_FAULT_ENVS", "1")
+    overrides = ["rollout_config.worker_config.num_envs=4", "rollout_config.worker_config.batch_size=4",
+                 "rollout_config.worker_config.envs_per_process=2"]
+    with Running(redis_client, redis_server.url, overrides) as run:
+        wait_until(lambda: run.loop.stats["env_restarts"] >= 1, 60, "the faulty env's restart")
+        by_slot = run.fragments(per_slot=8, slots=4)
+    for frags in by_slot.values():
+        for f in frags:
+            np.testing.assert_array_equal(np.diff(f["obs"]["g"][:, 0]), 1)
+    broken = [slot for slot, frags in by_slot.items() if any(not f["contiguous"] for f in frags)]
+    # A crash is caught and its env rebuilt inside the process (its process-mate steps on); a dead process
+    # takes both of its envs' partial fragments with it.
+    assert len(broken) == broken_slots
