@@ -64,8 +64,10 @@ def load_vpt_policy(model_path: str, weights_path: str | None = None):
 
 
 def adapt(policy):
-    """policy with mso's contract (see the module doc); any policy not from minestudio is returned as it is."""
-    if not type(policy).__module__.startswith("minestudio.") or isinstance(policy, _FreshInitialState):
+    """policy with mso's contract (see the module doc) when its class is or derives from a minestudio class;
+    any other policy is returned as it is."""
+    from_minestudio = any(c.__module__.startswith("minestudio.") for c in type(policy).__mro__)
+    if not from_minestudio or isinstance(policy, _FreshInitialState):
         return policy
     body = sys.modules.get(VPT_BODY)
     vpt = body is not None and type(policy).forward is body.VPTPolicy.forward

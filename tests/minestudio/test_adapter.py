@@ -97,6 +97,12 @@ def test_initial_states_are_fresh_copies_and_value_heads_keep_shapes(body):
     other = torch.nn.Linear(2, 2)
     assert minestudio.adapt(other) is other and type(other) is torch.nn.Linear
 
+    class ConfigsOwnVPT(body.VPTPolicy):  # a subclass in a user's config module is still MineStudio's VPT
+        pass
+
+    torch.manual_seed(0)
+    assert isinstance(minestudio.adapt(ConfigsOwnVPT(policy_kwargs=TINY_VPT, temperature=2.0)), minestudio._VPTFirst)
+
 
 def test_load_vpt_policy_from_model_and_weights_files(body, tmp_path):
     model = tmp_path / "tiny.model"
