@@ -36,8 +36,8 @@ def main() -> None:
                      f"{wb['raw_s']:.2f} s raw SET+GET", wb["ratio"], "<= 1.5"))
     if not args.quick:
         vs = vpt_scale.main([])
-        rows.append(("5 VPT-2x weights (248.5 M), publish+load", f"{vs['mso_s']:.2f} s", f"{vs['raw_s']:.2f} s raw SET+GET",
-                     vs["ratio"], "<= 1.5"))
+        rows.append(("5 VPT-2x weights (248.5 M), publish+load", f"{vs['mso_s']:.2f} s",
+                     f"{vs['raw_s']:.2f} s raw SET+GET", vs["ratio"], "<= 1.5"))
         rows.append(("5 VPT fragment bytes/step raw -> lz4", f"{vs['noise_raw_per_step']:.0f} -> "
                      f"{vs['flat_encoded_per_step']:.0f}..{vs['noise_encoded_per_step']:.0f}", "", None, ""))
     ln = learning.main([])

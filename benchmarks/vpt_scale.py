@@ -72,7 +72,8 @@ def measure_fragment(policy) -> dict:
     for name, image in (("noise", rng.integers(0, 256, (LENGTH, 128, 128, 3), dtype=np.uint8)),
                         ("flat", np.full((LENGTH, 128, 128, 3), 90, dtype=np.uint8))):
         fragment = {"obs": {"image": image},
-                    "action": {"buttons": rng.integers(0, 8641, (LENGTH, 1)), "camera": rng.integers(0, 121, (LENGTH, 1))},
+                    "action": {"buttons": rng.integers(0, 8641, (LENGTH, 1)),
+                               "camera": rng.integers(0, 121, (LENGTH, 1))},
                     "reward": np.zeros(LENGTH, np.float32), "first": np.zeros(LENGTH, bool),
                     "next_done": np.zeros(LENGTH, bool), "logp": np.zeros(LENGTH, np.float32),
                     "vpred": np.zeros(LENGTH, np.float32), "model_version": np.zeros(LENGTH, np.int64),
@@ -112,8 +113,9 @@ def main(argv=None) -> dict:
     print(f"fragment of {LENGTH} steps, bytes per step (raw -> lz4): in-state {f['state_raw_per_step']:.0f} -> "
           f"{f['state_encoded_per_step']:.0f}")
     for name in ("noise", "flat"):
-        print(f"  {name:5s} frames: whole fragment {f[f'{name}_raw_per_step']:.0f} -> {f[f'{name}_encoded_per_step']:.0f} "
-              f"(frames alone -> {f[f'{name}_frames_only_encoded_per_step']:.0f}); encode {f[f'{name}_encode_s']:.2f} s")
+        print(f"  {name:5s} frames: whole fragment {f[f'{name}_raw_per_step']:.0f} -> "
+              f"{f[f'{name}_encoded_per_step']:.0f} (frames alone -> {f[f'{name}_frames_only_encoded_per_step']:.0f}); "
+              f"encode {f[f'{name}_encode_s']:.2f} s")
     return {**w, **f}
 
 

@@ -84,8 +84,8 @@ _SUBCLASSES: dict[tuple[type, type], type] = {}
 def _subclass(base: type, mixin: type) -> type:
     """base with mixin's methods in front (one class per pair, so adapted objects share their class)."""
     if (base, mixin) not in _SUBCLASSES:
-        _SUBCLASSES[base, mixin] = type(base.__name__, (mixin, base),
-                                        {"__module__": base.__module__, "__doc__": f"{base.__doc__}\n(mso: {mixin.__doc__})"})
+        doc = f"{base.__doc__}\n(mso: {mixin.__doc__})"
+        _SUBCLASSES[base, mixin] = type(base.__name__, (mixin, base), {"__module__": base.__module__, "__doc__": doc})
     return _SUBCLASSES[base, mixin]
 
 

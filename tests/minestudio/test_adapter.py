@@ -2,7 +2,6 @@
 it in training as in rollout, fresh initial states, value-head shapes, loading from .model/.weights files."""
 
 import copy
-import pickle
 import subprocess
 import sys
 
@@ -104,9 +103,8 @@ def test_initial_states_are_fresh_copies_and_value_heads_keep_shapes(body):
     assert isinstance(minestudio.adapt(ConfigsOwnVPT(policy_kwargs=TINY_VPT, temperature=2.0)), minestudio._VPTFirst)
 
 
-def test_load_vpt_policy_from_model_and_weights_files(body, tmp_path):
-    model = tmp_path / "tiny.model"
-    model.write_bytes(pickle.dumps({"model": {"args": {"net": {"args": TINY_VPT}, "pi_head_opts": {"temperature": 2.0}}}}))
+def test_load_vpt_policy_from_model_and_weights_files(body, tmp_path, tiny_model_file):
+    model = tiny_model_file
     weights = tmp_path / "tiny.weights"
     torch.save(tiny(body, seed=5).state_dict(), weights)
     policy = minestudio.load_vpt_policy(str(model), str(weights))

@@ -1,13 +1,10 @@
 """configs/gate_kl, the Minecraft entry point: it loads and validates here, and what it cannot have here (the
 simulator engine, a VPT model) is an error naming it, never MinecraftSim's stdin prompt."""
 
-import pickle
-
 import pytest
 
 from mso import minestudio
 from mso.config import load
-from tests.minestudio.standin_config import TINY_VPT
 
 
 def test_gate_kl_resolves_with_the_reference_values():
@@ -24,15 +21,13 @@ def test_a_missing_engine_is_an_error_naming_where_it_was_looked_for(monkeypatch
         gate_kl.env_generator()
 
 
-def test_the_vpt_comes_from_mso_vpt_model(monkeypatch, tmp_path):
+def test_the_vpt_comes_from_mso_vpt_model(monkeypatch, tmp_path, tiny_model_file):
     from mso.configs import gate_kl
 
     monkeypatch.delenv("MSO_VPT_MODEL", raising=False)
     with pytest.raises(RuntimeError, match="set MSO_VPT_MODEL"):
         gate_kl.policy_generator()
-    model = tmp_path / "tiny.model"
-    model.write_bytes(pickle.dumps({"model": {"args": {"net": {"args": TINY_VPT}, "pi_head_opts": {"temperature": 2.0}}}}))
-    monkeypatch.setenv("MSO_VPT_MODEL", str(model))
+    monkeypatch.setenv("MSO_VPT_MODEL", str(tiny_model_file))
     monkeypatch.setenv("MSO_VPT_WEIGHTS", str(tmp_path / "absent.weights"))
     with pytest.raises(FileNotFoundError, match="absent.weights"):
         gate_kl.policy_generator()
