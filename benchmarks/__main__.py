@@ -10,7 +10,7 @@ import json
 import platform
 import time
 
-from benchmarks import data_plane, learning, minecraft_rollout, rollout_throughput, weight_broadcast
+from benchmarks import data_plane, learning, minecraft_rollout, rollout_throughput, vpt_scale, weight_broadcast
 
 
 def main() -> None:
@@ -34,6 +34,12 @@ def main() -> None:
     for wb in weight_broadcast.main(["--sizes", "5e6" if args.quick else "5e6,248.5e6"]):
         rows.append((f"4 weights {wb['params_m']:.1f} M params, publish+load", f"{wb['mso_s']:.2f} s",
                      f"{wb['raw_s']:.2f} s raw SET+GET", wb["ratio"], "<= 1.5"))
+    if not args.quick:
+        vs = vpt_scale.main([])
+        rows.append(("5 VPT-2x weights (248.5 M), publish+load", f"{vs['mso_s']:.2f} s",
+                     f"{vs['raw_s']:.2f} s raw SET+GET", vs["ratio"], "<= 1.5"))
+        rows.append(("5 VPT fragment bytes/step raw -> lz4", f"{vs['noise_raw_per_step']:.0f} -> "
+                     f"{vs['flat_encoded_per_step']:.0f}..{vs['noise_encoded_per_step']:.0f}", "", None, ""))
     ln = learning.main([])
     rows.append(("6 CartPole to return 475 (incl. start-up)", f"{ln['mso_seconds_to_475']:.1f} s",
                  f"{ln['plain_seconds_to_475']:.1f} s plain PPO", ln["ratio"], "lower is better"))

@@ -24,6 +24,7 @@ import torch
 
 from mso import keys
 from mso.config import from_yaml, import_module
+from mso.minestudio import adapt
 from mso.queue import FragmentProducer
 from mso.redis_server import connect
 from mso.rollout.envs import EnvProcess
@@ -80,7 +81,7 @@ class RolloutLoop:
         self.keys = keys.SessionKeys(self.session_id)
         module = import_module(self.config_name)
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
-        policy = module.policy_generator()
+        policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         policy.eval()
         device = policy.device
         max_staleness = rc.replay_buffer_config.max_staleness

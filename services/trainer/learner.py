@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from mso import keys, weights
 from mso.config import from_yaml, import_module
+from mso.minestudio import adapt
 from mso.queue import FragmentConsumer, ledger
 from mso.redis_server import connect
 from mso.trainer import checkpoints
@@ -46,7 +47,7 @@ class Learner:
         self.client = connect(spec["redis_url"])
         module = import_module(spec["config_name"])
         torch.manual_seed(self.cfg.seed)  # the same initial weights as every rollout node: version 0
-        self.policy = module.policy_generator()
+        self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         if self.tc.zero_initial_vf:
             with torch.no_grad():
                 for p in self.policy.value_head.parameters():
