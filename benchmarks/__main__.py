@@ -10,7 +10,7 @@ import json
 import platform
 import time
 
-from benchmarks import data_plane, learning, minecraft_rollout, rollout_throughput, vpt_scale, weight_broadcast
+from benchmarks import data_plane, learner, learning, minecraft_rollout, rollout_throughput, vpt_scale, weight_broadcast
 
 
 def main() -> None:
@@ -36,10 +36,13 @@ def main() -> None:
                      f"{wb['raw_s']:.2f} s raw SET+GET", wb["ratio"], "<= 1.5"))
     if not args.quick:
         vs = vpt_scale.main([])
-        rows.append(("5 VPT-2x weights (248.5 M), publish+load", f"{vs['mso_s']:.2f} s",
+        rows.append(("4b VPT-2x model weights (248.5 M), publish+load", f"{vs['mso_s']:.2f} s",
                      f"{vs['raw_s']:.2f} s raw SET+GET", vs["ratio"], "<= 1.5"))
-        rows.append(("5 VPT fragment bytes/step raw -> lz4", f"{vs['noise_raw_per_step']:.0f} -> "
+        rows.append(("3b VPT fragment bytes/step raw -> encoded", f"{vs['noise_raw_per_step']:.0f} -> "
                      f"{vs['flat_encoded_per_step']:.0f}..{vs['noise_encoded_per_step']:.0f}", "", None, ""))
+    for lr in learner.main(["--repeats", "3" if args.quick else "5"]):
+        rows.append((f"5 learner PPO update, {lr['config']}", f"{lr['mso_samples_per_s']:.0f}/s",
+                     f"{lr['plain_samples_per_s']:.0f}/s plain torch loop", lr["ratio"], ">= 0.90"))
     ln = learning.main([])
     rows.append(("6 CartPole to return 475 (incl. start-up)", f"{ln['mso_seconds_to_475']:.1f} s",
                  f"{ln['plain_seconds_to_475']:.1f} s plain PPO", ln["ratio"], "lower is better"))
