@@ -48,6 +48,10 @@ class Learner:
         module = import_module(spec["config_name"])
         torch.manual_seed(self.cfg.seed)  # the same initial weights as every rollout node: version 0
         self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
+        # Ray (and Ray Train) give a rank with num_gpus_per_worker > 0 its own GPU as cuda:0.
+        use_gpu = self.tc.num_gpus_per_worker > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.policy.to(self.device)
         if self.tc.zero_initial_vf:
             with torch.no_grad():
                 for p in self.policy.value_head.parameters():
@@ -65,8 +69,10 @@ class Learner:
             log.info("rank %d reclaimed %d fragments pending for a previous trainer", self.rank, reclaimed)
         self.replay = Replay(self.consumer, self.session_id, self.length, self.cfg.rollout_config.replay_buffer_config,
                              seed=self.cfg.seed * 7919 + self.rank)
-        if self.tc.use_amp and not torch.cuda.is_available():
+        self.amp = self.tc.use_amp and self.device.type == "cuda"
+        if self.tc.use_amp and not self.amp:
             log.warning("train_config.use_amp=true needs CUDA; this trainer runs on the CPU in full precision")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.version, self.start_iteration = 0, 0
         self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id
         self.config_source = spec.get("config_source", "")
@@ -152,25 +158,25 @@ class Learner:
     # -- one PPO iteration -----------------------------------------------------------------------------
     def _update(self, fragments: list[dict], warmup: bool) -> dict:
         tc, policy, n, t_len, c_len = self.tc, self.policy, len(fragments), self.length, self.tc.context_length
-        to_tensor = lambda leaves: torch.as_tensor(np.stack(leaves))  # noqa: E731
+        to_tensor = lambda leaves: torch.as_tensor(np.stack(leaves), device=self.device)  # noqa: E731
         obs = stack([f["obs"] for f in fragments], to_tensor)
         action = stack([f["action"] for f in fragments], to_tensor)
-        first = torch.as_tensor(np.stack([f["first"] for f in fragments]))
+        first = to_tensor([f["first"] for f in fragments])
         next_done = np.stack([f["next_done"] for f in fragments])
         rewards = np.stack([f["reward"] for f in fragments])
         cut_values = np.stack([f["truncation_value"] * f["next_truncated"] for f in fragments])
-        behaviour_logp = torch.as_tensor(np.stack([f["logp"] for f in fragments]))
+        behaviour_logp = to_tensor([f["logp"] for f in fragments])
         next_obs = stack([tree_map(lambda a: np.asarray(a)[None], f["next_obs"]) for f in fragments], to_tensor)
-        in_states = [tree_map(torch.as_tensor, f["in_state"]) for f in fragments]
+        in_states = [tree_map(lambda a: torch.as_tensor(a, device=self.device), f["in_state"]) for f in fragments]
         lags = self.version - np.stack([f["model_version"] for f in fragments])
 
         raw_v, old_logp, values, boot = self._evaluate(obs, action, first, next_obs, next_done, in_states)
         chain_list = chains([f["slot"] for f in fragments], [f["seq"] for f in fragments],
                             [f["contiguous"] for f in fragments])
-        adv, target = gae(rewards, values.numpy().astype(np.float64), next_done, boot.numpy(), chain_list,
-                          tc.discount, tc.gae_lambda, cut_values)
-        adv, target = torch.as_tensor(adv), torch.as_tensor(target)
-        explained = self._explained_variance(values.numpy(), target.numpy())
+        values, boot = values.cpu().numpy().astype(np.float64), boot.cpu().numpy()
+        adv, target = gae(rewards, values, next_done, boot, chain_list, tc.discount, tc.gae_lambda, cut_values)
+        explained = self._explained_variance(values, target)
+        adv, target = torch.as_tensor(adv, device=self.device), torch.as_tensor(target, device=self.device)
         if tc.normalize_advantage_full_batch:
             total, total_sq, count = self._all_sum([adv.sum().item(), (adv ** 2).sum().item(), adv.numel()])
             mean = total / count
@@ -199,8 +205,9 @@ class Learner:
                     chunk = Chunk(obs=tree_map(sl, obs), action=tree_map(sl, action), first=sl(first),
                                   behaviour_logp=sl(behaviour_logp), old_logp=sl(old_logp), advantage=sl(adv),
                                   target=sl(target), old_vpred=sl(raw_v))
-                    loss, m, state, ref_state = chunk_loss(policy, self.ref_policy, chunk, state, ref_state, tc,
-                                                           self.rho, warmup)
+                    with torch.autocast(self.device.type, enabled=self.amp):
+                        loss, m, state, ref_state = chunk_loss(policy, self.ref_policy, chunk, state, ref_state, tc,
+                                                               self.rho, warmup)
                     state = tree_map(lambda x: x.detach(), state)
                     nan, kl_high = self._any_ranks([not torch.isfinite(loss).item(), m["approx_kl"] > tc.max_approx_kl])
                     if nan or kl_high:
@@ -211,7 +218,7 @@ class Learner:
                         batch_sums, batch_weight = {}, 0.0
                         break
                     weight = (e - s) / t_len
-                    (loss * weight / ga).backward()
+                    self.scaler.scale(loss * weight / ga).backward()
                     for k, v in m.items():
                         batch_sums[k] = batch_sums.get(k, 0.0) + v * weight
                     batch_weight += weight
@@ -236,7 +243,8 @@ class Learner:
         Returns raw V (the head's space), log pi_old, V and V(next_obs) in the return scale."""
         policy, tc, n, t_len, c_len = self.policy, self.tc, len(in_states), self.length, self.tc.context_length
         policy.eval()
-        raw_v, old_logp, boot = torch.zeros(n, t_len), torch.zeros(n, t_len), torch.zeros(n)
+        raw_v, old_logp = torch.zeros(n, t_len, device=self.device), torch.zeros(n, t_len, device=self.device)
+        boot = torch.zeros(n, device=self.device)
         for g in range(0, n, tc.batch_size_per_gpu):
             rows = slice(g, min(g + tc.batch_size_per_gpu, n))
             state = policy.merge_state(in_states[rows])
@@ -248,7 +256,7 @@ class Learner:
                 old_logp[rows, s:e] = policy.pi_head.logprob(tree_map(sl, action),
                                                              latents["pi_logits"]).reshape(-1, e - s)
             latents, _ = policy(tree_map(lambda x: x[rows], next_obs), state,
-                                context={"first": torch.as_tensor(next_done[rows, -1:])})
+                                context={"first": torch.as_tensor(next_done[rows, -1:], device=self.device)})
             boot[rows] = latents["vpred"].reshape(-1)
         if tc.use_normalized_vf:
             values, boot = policy.value_head.denormalize(raw_v).reshape(n, t_len), \
@@ -271,8 +279,10 @@ class Learner:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
         if params:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad()
 
     def _update_normalizer(self, targets: torch.Tensor) -> None:
