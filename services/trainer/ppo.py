@@ -11,7 +11,9 @@ policy so stale and reused data are corrected for.
     ent  = mean(H(pi))
     loss = policy_coef * pg + rho * kl + vf_coef * vf - entropy_coef * ent
 During vf_warmup iterations: loss = vf_coef * vf + kl. Where A < 0, log pi is floored at -11 as in the
-reference, so a near-impossible action cannot blow the ratio up.
+reference, so a near-impossible action cannot blow the ratio up; log pi_old is floored there too (the
+reference floors only log pi, so an action pi_old gave e^-30 showed a ratio of e^19, a policy loss of 10^8
+with no gradient, on VPT's 8641-way button head).
 
 Why decoupled (Hilton et al. 2021, "Batch size-invariance for policy optimization"): the reference takes the
 ratio against pi_old and ignores mu, so data up to max_staleness versions old is trained on as if it were
@@ -26,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+LOGP_FLOOR = -11.0  # the reference's floor on log pi where the advantage is negative
 
 
 @dataclass
@@ -45,9 +49,11 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
     latents, state_out = policy(chunk.obs, state, context={"first": chunk.first})
     logits = latents["pi_logits"]
     b, c = chunk.first.shape
-    new_logp = policy.pi_head.logprob(chunk.action, logits).reshape(b, c)
-    new_logp = torch.where(chunk.advantage < 0, new_logp.clamp(min=-11.0), new_logp)
-    log_ratio = (new_logp - chunk.old_logp).clamp(max=tc.log_ratio_range)
+    raw_logp = policy.pi_head.logprob(chunk.action, logits).reshape(b, c)
+    floor = chunk.advantage < 0
+    new_logp = torch.where(floor, raw_logp.clamp(min=LOGP_FLOOR), raw_logp)
+    old_logp = torch.where(floor, chunk.old_logp.clamp(min=LOGP_FLOOR), chunk.old_logp)
+    log_ratio = (new_logp - old_logp).clamp(max=tc.log_ratio_range)
     ratio = log_ratio.exp()
     weight = (chunk.old_logp - chunk.behaviour_logp).exp().clamp(max=tc.is_weight_clip)
     adv = chunk.advantage
@@ -80,7 +86,15 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
         loss = tc.ppo_policy_coef * pg + rho * kl + tc.ppo_vf_coef * vf - tc.entropy_bonus_coef * entropy
     with torch.no_grad():
         metrics = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": entropy.item(),
-                   "kl_divergence": kl.item(), "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                   "kl_divergence": kl.item(), "approx_kl": _approx_kl(raw_logp - chunk.old_logp),
                    "clip_fraction": ((ratio - 1).abs() > tc.ppo_clip).float().mean().item(),
                    "is_weight": weight.mean().item(), "total_loss": loss.item()}
     return loss, metrics, state_out, ref_state
+
+
+def _approx_kl(log_ratio: torch.Tensor) -> float:
+    """KL(pi_old || pi) estimated as mean((r - 1) - log r) (Schulman's k3), from the unfloored log-probs: the
+    floor at -11 would show a ratio of e^2 for an action pi_old gave e^-13, though pi has not moved, and
+    trip the max_approx_kl guard on a large action space (VPT's 8641 buttons) for nothing."""
+    log_ratio = log_ratio.detach()
+    return ((log_ratio.exp() - 1) - log_ratio).mean().item()

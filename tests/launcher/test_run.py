@@ -112,6 +112,7 @@ def test_supervision_restarts_dead_services_and_training_goes_on():
             assert service(kind).pid != victim.pid
         ledger = progress().ledger
         assert ledger.produced >= ledger.consumed + ledger.dropped_stale + ledger.dropped_corrupt
+        assert ledger.reused == 0  # cartpole's max_reuse is 1: what the new trainer reclaimed was not used twice
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 130
     finally:

@@ -52,10 +52,10 @@ def expected(action, behaviour, old, adv, target, cfg, rho=0.0, ref_logits=None,
     pg, vf, ent, kl = [], [], [], []
     for i in range(3):
         lp = log_softmax(LOGITS[i])
-        new = lp[action[i]]
+        new, prox = lp[action[i]], old[i]
         if adv[i] < 0:
-            new = max(new, -11.0)
-        r = math.exp(min(new - old[i], cfg.log_ratio_range))
+            new, prox = max(new, -11.0), max(prox, -11.0)
+        r = math.exp(min(new - prox, cfg.log_ratio_range))
         w = min(math.exp(old[i] - behaviour[i]), cfg.is_weight_clip)
         clipped = min(max(r, 1 - cfg.ppo_clip), 1 + cfg.ppo_clip)
         pg.append(w * max(-adv[i] * r, -adv[i] * clipped))
@@ -117,6 +117,18 @@ def test_low_probability_clamp_applies_only_where_advantage_is_negative():
     # step 0: A<0, log pi = -30 floored to -11 = old: ratio 1, pg = 1 (unfloored, the ratio would be e^-19: pg ~ 0.8)
     # step 1: A>0, not floored, -30 = old: ratio 1, pg = -1; step 2: A = 0
     assert m["policy_loss"] == pytest.approx((1.0 - 1.0 + 0.0) / 3, abs=1e-5)
+
+
+def test_floor_applies_to_both_log_probs_and_approx_kl_ignores_it():
+    # pi has not moved from pi_old, which gave the taken action e^-30. The reference floored only log pi:
+    # ratio e^19 and a policy loss of 1.8e8. Flooring both gives ratio 1; the KL estimate is 0.
+    policy = TablePolicy([[0.0, -30.0], [0.0, -30.0], [0.0, 0.0]], VALUES)
+    lp = log_softmax([0.0, -30.0])[1]
+    chunk = make_chunk(action=[1, 1, 0], behaviour=[lp, lp, math.log(0.5)], old=[lp, lp, math.log(0.5)],
+                       adv=[-1.0, -2.0, 0.5], target=[0.0, 0.0, 0.0])
+    _l, m, _s, _r = chunk_loss(policy, None, chunk, [], None, tc(), 0.0, False)
+    assert m["policy_loss"] == pytest.approx((1.0 + 2.0 - 0.5) / 3, abs=1e-4)
+    assert m["approx_kl"] == pytest.approx(0.0, abs=1e-6) and m["clip_fraction"] == 0.0
 
 
 def test_kl_to_the_reference_policy_and_rho():
