@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
+from benchmarks.weight_broadcast import raw_set_get
 from mso import codec, minestudio, weights
 from mso.redis_server import RedisServer, connect
 
@@ -34,17 +35,7 @@ def measure_weights(url: str, policy) -> dict:
     client = connect(url)
     sd = policy.state_dict()
     data = save({k: v.contiguous() for k, v in sd.items()})
-    chunk = weights.CHUNK_BYTES
-    start = time.perf_counter()
-    pipe = client.pipeline(transaction=False)
-    for i in range(0, len(data), chunk):
-        pipe.set(f"raw:{i}", data[i:i + chunk])
-    pipe.execute()
-    got = b"".join(client.mget([f"raw:{i}" for i in range(0, len(data), chunk)]))
-    raw_s = time.perf_counter() - start
-    assert got == data
-    del got
-    client.flushall()
+    raw_s = raw_set_get(client, data)
 
     start = time.perf_counter()
     pointer = weights.publish(client, "bench", 1, sd)
