@@ -56,7 +56,7 @@ online_dict = {
         "worker_config": {
             "num_envs": 8,
             "batch_size": 8,
-            "envs_per_process": 4,  # CartPole steps in microseconds: the pipe round trip is the cost
+            "envs_per_process": 0,  # CartPole steps in microseconds: in the worker's thread, no pipe round trip
             "restart_interval": None,
             "video_fps": 20,
             "video_output_dir": "output/videos/cartpole",

@@ -54,8 +54,9 @@ class WorkerConfig:
     env_start_timeout: float = 600.0          # mso: seconds a new env process may take to send its first obs
     envs_per_process: int = 1                 # mso: envs one env process steps in lockstep: 1 isolates each
                                               # env (MineStudio's layout); more save a pipe round trip per step
-                                              # for fast envs (CartPole), at the cost of a slow env holding its
-                                              # process-mates back
+                                              # for fast envs, at the cost of a slow env holding its
+                                              # process-mates back; 0 steps every env in the worker's own
+                                              # thread (no process, no timeout: for microsecond envs)
     videos_per_worker: int = 1                # mso: envs per worker that record their next episode when a
                                               # version divisible by train_config.record_video_interval arrives
 
@@ -280,7 +281,6 @@ def check(cfg: DictConfig) -> None:
                 "rollout_config.fragment_length": r.fragment_length,
                 "rollout_config.worker_config.num_envs": w.num_envs,
                 "rollout_config.worker_config.batch_size": w.batch_size,
-                "rollout_config.worker_config.envs_per_process": w.envs_per_process,
                 "train_config.num_workers": t.num_workers,
                 "train_config.batch_size_per_gpu": t.batch_size_per_gpu,
                 "train_config.batches_per_iteration": t.batches_per_iteration,
@@ -290,6 +290,9 @@ def check(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if w.envs_per_process < 0:
+        raise ConfigError(f"rollout_config.worker_config.envs_per_process must be 0 (in the worker's thread) or "
+                          f"more, got {w.envs_per_process}")
     if t.batches_per_iteration % t.gradient_accumulation:
         raise ConfigError(f"train_config.batches_per_iteration ({t.batches_per_iteration}) must be a multiple "
                           f"of train_config.gradient_accumulation ({t.gradient_accumulation})")

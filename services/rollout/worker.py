@@ -27,7 +27,7 @@ from mso.config import from_yaml, import_module
 from mso.minestudio import adapt
 from mso.queue import FragmentProducer
 from mso.redis_server import connect
-from mso.rollout.envs import EnvProcess
+from mso.rollout.envs import EnvProcess, InlineEnvs
 from mso.rollout.fragments import FragmentCutter, Step
 from mso.trees import stack, tree_map
 from mso.weights import WeightWatcher
@@ -95,10 +95,14 @@ class RolloutLoop:
 
         seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
         k = wc.envs_per_process
-        procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.config_name,
-                            [seed + i for i in range(first, min(first + k, wc.num_envs))], tc.discount,
-                            wc.restart_interval, wc.video_fps, wc.env_timeout, wc.env_start_timeout)
-                 for first in range(0, wc.num_envs, k)]
+        if k == 0:  # every env in this thread: no process, no pipe
+            procs = [InlineEnvs(list(range(wc.num_envs)), self.config_name, [seed + i for i in range(wc.num_envs)],
+                                tc.discount, wc.restart_interval, wc.video_fps)]
+        else:
+            procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.config_name,
+                                [seed + i for i in range(first, min(first + k, wc.num_envs))], tc.discount,
+                                wc.restart_interval, wc.video_fps, wc.env_timeout, wc.env_start_timeout)
+                     for first in range(0, wc.num_envs, k)]
         owner = {i: p for p, proc in enumerate(procs) for i in proc.slots}  # slot -> index of its process
         slot_ids = [f"{self.node_id}-w{self.index}-e{i}" for i in range(wc.num_envs)]
         cutters = [FragmentCutter(self.session_id, slot_ids[i], rc.fragment_length) for i in range(wc.num_envs)]
@@ -124,16 +128,18 @@ class RolloutLoop:
         self.stats["live_envs"] = wc.num_envs
         try:
             while not self.stop_event.is_set():
-                waiting = {procs[p].conn: p for p in range(len(procs))
-                           if procs[p].slots[0] not in pending and p not in broken}
+                idle = [p for p in range(len(procs)) if procs[p].slots[0] not in pending and p not in broken]
                 if len(broken) == len(procs):
                     break  # nothing can run; last_error says why
-                if waiting and len(pending) < target:
-                    timeout = max(0.0, deadline - time.monotonic()) if pending else 0.5
-                    for conn in wait(list(waiting), timeout=timeout):
-                        p = waiting[conn]
+                if idle and len(pending) < target:
+                    ready = [p for p in idle if procs[p].conn is None]  # in-thread envs have answered already
+                    waiting = {procs[p].conn: p for p in idle if procs[p].conn is not None}
+                    timeout = 0.0 if ready else max(0.0, deadline - time.monotonic()) if pending else 0.5
+                    if waiting:
+                        ready += [waiting[conn] for conn in wait(list(waiting), timeout=timeout)]
+                    for p in ready:
                         try:
-                            messages = conn.recv()
+                            messages = procs[p].recv()
                         except (EOFError, OSError):
                             restart(p, "env process died")
                             continue
@@ -157,7 +163,7 @@ class RolloutLoop:
                             self.stats["malformed_obs"] += 1
                             restart(p, f"malformed observation {shapes - {obs_signature}}, expected {obs_signature}")
                     now = time.monotonic()
-                    for p in [p for p in waiting.values() if procs[p].slots[0] not in pending]:
+                    for p in [p for p in idle if procs[p].slots[0] not in pending and p not in broken]:
                         if now > procs[p].deadline:
                             self.stats["env_timeouts"] += 1
                             restart(p, "no answer within worker_config.env_timeout / env_start_timeout")

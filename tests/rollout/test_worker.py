@@ -51,7 +51,7 @@ class Running:
         return self.by_slot
 
 
-@pytest.mark.parametrize("envs, per_process", [(2, 1), (3, 2)])
+@pytest.mark.parametrize("envs, per_process", [(2, 1), (3, 2), (3, 0)])
 def test_fragments_follow_the_l_plus_one_rule_across_episodes_and_fragments(redis_server, redis_client, envs,
                                                                              per_process):
     overrides = [f"rollout_config.worker_config.num_envs={envs}", f"rollout_config.worker_config.batch_size={envs}",
@@ -217,3 +217,24 @@ def test_with_two_envs_per_process_a_crash_breaks_one_slot_and_a_dead_process_bo
     # A crash is caught and its env rebuilt inside the process (its process-mate steps on); a dead process
     # takes both of its envs' partial fragments with it.
     assert len(broken) == broken_slots
+
+
+def test_envs_in_the_worker_thread_rebuild_a_crashing_env_and_step_the_others(redis_server, redis_client, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("MSO_TEST_FAULT", "crash:7")
+    monkeypatch.setenv("MSO_TEST_FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("MSO_TEST_FAULT_ENVS", "1")
+    overrides = ["rollout_config.worker_config.num_envs=3", "rollout_config.worker_config.batch_size=3",
+                 "rollout_config.worker_config.envs_per_process=0"]
+    started = time.time()
+    with Running(redis_client, redis_server.url, overrides) as run:
+        wait_until(lambda: run.loop.stats["env_restarts"] >= 1, 60, "the crashing env's rebuild")
+        by_slot = run.fragments(per_slot=8, slots=3)
+        assert run.loop.stats["live_envs"] == 3
+        new = [p for p in psutil.Process().children(recursive=True) if p.create_time() >= started - 0.1]
+        assert not new, new  # no env process: the envs ran in the worker's thread
+    broken = [slot for slot, frags in by_slot.items() if any(not f["contiguous"] for f in frags)]
+    assert len(broken) == 1
+    for frags in by_slot.values():
+        for f in frags:
+            np.testing.assert_array_equal(np.diff(f["obs"]["g"][:, 0]), 1)
