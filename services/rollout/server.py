@@ -233,6 +233,7 @@ def serve(address: str, redis_url: str, advertise: str | None = None, metrics_po
     servicer = RolloutServicer(client, redis_url, node_id)
     server.add(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, "mso.v1.RolloutService")
     server.start()
+    ray_runtime.connect_early()
     if metrics_port:
         from prometheus_client import REGISTRY, start_http_server
 

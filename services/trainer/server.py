@@ -207,6 +207,7 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     servicer = TrainerServicer(client, redis_url, node_id)
     server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "mso.v1.TrainerService")
     server.start()
+    ray_runtime.connect_early()
     heartbeat = session.Heartbeat(client, node_id, "trainer", advertise or server.address,
                                   lambda: S.Name(servicer.state)).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))

@@ -47,8 +47,8 @@ def test_two_ray_train_ranks_train_together(tmp_path):
 
 def test_ctrl_c_leaves_no_process_and_no_ray_behind():
     # Env processes (cartpole steps its envs in the worker's thread by default) must die with the rest too.
-    proc = subprocess.Popen(MSO + ["run", "cartpole", "train_config.num_iterations=100000", "--port=0", "--quiet",
-                                   "rollout_config.worker_config.envs_per_process=1"],
+    proc = subprocess.Popen(MSO + ["run", "cartpole", "train_config.num_iterations=100000",
+                                   "rollout_config.worker_config.envs_per_process=1", "--port=0", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     me = psutil.Process(proc.pid)
     try:
