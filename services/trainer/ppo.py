@@ -85,16 +85,15 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
     else:
         loss = tc.ppo_policy_coef * pg + rho * kl + tc.ppo_vf_coef * vf - tc.entropy_bonus_coef * entropy
     with torch.no_grad():
-        metrics = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": entropy.item(),
-                   "kl_divergence": kl.item(), "approx_kl": _approx_kl(raw_logp - chunk.old_logp),
-                   "clip_fraction": ((ratio - 1).abs() > tc.ppo_clip).float().mean().item(),
-                   "is_weight": weight.mean().item(), "total_loss": loss.item()}
-    return loss, metrics, state_out, ref_state
+        # KL(pi_old || pi) as mean((r - 1) - log r) (Schulman's k3), from the unfloored log-probs: the floor
+        # at -11 would show a ratio of e^2 for an action pi_old gave e^-13, though pi has not moved, and trip
+        # the max_approx_kl guard on a large action space (VPT's 8641 buttons) for nothing.
+        raw_log_ratio = raw_logp - chunk.old_logp
+        approx_kl = ((raw_log_ratio.exp() - 1) - raw_log_ratio).mean()
+        clip_fraction = ((ratio - 1).abs() > tc.ppo_clip).float().mean()
+        values = torch.stack([pg, vf, entropy, kl, approx_kl, clip_fraction, weight.mean(), loss]).tolist()
+    return loss, dict(zip(METRICS, values)), state_out, ref_state
 
 
-def _approx_kl(log_ratio: torch.Tensor) -> float:
-    """KL(pi_old || pi) estimated as mean((r - 1) - log r) (Schulman's k3), from the unfloored log-probs: the
-    floor at -11 would show a ratio of e^2 for an action pi_old gave e^-13, though pi has not moved, and
-    trip the max_approx_kl guard on a large action space (VPT's 8641 buttons) for nothing."""
-    log_ratio = log_ratio.detach()
-    return ((log_ratio.exp() - 1) - log_ratio).mean().item()
+METRICS = ("policy_loss", "value_loss", "entropy", "kl_divergence", "approx_kl", "clip_fraction", "is_weight",
+           "total_loss")  # what chunk_loss reports, one host transfer for all
