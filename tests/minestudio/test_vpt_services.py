@@ -10,6 +10,7 @@ import numpy as np
 from mso import keys, session
 from mso.codec import decode
 from mso.config import load
+from mso.queue import FragmentConsumer
 from mso.rpc import channel
 from mso.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import wait_until
@@ -60,9 +61,15 @@ def test_tiny_vpt_trains_through_rollout_and_trainer_services(stack, tmp_path):
             rst = wait_until(lambda: (s := rollout.GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10))
                              .model_version >= 1 and s, 60, "the rollout node to load a trained version")
             assert rst.env_restarts == 0 and not rst.last_error  # every action reached the env in VPT's format
-            records = wait_until(lambda: [r for r in (msgpack.unpackb(e[b"e"]) for _i, e in
-                                                      client.xrange(keys.SessionKeys(sid).episodes))
-                                          if r["video"]], 60, "an episode video")
+            # The trainer has finished: drain the stream as it would, so backpressure does not stop the rollout
+            # before the recorded episode ends.
+            drain = FragmentConsumer(client, sid, "test-drain")
+
+            def video_records():
+                drain.retire([i for i, _f in drain.read(64, block_ms=None)], "consumed")
+                return [r for r in (msgpack.unpackb(e[b"e"]) for _i, e in
+                                    client.xrange(keys.SessionKeys(sid).episodes)) if r["video"]]
+            records = wait_until(video_records, 60, "an episode video")
             with av.open(records[0]["video"]) as container:
                 frames = list(container.decode(video=0))
             assert frames and (frames[0].height, frames[0].width) == (128, 128)
