@@ -34,7 +34,9 @@ from mso.weights import WeightWatcher
 
 log = logging.getLogger(__name__)
 
-BATCH_DEADLINE = 0.005  # seconds to wait for a fuller batch once one observation is ready
+# Seconds to wait for a fuller batch once one observation is ready. Every env in the batch waits this long
+# for its action: at 5 ms, 8 Minecraft-paced envs (50 ms steps) reached 0.89 of their own speed, at 1 ms 0.93.
+BATCH_DEADLINE = 0.001
 EPISODES_KEPT = 10_000  # entries the episode stream keeps
 
 
