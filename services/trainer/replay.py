@@ -95,6 +95,12 @@ class Replay:
         while True:
             entries = self.consumer.read(max(n - self.held(), self.capacity), block_ms=block_ms)
             self._add(entries, version)
+            if not entries and block_ms is not None:
+                # Nothing arrived for a while: the producers may be blocked by a stream that partial chunks
+                # fill (max_pending_fragments); those chunks are closed as they are rather than wait forever.
+                for slot in list(self.partial):
+                    part = self.partial.pop(slot)
+                    self._close(_Chunk(part.ids, part.version))
             if self.held() >= n:
                 return True
             if should_stop():

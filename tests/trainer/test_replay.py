@@ -1,6 +1,8 @@
 """The trainer's replay on a real redis-server: staleness at sampling, exact reuse counts (also across a
 trainer restart), chunks of consecutive fragments, capacity, and a ledger that balances."""
 
+import time
+
 import numpy as np
 from omegaconf import OmegaConf
 
@@ -117,3 +119,12 @@ def test_corrupt_and_foreign_entries_are_counted_not_trained_on(redis_client):
     picked, _ids, frags = replay.sample(2, 0)
     replay.used(picked)
     assert len(frags) == 2 and ledger(redis_client, "s1")["dropped_corrupt"] == 2 and balanced(redis_client)
+
+
+def test_partial_chunks_that_wait_while_nothing_arrives_are_closed_not_waited_for(redis_client):
+    # Two slots with two of three fragments each: a blocked producer would never complete them.
+    push(redis_client, [fragment("a", 0), fragment("b", 0), fragment("a", 1), fragment("b", 1)])
+    replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(fragments_per_chunk=3))
+    deadline = time.monotonic() + 10
+    assert replay.fill(4, 0, lambda: time.monotonic() > deadline)
+    assert sorted(len(c.ids) for c in replay.chunks) == [2, 2]
