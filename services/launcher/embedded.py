@@ -41,7 +41,9 @@ class ChildProcess:
     def stop(self, grace: float) -> None:
         if self.process.poll() is None:
             try:
-                os.killpg(self.process.pid, signal.SIGTERM)
+                # A service stops on SIGINT as on SIGTERM, but Ray's fatal-signal handler, installed in every
+                # process that joined Ray, dumps a stack trace for SIGTERM on a perfectly clean stop.
+                os.killpg(self.process.pid, signal.SIGTERM if self.name == "ray" else signal.SIGINT)
             except ProcessLookupError:
                 pass
             try:
