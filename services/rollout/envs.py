@@ -57,6 +57,11 @@ class _Episode:
                 "stats": {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}}
 
 
+def reseeded(seeds: list[int]) -> list[int]:
+    """Fresh seeds for rebuilt envs, so a deterministic crash is not replayed."""
+    return [s + 1000003 for s in seeds]
+
+
 class _Fatal(Exception):
     """An env that cannot be built: reported to the worker, not retried forever."""
 
@@ -136,31 +141,27 @@ class _Runner:
 
 def _env_main(conn: Connection, environ: dict, config_name: str, seeds: list[int], discount: float,
               restart_interval, fps: int) -> None:
+    """An env process: an EnvGroup behind the pipe, until the worker says None or an env cannot be built."""
     # The forkserver's environment is that of when it started; an env sees its worker's, as with spawn.
     os.environ.clear()
     os.environ.update(environ)
-    from mso.config import import_module
-
-    runners = []
+    envs = None
     try:
-        try:
-            module = import_module(config_name)  # once: a module's globals live as long as the process
-        except Exception as exc:
-            raise _Fatal(f"config {config_name}: importing it failed: {type(exc).__name__}: {exc}") from None
-        runners = [_Runner(config_name, module, seed, discount, restart_interval, fps) for seed in seeds]
-        conn.send([r.start() for r in runners])
+        envs = EnvGroup(list(range(len(seeds))), config_name, seeds, discount, restart_interval, fps)
         while True:
+            reply = envs.recv()
+            conn.send(reply)
+            if isinstance(reply, tuple):
+                return  # ("fatal", reason): reported, and this process ends
             message = conn.recv()
             if message is None:
                 return
-            conn.send([r.step(action, video) for r, (action, video) in zip(runners, message)])
-    except _Fatal as exc:
-        conn.send(("fatal", str(exc)))
+            envs.send(message)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
     finally:
-        for r in runners:
-            r.close()
+        if envs is not None:
+            envs.close()
 
 
 class EnvProcess:
@@ -199,7 +200,7 @@ class EnvProcess:
         self.restarts += 1
         self.close(timeout=1.0)
         name, seeds, *rest = self.args
-        self.args = (name, [s + 1000003 for s in seeds], *rest)  # fresh seeds: a deterministic crash is not replayed
+        self.args = (name, reseeded(seeds), *rest)
         self.spawn()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -216,32 +217,38 @@ class EnvProcess:
                 self.process.join()
 
 
-class InlineEnvs:
-    """The env slots `slots` stepped in the worker's own thread (worker_config.envs_per_process=0): no
-    process and no pipe, for envs that step in microseconds, where the round trip to a process costs more
-    than the step. The same interface as EnvProcess, answering at once. An env that raises is rebuilt as in
-    a process; one that hangs or kills its process takes the worker with it (env_timeout cannot apply)."""
+class EnvGroup:
+    """The env slots `slots` stepped in the calling thread: what an env process runs behind its pipe, and
+    what a worker runs itself with worker_config.envs_per_process=0 (no process and no pipe, for envs that
+    step in microseconds, where the round trip to a process costs more than the step). The same interface
+    as EnvProcess, answering at once. An env that raises is rebuilt; in the worker's thread, one that hangs
+    or kills its process takes the worker with it (env_timeout cannot apply)."""
 
     conn = None
     deadline = float("inf")
 
     def __init__(self, slots: list[int], config_name: str, seeds: list[int], discount: float, restart_interval,
                  fps: int):
-        self.slots, self.seeds = slots, seeds
-        self.args = (config_name, discount, restart_interval, fps)
+        self.slots, self.config_name, self.seeds = slots, config_name, seeds
+        self.settings = (discount, restart_interval, fps)
         self.restarts = 0
+        self.module, self.runners = None, []
         self._start()
 
     def _start(self) -> None:
         from mso.config import import_module
 
-        config_name, discount, restart_interval, fps = self.args
         try:
-            module = import_module(config_name)
-            self.runners = [_Runner(config_name, module, seed, discount, restart_interval, fps) for seed in self.seeds]
+            if self.module is None:
+                try:  # once: a module's globals live as long as the process, across env rebuilds
+                    self.module = import_module(self.config_name)
+                except Exception as exc:
+                    raise _Fatal(f"config {self.config_name}: importing it failed: {type(exc).__name__}: "
+                                 f"{exc}") from None
+            self.runners = [_Runner(self.config_name, self.module, seed, *self.settings) for seed in self.seeds]
             self.reply = [r.start() for r in self.runners]
         except _Fatal as exc:
-            self.runners, self.reply = [], ("fatal", str(exc))
+            self.reply = ("fatal", str(exc))
 
     def recv(self):
         reply, self.reply = self.reply, None
@@ -256,7 +263,7 @@ class InlineEnvs:
     def restart(self) -> None:
         self.restarts += 1
         self.close()
-        self.seeds = [s + 1000003 for s in self.seeds]
+        self.seeds = reseeded(self.seeds)
         self._start()
 
     def close(self, timeout: float = 0.0) -> None:
