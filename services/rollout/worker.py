@@ -27,7 +27,7 @@ from mso.config import from_yaml, import_module
 from mso.minestudio import adapt
 from mso.queue import FragmentProducer
 from mso.redis_server import connect
-from mso.rollout.envs import EnvProcess, InlineEnvs
+from mso.rollout.envs import EnvGroup, EnvProcess
 from mso.rollout.fragments import FragmentCutter, Step
 from mso.trees import stack, tree_map
 from mso.weights import WeightWatcher
@@ -59,6 +59,23 @@ def check_weights(policy: torch.nn.Module, state: dict) -> None:
         raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
 
+def one_step(policy, observations: list, states: list, first: list[bool]):
+    """The policy on one time step of several envs: their (B,) observations as (B, 1, ...) tensors, their
+    states merged; returns (latents, state_out)."""
+    device = policy.device
+    obs = tree_map(lambda a: torch.as_tensor(a[:, None], device=device), stack(observations))
+    context = {"first": torch.tensor([[f] for f in first], device=device)}
+    return policy(obs, policy.merge_state(states), context=context)
+
+
+def values(policy, latents: dict, use_normalized_vf: bool) -> np.ndarray:
+    """V of each env of a one_step batch, in the return scale."""
+    v = latents["vpred"].reshape(-1, 1)
+    if use_normalized_vf:
+        v = policy.value_head.denormalize(v)
+    return v.reshape(-1).cpu().numpy()
+
+
 class RolloutLoop:
     """Steps one worker's envs until stop is set. `stats` is read by status calls from other threads."""
 
@@ -85,7 +102,6 @@ class RolloutLoop:
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
         policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         policy.eval()
-        device = policy.device
         max_staleness = rc.replay_buffer_config.max_staleness
         version = 0
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
@@ -98,8 +114,8 @@ class RolloutLoop:
         seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
         k = wc.envs_per_process
         if k == 0:  # every env in this thread: no process, no pipe
-            procs = [InlineEnvs(list(range(wc.num_envs)), self.config_name, [seed + i for i in range(wc.num_envs)],
-                                tc.discount, wc.restart_interval, wc.video_fps)]
+            procs = [EnvGroup(list(range(wc.num_envs)), self.config_name, [seed + i for i in range(wc.num_envs)],
+                              tc.discount, wc.restart_interval, wc.video_fps)]
         else:
             procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.config_name,
                                 [seed + i for i in range(first, min(first + k, wc.num_envs))], tc.discount,
@@ -205,17 +221,11 @@ class RolloutLoop:
                         self._episode(client, msg[4], version, slot_ids[i])
                 started = time.perf_counter()
                 with torch.inference_mode():
-                    # (B,) observations -> (B, 1, ...) tensors: one time step per env
-                    obs = tree_map(lambda a: torch.as_tensor(a[:, None], device=device), stack([m[0] for m in msgs]))
-                    state_in = policy.merge_state([states[i] for i in batch])
-                    first = torch.tensor([[bool(m[2] or m[3])] for m in msgs], device=device)
-                    latents, state_out = policy(obs, state_in, context={"first": first})
+                    latents, state_out = one_step(policy, [m[0] for m in msgs], [states[i] for i in batch],
+                                                  [bool(m[2] or m[3]) for m in msgs])
                     action = policy.pi_head.sample(latents["pi_logits"])
                     logp = policy.pi_head.logprob(action, latents["pi_logits"]).reshape(-1).cpu().numpy()
-                    vpred = latents["vpred"].reshape(-1, 1)
-                    if tc.use_normalized_vf:
-                        vpred = policy.value_head.denormalize(vpred)
-                    vpred = vpred.reshape(-1).cpu().numpy()
+                    vpred = values(policy, latents, tc.use_normalized_vf)
                     new_states = policy.split_state(state_out, len(batch))
                 actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
                 self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + \
@@ -254,21 +264,15 @@ class RolloutLoop:
         """V(final obs) for each env whose episode a time limit just cut, from the recurrent state that
         observation continues (the behaviour policy's value: the learner never sees that observation), so
         GAE can bootstrap the cut instead of treating it as a real end; 0.0 for the others."""
-        values = [0.0] * len(final_obs)
+        out = [0.0] * len(final_obs)
         cut = [j for j, o in enumerate(final_obs) if o is not None]
         if not cut:
-            return values
-        device = policy.device
+            return out
         with torch.inference_mode():
-            obs = tree_map(lambda a: torch.as_tensor(a[:, None], device=device), stack([final_obs[j] for j in cut]))
-            first = torch.zeros(len(cut), 1, dtype=torch.bool, device=device)
-            latents, _ = policy(obs, policy.merge_state([states[j] for j in cut]), context={"first": first})
-            v = latents["vpred"].reshape(-1, 1)
-            if use_normalized_vf:
-                v = policy.value_head.denormalize(v)
-        for j, x in zip(cut, v.reshape(-1).tolist()):
-            values[j] = x
-        return values
+            latents, _ = one_step(policy, [final_obs[j] for j in cut], [states[j] for j in cut], [False] * len(cut))
+            for j, x in zip(cut, values(policy, latents, use_normalized_vf).tolist()):
+                out[j] = x
+        return out
 
     def _episode(self, client, episode: dict, version: int, slot_id: str) -> None:
         self.stats["episodes"] += 1
