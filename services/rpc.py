@@ -37,9 +37,9 @@ class Server:
 
     def __init__(self, address: str, max_workers: int = 16):
         credentials = auth.server_credentials()
-        token = auth.token()
+        self.token = auth.token()
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
-                                interceptors=[auth.TokenInterceptor(token)] if token else None)
+                                interceptors=[auth.TokenInterceptor(self.token)] if self.token else None)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.tls = credentials is not None
@@ -63,7 +63,7 @@ class Server:
         for name in self._service_names[1:] + [""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (%s%s)", ", ".join(self._service_names[2:]), self.address,
-                 "TLS" if self.tls else "plaintext", ", token required for changes" if auth.token() else "")
+                 "TLS" if self.tls else "plaintext", ", token required for changes" if self.token else "")
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():

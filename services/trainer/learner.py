@@ -43,7 +43,6 @@ class Learner:
         self.cfg = from_yaml(spec["config_yaml"])
         self.tc = OmegaConf.to_object(self.cfg.train_config)  # a plain dataclass: DictConfig lookups are slow
         self.length = self.cfg.rollout_config.fragment_length
-        self.max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
         self.client = connect(spec["redis_url"])
         module = import_module(spec["config_name"])
         torch.manual_seed(self.cfg.seed)  # the same initial weights as every rollout node: version 0
@@ -106,12 +105,12 @@ class Learner:
     def run(self) -> dict:
         tc = self.tc
         self._status(state="SERVICE_STATE_RUNNING", iteration=self.start_iteration)
+        stop = lambda: self.client.hget(self.keys.trainer, "stop") == b"1"  # noqa: E731
         for iteration in range(self.start_iteration, tc.num_iterations):
             if tc.anneal_lr_linearly:
                 for group in self.optimizer.param_groups:
                     group["lr"] = (1 - iteration / tc.num_iterations) * tc.learning_rate
             start = time.monotonic()
-            stop = lambda: self.client.hget(self.keys.trainer, "stop") == b"1"  # noqa: E731
             filled = self.replay.fill(self.fragments_per_rank, self.version, stop)
             if self._any_ranks([not filled])[0]:
                 self._status(state="SERVICE_STATE_IDLE", iteration=iteration)
