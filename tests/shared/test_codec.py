@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mso import keys
-from mso.codec import CodecError, decode, encode
+from mso.codec import MAGIC, CodecError, decode, encode
 from mso.queue import FragmentConsumer, FragmentProducer, ledger
 from mso.rollout.fragments import FragmentCutter, Step
 
@@ -69,10 +69,10 @@ def test_corrupt_payload_is_rejected_with_a_reason(mangle, reason):
 def test_object_arrays_never_travel():
     with pytest.raises(CodecError, match="dtype"):
         encode({"x": np.array([object()], dtype=object)})
-    header = msgpack.packb({"tree": {"__nd__": 0}, "arrays": [["|O", [1], 8, False]], "crc": 0})
+    header = msgpack.packb({"tree": {"__nd__": 0}, "arrays": [["|O", [1], 8, False]], "xxh3": 0})
     import struct
     with pytest.raises(CodecError, match="not allowed"):
-        decode(b"MSO2" + struct.pack("<I", len(header)) + header + b"\0" * 8)
+        decode(MAGIC + struct.pack("<I", len(header)) + header + b"\0" * 8)
 
 
 def test_frames_that_compress_are_compressed_and_noise_is_not():
