@@ -61,7 +61,7 @@ class Learner:
             self.ref_policy.requires_grad_(False)
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay,
-                                           eps=self.tc.adam_eps)
+                                           eps=self.tc.adam_eps, fused=True)
         self.consumer = FragmentConsumer(self.client, self.session_id, f"{spec['node_id']}-rank{self.rank}")
         reclaimed = self.consumer.reclaim()  # what a dead trainer had read but not retired
         if reclaimed:

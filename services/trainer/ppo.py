@@ -72,7 +72,8 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
             vf_c = 0.5 * (clipped - chunk.target) ** 2
         vf_bt = torch.max(vf_bt, vf_c)
     vf = vf_bt.mean()
-    entropy = policy.pi_head.entropy(logits).reshape(b, c).mean()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and tc.entropy_bonus_coef != 0 and not warmup):
+        entropy = policy.pi_head.entropy(logits).reshape(b, c).mean()  # reported even when not in the loss
 
     kl = torch.zeros((), device=vpred.device)
     if ref_policy is not None:
