@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Callable
 
 import ray
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "online"
+WARM_READY_TIMEOUT = 60.0
 _lock = threading.Lock()
 
 
@@ -24,17 +26,61 @@ def ensure() -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 
-def connect_early() -> None:
-    """With RAY_ADDRESS set, join that cluster now in the background, so a session's Start does not wait
-    seconds for it. Without it, the service's own Ray instance starts at the first Start, as it costs
-    memory even when idle. A failure here is only logged: Start tries again and reports it."""
-    if not os.environ.get("RAY_ADDRESS"):
+def shared_cluster() -> bool:
+    """Whether this service joins a Ray cluster at RAY_ADDRESS (rather than starting its own at a Start)."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def connect_early(then: Callable[[], None] | None = None) -> None:
+    """With RAY_ADDRESS set, join that cluster now in the background (waiting for its head if it is still
+    starting), then call `then` (the service warms its actors), so a session's Start does not wait seconds
+    for either. Without it, the service's own Ray instance starts at the first Start, as it costs memory
+    even when idle. A failure here is only logged: Start tries again and reports it."""
+    if not shared_cluster():
         return
 
     def connect() -> None:
         try:
             ensure()
+            if then is not None:
+                then()
         except Exception as exc:  # reported by the Start that needs it
             log.warning("cannot join the Ray cluster at %s yet: %s", os.environ["RAY_ADDRESS"], exc)
 
     threading.Thread(target=connect, name="ray-connect", daemon=True).start()
+
+
+class WarmActor:
+    """One actor started before a session needs it, so a Start does not wait seconds for a process to start
+    and import torch (and, for a learner, torch._dynamo, which the first optimizer imports). Services make
+    one when they join a shared cluster and again after each session. take() hands it over only to a
+    session that asks for the same resources; a mismatched one is killed so its resources are free."""
+
+    def __init__(self, make: Callable[[dict], object], resources: dict):
+        self._make, self.resources = make, resources
+        self._handle = None
+        self._lock = threading.Lock()
+
+    def fill(self) -> None:
+        """Start the warm actor if there is none (only on a shared cluster: a service's own Ray instance
+        starts at a Start, and an idle actor would keep it busy for nothing)."""
+        with self._lock:
+            if self._handle is None and shared_cluster() and ray.is_initialized():
+                self._handle = self._make(self.resources)
+
+    def take(self, resources: dict | None):
+        """The warm actor if it holds exactly these resources, else None (None: the session needs none)."""
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle is None:
+            return None
+        if resources != self.resources:
+            ray.kill(handle)
+            return None
+        try:  # waits while it is still starting, as a new one would
+            ray.get(handle.__ray_ready__.remote(), timeout=WARM_READY_TIMEOUT)
+        except Exception as exc:  # it died, or never got its resources: the caller starts a new one
+            log.warning("the warm actor is not usable (%s); starting a new one", exc)
+            ray.kill(handle)
+            return None
+        return handle

@@ -83,8 +83,8 @@ def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
 
 
 class Embedded:
-    """Everything a session needs, started locally. `redis_url` and the service addresses are set once
-    start() returns. supervise() restarts a service process that died, as `restart: unless-stopped` does
+    """Everything a session needs, started locally. `redis_url` and `ray_address` are set once start()
+    returns. supervise() restarts a service process that died, as `restart: unless-stopped` does
     for the compose containers: with a doubling backoff and at most MAX_RESTARTS restarts per service."""
 
     MAX_RESTARTS = 5
@@ -96,6 +96,7 @@ class Embedded:
         self.redis: RedisServer | None = None
         self.children: list[ChildProcess] = []
         self.redis_url = os.environ.get("REDIS_URL") or ""
+        self.ray_address = ""
         self.restarts: dict[str, int] = {"rollout": 0, "trainer": 0}
         self._dead_since: dict[str, float] = {}
 
@@ -113,7 +114,8 @@ class Embedded:
         env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
         # The head and both services start together: each spends seconds importing; the services join Ray
         # only when a session starts.
-        head, env["RAY_ADDRESS"] = spawn_ray_head(self.num_cpus, env)
+        head, self.ray_address = spawn_ray_head(self.num_cpus, env)
+        env["RAY_ADDRESS"] = self.ray_address
         self.children.append(head)
         services = []
         for kind in ("rollout", "trainer"):

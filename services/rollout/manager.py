@@ -4,6 +4,7 @@ and down, stops them, and sums their status (env steps/s is measured here, betwe
 from __future__ import annotations
 
 import time
+import uuid
 
 import ray
 
@@ -15,33 +16,44 @@ SUMMED = ("env_steps", "fragments_pushed", "bytes_pushed", "episodes", "env_rest
           "steps_dropped", "live_envs", "videos", "malformed_obs")
 
 
+def worker_resources(rc) -> dict:
+    return {"num_cpus": rc.num_cpus_per_worker, "num_gpus": rc.num_gpus_per_worker}
+
+
+def new_worker(node_id: str, resources: dict):
+    return RolloutWorker.options(**resources, name=f"rollout-worker-{node_id}-{uuid.uuid4().hex[:6]}",
+                                 namespace="online").remote()
+
+
 @ray.remote(num_cpus=0)
 class RolloutManager:
-    def __init__(self, node_id: str, session_id: str, redis_url: str, config_name: str, config_yaml: str):
-        self.args = (session_id, redis_url, config_name, config_yaml, node_id)
+    def __init__(self, node_id: str):
         self.node_id = node_id
-        self.rc = from_yaml(config_yaml).rollout_config
+        self.args: tuple = ()
+        self.rc = None
         self.workers: list = []
         self.next_index = 0
         self.retired = {k: 0 for k in SUMMED}  # counters of workers scaled away, so totals never go back
         self._last = (time.monotonic(), 0)
         self._rate = 0.0
 
-    def start(self) -> int:
-        return self.scale(self.rc.num_rollout_workers)
+    def start(self, session_id: str, redis_url: str, config_name: str, config_yaml: str, spare=None) -> int:
+        """Start the session's workers; `spare`, a worker the service started ahead, becomes the first."""
+        self.args = (session_id, redis_url, config_name, config_yaml, self.node_id)
+        self.rc = from_yaml(config_yaml).rollout_config
+        return self.scale(self.rc.num_rollout_workers, spare)
 
-    def scale(self, num_workers: int) -> int:
+    def scale(self, num_workers: int, spare=None) -> int:
         """Grow or shrink to num_workers workers; a removed worker's partial fragments are never produced."""
         added = []
         while len(self.workers) < num_workers:
-            worker = RolloutWorker.options(
-                num_cpus=self.rc.num_cpus_per_worker, num_gpus=self.rc.num_gpus_per_worker,
-                name=f"rollout-worker-{self.node_id}-{self.next_index}", namespace="online",
-            ).remote(self.next_index, *self.args)
-            self.next_index += 1
+            worker, spare = spare or new_worker(self.node_id, worker_resources(self.rc)), None
             self.workers.append(worker)
             added.append(worker)
-        ray.get([w.start.remote() for w in added])
+        if spare is not None:
+            ray.kill(spare)
+        ray.get([w.start.remote(self.next_index + i, *self.args) for i, w in enumerate(added)])
+        self.next_index += len(added)
         while len(self.workers) > num_workers:
             self._retire(self.workers.pop())
         return len(self.workers)

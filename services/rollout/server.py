@@ -43,6 +43,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.last_error = ""
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        # A manager and one worker started ahead of a session (on a shared Ray cluster), with the default
+        # CPU resources: a session that wants other resources gets new ones.
+        self.warm_manager = ray_runtime.WarmActor(self._new_manager, {})
+        self.warm_worker = ray_runtime.WarmActor(self._new_worker, {"num_cpus": 1, "num_gpus": 0})
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def Start(self, request, context):
@@ -64,7 +68,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 raise StartError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"already running session {self.session_id}; Stop it first")
             try:
-                record, _cfg = session.join(self.client, sid)
+                record, cfg = session.join(self.client, sid)
             except session.SessionError as exc:
                 code = grpc.StatusCode.NOT_FOUND if "no session" in str(exc) else grpc.StatusCode.FAILED_PRECONDITION
                 raise StartError(code, str(exc)) from None
@@ -72,12 +76,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 raise StartError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load the session's config: {exc}") from None
             self.state, self.session_id, self.last_error = S.SERVICE_STATE_STARTING, sid, ""
             try:
-                from mso.rollout.manager import RolloutManager
+                from mso.rollout.manager import worker_resources
 
                 ray_runtime.ensure()
-                self.manager = RolloutManager.options(name=f"rollout-manager-{self.node_id}").remote(
-                    self.node_id, sid, self.redis_url, record["config_name"], record["config_yaml"])
-                ray.get(self.manager.start.remote(), timeout=180)
+                self.manager = self.warm_manager.take({}) or self._new_manager({})
+                spare = self.warm_worker.take(worker_resources(cfg.rollout_config))
+                ray.get(self.manager.start.remote(sid, self.redis_url, record["config_name"], record["config_yaml"],
+                                                  spare), timeout=180)
             except Exception as exc:
                 self.last_error = f"cannot start rollout workers: {exc}"
                 self.state = S.SERVICE_STATE_FAILED
@@ -160,6 +165,22 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 log.warning("session discovery: %s", exc)
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def _new_manager(self, _resources: dict):
+        from mso.rollout.manager import RolloutManager
+
+        return RolloutManager.options(name=f"rollout-manager-{self.node_id}-{uuid.uuid4().hex[:6]}").remote(
+            self.node_id)
+
+    def _new_worker(self, resources: dict):
+        from mso.rollout.manager import new_worker
+
+        return new_worker(self.node_id, resources)
+
+    def fill_warm(self) -> None:
+        if not self._closing.is_set():
+            self.warm_manager.fill()
+            self.warm_worker.fill()
+
     def _release(self) -> None:
         manager, self.manager = self.manager, None
         if manager is None:
@@ -169,6 +190,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         except Exception as exc:
             log.warning("rollout manager did not stop cleanly: %s", exc)
         ray.kill(manager)
+        self.fill_warm()  # for the next session
 
     def status_dict(self) -> dict | None:
         manager = self.manager
@@ -233,7 +255,7 @@ def serve(address: str, redis_url: str, advertise: str | None = None, metrics_po
     servicer = RolloutServicer(client, redis_url, node_id)
     server.add(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, "mso.v1.RolloutService")
     server.start()
-    ray_runtime.connect_early()
+    ray_runtime.connect_early(then=servicer.fill_warm)
     if metrics_port:
         from prometheus_client import REGISTRY, start_http_server
 

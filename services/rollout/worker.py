@@ -301,14 +301,17 @@ class RolloutLoop:
 
 @ray.remote
 class RolloutWorker:
-    """The Ray boundary around a RolloutLoop running in a thread of the actor process."""
+    """The Ray boundary around a RolloutLoop running in a thread of the actor process. It is created
+    without a session (so a spare can start, and import torch, before one exists); start() gives it one."""
 
-    def __init__(self, worker_index: int, session_id: str, redis_url: str, config_name: str, config_yaml: str,
-                 node_id: str):
+    def __init__(self):
+        self.loop: RolloutLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker_index: int, session_id: str, redis_url: str, config_name: str, config_yaml: str,
+              node_id: str) -> bool:
         self.loop = RolloutLoop(worker_index, session_id, redis_url, config_name, from_yaml(config_yaml), node_id)
         self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
-
-    def start(self) -> bool:
         self.thread.start()
         return True
 

@@ -337,5 +337,11 @@ def train_loop(spec: dict) -> dict:
 class LearnerActor:
     """The single-rank learner as a plain Ray actor (no Ray Train start-up cost)."""
 
+    def warm(self) -> None:
+        """Pay the first-use costs before a session: the first optimizer imports torch._dynamo (a second on
+        these machines), and the logs import TensorBoard."""
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
     def run(self, spec: dict) -> dict:
         return train_loop(spec)

@@ -27,18 +27,28 @@ STOP_GRACE = 60.0
 SAVE_TIMEOUT = 300.0
 
 
-def run_learner(spec: dict, cfg) -> dict:
+def start_learner_actor(node_id: str, resources: dict):
+    """A single-rank learner actor, warming up (its imports) as soon as its process runs."""
+    from mso.trainer.learner import LearnerActor
+
+    actor = LearnerActor.options(**resources, name=f"learner-{node_id}-{uuid.uuid4().hex[:6]}").remote()
+    actor.warm.remote()
+    return actor
+
+
+def run_learner(spec: dict, cfg, warm: ray_runtime.WarmActor) -> dict:
     """Run the learner to completion (blocking) with as many ranks as train_config.num_workers."""
-    from mso.trainer.learner import LearnerActor, train_loop
+    from mso.trainer.learner import train_loop
 
     tc = cfg.train_config
     if tc.num_workers == 1:
-        actor = LearnerActor.options(num_cpus=1, num_gpus=tc.num_gpus_per_worker,
-                                     name=f"learner-{spec['node_id']}").remote()
+        resources = {"num_cpus": 1, "num_gpus": tc.num_gpus_per_worker}
+        actor = warm.take(resources) or start_learner_actor(spec["node_id"], resources)
         try:
             return ray.get(actor.run.remote(spec))
         finally:
             ray.kill(actor)
+    warm.take(None)  # its CPU belongs to Ray Train's ranks
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -63,6 +73,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.last_error = ""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # A learner started ahead of a session (on a shared Ray cluster), for single-rank CPU learners.
+        self.warm = ray_runtime.WarmActor(lambda resources: start_learner_actor(node_id, resources),
+                                          {"num_cpus": 1, "num_gpus": 0})
+        self._closing = threading.Event()
 
     def Start(self, request, context):
         sid = request.session_id.strip()
@@ -98,7 +112,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def _run(self, spec: dict, cfg) -> None:
         try:
             ray_runtime.ensure()
-            run_learner(spec, cfg)
+            run_learner(spec, cfg, self.warm)
             self.state = S.SERVICE_STATE_IDLE
         except Exception as exc:
             self.last_error = f"learner failed: {exc}"
@@ -106,6 +120,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.state = S.SERVICE_STATE_FAILED
             self.client.hset(keys.SessionKeys(spec["session_id"]).trainer,
                              mapping={"state": "SERVICE_STATE_FAILED", "error": self.last_error})
+        finally:
+            self.fill_warm()  # for the next session
+
+    def fill_warm(self) -> None:
+        if not self._closing.is_set():
+            self.warm.fill()
 
     def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -194,6 +214,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return reply
 
     def shutdown(self) -> None:
+        self._closing.set()
         with self._lock:
             self._stop()
 
@@ -207,7 +228,7 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     servicer = TrainerServicer(client, redis_url, node_id)
     server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "mso.v1.TrainerService")
     server.start()
-    ray_runtime.connect_early()
+    ray_runtime.connect_early(then=servicer.fill_warm)
     heartbeat = session.Heartbeat(client, node_id, "trainer", advertise or server.address,
                                   lambda: S.Name(servicer.state)).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))

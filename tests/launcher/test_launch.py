@@ -107,3 +107,54 @@ def test_an_env_generator_that_raises_fails_the_launch_naming_the_module_and_the
     message = str(err.value)
     assert "broken_env_config.py" in message and "RuntimeError: stand-in simulator: no engine installed" in message
     assert rollout_status(stack).workers == 0  # stopped again
+
+
+@pytest.fixture
+def cluster_actors(stack):
+    """The named actors on the stack's Ray cluster, seen from a driver of the test's own."""
+    import ray
+
+    ray.init(address=stack["ray"], namespace="online", configure_logging=False, log_to_driver=False)
+    try:
+        yield lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    finally:
+        ray.shutdown()
+
+
+def warm_set(names, rollout_node, trainer_node):
+    """The learner, rollout manager and rollout worker of these nodes, one of each, or None."""
+    mine = {prefix: [n for n in names if n.startswith(prefix)]
+            for prefix in (f"learner-{trainer_node}-", f"rollout-manager-{rollout_node}-",
+                           f"rollout-worker-{rollout_node}-")}
+    return {found[0] for found in mine.values()} if all(len(f) == 1 for f in mine.values()) else None
+
+
+def test_a_session_runs_in_actors_warmed_before_it_and_the_next_gets_new_ones(stack, cluster_actors):
+    client = stack["redis"]
+    rollout_node, trainer_node = rollout_status(stack).node_id, trainer_status(stack).node_id
+    warm = wait_until(lambda: warm_set(cluster_actors(), rollout_node, trainer_node), 60,
+                      "a warm learner, rollout manager and rollout worker")
+    sid = Launcher(client).launch("cartpole", SHORT + ["train_config.num_iterations=40"])
+    assert warm_set(cluster_actors(), rollout_node, trainer_node) == warm  # the session's actors are those
+    wait_finished(client, sid)
+
+    def renewed():
+        names = cluster_actors()
+        fresh = warm_set(names, rollout_node, trainer_node)
+        return fresh is not None and not fresh & warm and not names & warm  # the session's actors are gone
+
+    wait_until(renewed, 60, "new warm actors for the next session, and the session's gone")
+
+
+def test_a_session_that_needs_other_resources_gets_new_workers_and_frees_the_warm_ones(stack, cluster_actors):
+    client = stack["redis"]
+    rollout_node, trainer_node = rollout_status(stack).node_id, trainer_status(stack).node_id
+    warm = wait_until(lambda: warm_set(cluster_actors(), rollout_node, trainer_node), 60,
+                      "a warm learner, rollout manager and rollout worker")
+    sid = Launcher(client).launch("cartpole", SHORT + ["train_config.num_iterations=40",
+                                                       "rollout_config.num_cpus_per_worker=2"])
+    running = warm_set(cluster_actors(), rollout_node, trainer_node)
+    worker = next(n for n in warm if n.startswith("rollout-worker-"))
+    assert running is not None and worker not in running  # a 2-CPU worker, not the warm 1-CPU one
+    assert running - {n for n in running if n.startswith("rollout-worker-")} <= warm
+    wait_finished(client, sid)
