@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+import psutil
+
 DEFAULT_CONFIG = "cartpole"
 MILESTONES = [195.0, 475.0]  # mean returns whose first-reached times the summary reports (CartPole's bars)
 PORTS = {"launcher": 50050, "rollout": 50051, "trainer": 50052}
@@ -119,7 +121,7 @@ def cmd_run(args) -> int:
         print("error: mso run calls the services it serves: with --tls-cert/MSO_TLS_CERT give --tls-ca/MSO_TLS_CA "
               "(the CA that signed the certificate) too", file=sys.stderr)
         return 2
-    started_at = time.time()
+    started_at = psutil.Process().create_time()  # start-up is counted from the command, imports included
     try:
         cfg = load(name, overrides).cfg
     except ConfigError as exc:
