@@ -38,16 +38,19 @@ log = logging.getLogger(__name__)
 # for its action: at 5 ms, 8 Minecraft-paced envs (50 ms steps) reached 0.89 of their own speed, at 1 ms 0.93.
 BATCH_DEADLINE = 0.001
 EPISODES_KEPT = 10_000  # entries the episode stream keeps
+SEND_BATCH = 64         # queued items the sender takes at once
 
 
 def signature(tree):
     """The structure, dtypes and shapes of an observation, to refuse one that cannot be batched."""
+    if isinstance(tree, np.ndarray):
+        return (tree.dtype, tree.shape)
     if isinstance(tree, dict):
         return tuple(sorted((k, signature(v)) for k, v in tree.items()))
     if isinstance(tree, (list, tuple)):
         return tuple(signature(v) for v in tree)
     a = np.asarray(tree)
-    return (a.dtype.str, a.shape)
+    return (a.dtype, a.shape)
 
 
 def check_weights(policy: torch.nn.Module, state: dict) -> None:
@@ -103,12 +106,14 @@ class RolloutLoop:
         policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         policy.eval()
         max_staleness = rc.replay_buffer_config.max_staleness
+        use_normalized_vf = tc.use_normalized_vf  # read per step: an OmegaConf lookup costs microseconds
         version = 0
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
 
         producer = FragmentProducer(client, self.session_id, rc.max_pending_fragments)
         outbox: queue.Queue = queue.Queue(maxsize=rc.to_send_queue_size)
-        sender = threading.Thread(target=self._send_loop, args=(producer, outbox), name="sender", daemon=True)
+        sender = threading.Thread(target=self._send_loop, args=(producer, client, outbox), name="sender",
+                                  daemon=True)
         sender.start()
 
         seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
@@ -212,20 +217,20 @@ class RolloutLoop:
                 batch = sorted(pending)
                 msgs = [pending.pop(i) for i in batch]
                 cut_values = self._truncation_values(policy, [m[6] for m in msgs], [states[i] for i in batch],
-                                                     tc.use_normalized_vf)
+                                                     use_normalized_vf)
                 for i, msg in zip(batch, msgs):
                     if msg[2] or msg[3]:  # a new episode: fresh recurrent state
                         states[i] = policy.initial_state(1)
                         episode_ids[i] = uuid.uuid4().hex
                     if msg[4] is not None:
-                        self._episode(client, msg[4], version, slot_ids[i])
+                        self._episode(outbox, msg[4], version, slot_ids[i])
                 started = time.perf_counter()
                 with torch.inference_mode():
                     latents, state_out = one_step(policy, [m[0] for m in msgs], [states[i] for i in batch],
                                                   [bool(m[2] or m[3]) for m in msgs])
                     action = policy.pi_head.sample(latents["pi_logits"])
                     logp = policy.pi_head.logprob(action, latents["pi_logits"]).reshape(-1).cpu().numpy()
-                    vpred = values(policy, latents, tc.use_normalized_vf)
+                    vpred = values(policy, latents, use_normalized_vf)
                     new_states = policy.split_state(state_out, len(batch))
                 actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
                 self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + \
@@ -244,7 +249,7 @@ class RolloutLoop:
                     states[i] = new_states[j]
                     chosen[i] = (act, videos.pop(i, None))
                     if fragment is not None:
-                        outbox.put(fragment)  # blocks while the sender is behind: backpressure
+                        outbox.put(("fragment", fragment))  # blocks while the sender is behind: backpressure
                 for p in sorted({owner[i] for i in batch}):
                     try:
                         procs[p].send([chosen.pop(i) for i in procs[p].slots])
@@ -274,29 +279,51 @@ class RolloutLoop:
                 out[j] = x
         return out
 
-    def _episode(self, client, episode: dict, version: int, slot_id: str) -> None:
+    def _episode(self, outbox: queue.Queue, episode: dict, version: int, slot_id: str) -> None:
         self.stats["episodes"] += 1
         self.stats["videos"] += episode["video"] is not None
-        record = {**episode, "version": version, "slot": slot_id, "worker": self.index}
-        pipe = client.pipeline(transaction=False)
-        pipe.xadd(self.keys.episodes, {b"e": msgpack.packb(record)}, maxlen=EPISODES_KEPT, approximate=True)
-        pipe.hincrby(self.keys.ledger, "episodes", 1)
-        pipe.execute()
+        outbox.put(("episode", {**episode, "version": version, "slot": slot_id, "worker": self.index}))
 
-    def _send_loop(self, producer: FragmentProducer, outbox: queue.Queue) -> None:
+    def _send_loop(self, producer: FragmentProducer, client, outbox: queue.Queue) -> None:
+        """Pushes fragments and episode records off the stepping thread; the records queued together share
+        one round trip (short CartPole episodes end a thousand times a second)."""
         while True:
-            fragment = outbox.get()
-            if fragment is None:
+            items = [outbox.get()]
+            while items[-1] is not None and len(items) < SEND_BATCH:
+                try:
+                    items.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._write_episodes(client, [record for kind, record in filter(None, items) if kind == "episode"])
+            for kind, fragment in filter(None, items):
+                if kind == "fragment":
+                    self._push(producer, fragment)
+            if items[-1] is None:
                 return
-            try:
-                producer.wait_for_room(should_stop=self.stop_event.is_set)
-                if self.stop_event.is_set():
-                    continue  # stopping: unsent fragments were never produced, the ledger stays exact
-                self.stats["bytes_pushed"] += producer.push(fragment, env_steps=len(fragment["reward"]))
-                self.stats["fragments_pushed"] += 1
-            except Exception as exc:
-                self.stats["last_error"] = f"cannot push fragment: {exc}"
-                log.error(self.stats["last_error"])
+
+    def _write_episodes(self, client, records: list[dict]) -> None:
+        if not records:
+            return
+        try:
+            pipe = client.pipeline(transaction=False)
+            for record in records:
+                pipe.xadd(self.keys.episodes, {b"e": msgpack.packb(record)}, maxlen=EPISODES_KEPT, approximate=True)
+            pipe.hincrby(self.keys.ledger, "episodes", len(records))
+            pipe.execute()
+        except Exception as exc:
+            self.stats["last_error"] = f"cannot write episode statistics: {exc}"
+            log.error(self.stats["last_error"])
+
+    def _push(self, producer: FragmentProducer, fragment: dict) -> None:
+        try:
+            producer.wait_for_room(should_stop=self.stop_event.is_set)
+            if self.stop_event.is_set():
+                return  # stopping: unsent fragments were never produced, the ledger stays exact
+            self.stats["bytes_pushed"] += producer.push(fragment, env_steps=len(fragment["reward"]))
+            self.stats["fragments_pushed"] += 1
+        except Exception as exc:
+            self.stats["last_error"] = f"cannot push fragment: {exc}"
+            log.error(self.stats["last_error"])
 
 
 @ray.remote
