@@ -4,6 +4,7 @@
   mso config CONFIG [key=value ...]      print the resolved config as YAML, or the error; start nothing
   mso rollout serve | trainer serve | launcher serve     run one service (REDIS_URL, RAY_ADDRESS)
   mso launch --launcher HOST:PORT CONFIG [key=value ...] / mso status --launcher HOST:PORT
+  mso bench [--quick]                    the benchmarks' table of ratios (benchmarks/README.md)
 
 TLS and the shared token: the --tls-* flags set the MSO_TLS_* variables of mso.auth; the token is read
 only from $MSO_TOKEN (a flag would show it in `ps`).
@@ -51,6 +52,20 @@ def cmd_config(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_bench(args) -> int:
+    """`python -m benchmarks` from the source checkout this mso is installed from (pip install -e .)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print(f"error: mso bench runs the benchmarks/ folder of a source checkout, and there is none at {root}: "
+              "install mso from its repository with pip install -e .", file=sys.stderr)
+        return 2
+    extra = (["--quick"] if args.quick else []) + ["--json", os.path.abspath(args.json)]
+    return subprocess.call([sys.executable, "-m", "benchmarks", *extra], cwd=root)
 
 
 def cmd_serve(args) -> int:
@@ -348,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="serve Prometheus metrics on this port (0: off)")
         _tls_args(s, SERVER_TLS_FLAGS | (CLIENT_TLS_FLAGS if service == "launcher" else {}))
         s.set_defaults(fn=cmd_serve, service=service)
+
+    p = sub.add_parser("bench", help="run the benchmarks (benchmarks/ of the source checkout): one table of ratios")
+    p.add_argument("--quick", action="store_true", help="shorter windows, no 1 GB weights (~1.5 min)")
+    p.add_argument("--json", default="benchmarks.json", help="write the table here too")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("health", help="exit 0 only if a service answers SERVING on grpc.health.v1")
     p.add_argument("address", help="HOST:PORT")

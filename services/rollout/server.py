@@ -75,6 +75,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             except (ConfigError, ImportError) as exc:
                 raise StartError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load the session's config: {exc}") from None
             self.state, self.session_id, self.last_error = S.SERVICE_STATE_STARTING, sid, ""
+            spare = None
             try:
                 from mso.rollout.manager import worker_resources
 
@@ -86,6 +87,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             except Exception as exc:
                 self.last_error = f"cannot start rollout workers: {exc}"
                 self.state = S.SERVICE_STATE_FAILED
+                if spare is not None:  # the manager may have failed before it took the spare over
+                    ray.kill(spare)
                 self._release()
                 raise StartError(grpc.StatusCode.INTERNAL, self.last_error) from None
             self.state = S.SERVICE_STATE_RUNNING

@@ -19,3 +19,16 @@ def test_serve_without_redis_exits_with_a_clear_error(service):
     assert out.returncode == 2
     assert f"Redis at {url} is not reachable after 2s" in out.stderr
     assert time.monotonic() - started < 30
+
+
+def test_mso_bench_runs_every_measure_and_writes_the_table(tmp_path):
+    """The benchmarks still run end to end (their numbers are read by people, never asserted)."""
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "bench", "--quick", f"--json={out}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["measure"].split()[0] for r in rows} == {"1", "2", "3", "4", "5", "6", "7"}
+    assert all(r["ratio"] > 0 for r in rows if r["ratio"] is not None)
