@@ -66,7 +66,10 @@ class WarmActor:
         starts at a Start, and an idle actor would keep it busy for nothing)."""
         with self._lock:
             if self._handle is None and shared_cluster() and ray.is_initialized():
-                self._handle = self._make(self.resources)
+                try:
+                    self._handle = self._make(self.resources)
+                except Exception as exc:  # only a head start lost: the next Start makes its own actor
+                    log.warning("cannot start a warm actor: %s", exc)
 
     def take(self, resources: dict | None):
         """The warm actor if it holds exactly these resources, else None (None: the session needs none)."""
