@@ -59,17 +59,29 @@ class WarmActor:
     def __init__(self, make: Callable[[dict], object], resources: dict):
         self._make, self.resources = make, resources
         self._handle = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def fill(self) -> None:
         """Start the warm actor if there is none (only on a shared cluster: a service's own Ray instance
-        starts at a Start, and an idle actor would keep it busy for nothing)."""
+        starts at a Start, and an idle actor would keep it busy for nothing; never once closed)."""
         with self._lock:
-            if self._handle is None and shared_cluster() and ray.is_initialized():
+            if self._handle is None and not self._closed and shared_cluster() and ray.is_initialized():
                 try:
                     self._handle = self._make(self.resources)
                 except Exception as exc:  # only a head start lost: the next Start makes its own actor
                     log.warning("cannot start a warm actor: %s", exc)
+
+    def close(self) -> None:
+        """The service is stopping: kill the warm actor, and start no more."""
+        with self._lock:
+            self._closed = True
+            handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                ray.kill(handle)
+            except Exception as exc:  # the cluster is gone, and the actor with it
+                log.warning("cannot kill the warm actor: %s", exc)
 
     def take(self, resources: dict | None):
         """The warm actor if it holds exactly these resources, else None (None: the session needs none)."""

@@ -180,9 +180,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return new_worker(self.node_id, resources)
 
     def fill_warm(self) -> None:
-        if not self._closing.is_set():
-            self.warm_manager.fill()
-            self.warm_worker.fill()
+        self.warm_manager.fill()
+        self.warm_worker.fill()
 
     def _release(self) -> None:
         manager, self.manager = self.manager, None
@@ -217,6 +216,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     def shutdown(self) -> None:
         self._closing.set()
+        self.warm_manager.close()
+        self.warm_worker.close()
         with self._lock:
             self._release()
 

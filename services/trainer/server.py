@@ -76,7 +76,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # A learner started ahead of a session (on a shared Ray cluster), for single-rank CPU learners.
         self.warm = ray_runtime.WarmActor(lambda resources: start_learner_actor(node_id, resources),
                                           {"num_cpus": 1, "num_gpus": 0})
-        self._closing = threading.Event()
 
     def Start(self, request, context):
         sid = request.session_id.strip()
@@ -121,11 +120,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.client.hset(keys.SessionKeys(spec["session_id"]).trainer,
                              mapping={"state": "SERVICE_STATE_FAILED", "error": self.last_error})
         finally:
-            self.fill_warm()  # for the next session
-
-    def fill_warm(self) -> None:
-        if not self._closing.is_set():
-            self.warm.fill()
+            self.warm.fill()  # for the next session
 
     def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -214,7 +209,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return reply
 
     def shutdown(self) -> None:
-        self._closing.set()
+        self.warm.close()
         with self._lock:
             self._stop()
 
@@ -228,7 +223,7 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     servicer = TrainerServicer(client, redis_url, node_id)
     server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "mso.v1.TrainerService")
     server.start()
-    ray_runtime.connect_early(then=servicer.fill_warm)
+    ray_runtime.connect_early(then=servicer.warm.fill)
     heartbeat = session.Heartbeat(client, node_id, "trainer", advertise or server.address,
                                   lambda: S.Name(servicer.state)).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))
