@@ -76,7 +76,6 @@ def measure(url: str, fragments: int, frames: int) -> dict:
     def mso_produce():
         producer = FragmentProducer(connect(url), "bench", max_pending=64)
         for _ in range(fragments):
-            producer.wait_for_room()
             producer.push(fragment, env_steps=frames)
 
     def mso_consume(n):

@@ -15,6 +15,7 @@ Redis round trip it saves (benchmarks/data_plane.py).
 
 from __future__ import annotations
 
+import math
 import struct
 
 import lz4.frame
@@ -31,6 +32,9 @@ ALLOWED_DTYPES = frozenset(
 SAMPLE = 64 * 1024       # bytes of an array compressed to decide whether the rest is worth compressing
 WORTH = 0.75             # compress when the sample shrinks below this fraction
 MIN_COMPRESSED = 4096    # smaller arrays travel raw: a frame's overhead is not worth it
+MAX_DIMS = 32            # numpy's own limit on dimensions
+MAX_DEPTH = 32           # nesting of the tree: observations, actions and states are shallow
+MAX_DECODED_BYTES = 4 << 30  # one message's arrays (a 256-step 2x VPT fragment is 21 MB)
 
 
 class CodecError(ValueError):
@@ -74,6 +78,9 @@ def encode(tree) -> bytes:
 
 
 def decode(payload: bytes):
+    """The tree encode() made, or CodecError naming what is wrong. Nothing in the payload is trusted: every
+    size is checked before memory is allocated for it, a compressed block may not decompress to more than
+    its array's size, and the tree may not nest deeper than MAX_DEPTH."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload is {type(payload).__name__}, not bytes")
     if len(payload) < 8 or payload[:4] != MAGIC:
@@ -85,46 +92,74 @@ def decode(payload: bytes):
         header = msgpack.unpackb(payload[8:8 + hlen], strict_map_key=False)
         tree, specs, expected = header["tree"], header["arrays"], header["xxh3"]
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise CodecError(f"unreadable header: {exc}") from exc
+        raise CodecError(f"unreadable header: {type(exc).__name__}: {exc}") from None
+    if not isinstance(specs, list) or not _is_int(expected):
+        raise CodecError("header: arrays must be a list and xxh3 an integer")
     body = memoryview(payload)[8 + hlen:]
-    arrays, offset, digest = [], 0, xxhash.xxh3_64()
+    arrays, offset, digest, total = [], 0, xxhash.xxh3_64(), 0
     for spec in specs:
-        try:
-            dtype, shape, stored, compressed = spec
-            dt = np.dtype(dtype) if dtype in ALLOWED_DTYPES else None
-            count = int(np.prod(shape, dtype=np.int64))
-        except (TypeError, ValueError) as exc:
-            raise CodecError(f"bad array spec {spec!r}: {exc}") from None
-        if dt is None:
-            raise CodecError(f"array dtype {dtype!r} is not allowed")
-        if count < 0 or stored < 0 or offset + stored > len(body):
+        dt, shape, stored, compressed = _check_spec(spec)
+        nbytes = math.prod(shape) * dt.itemsize  # Python integers: no int64 wrap
+        total += nbytes
+        if total > MAX_DECODED_BYTES:
+            raise CodecError(f"arrays of {total} bytes exceed the limit of {MAX_DECODED_BYTES}")
+        if offset + stored > len(body):
             raise CodecError(f"array of shape {shape} overruns the payload (truncated?)")
         segment = body[offset:offset + stored]
         offset += stored
         if compressed:
-            try:
-                segment = lz4.frame.decompress(segment)
-            except RuntimeError as exc:
-                raise CodecError(f"corrupt array block: {exc}") from exc
-        if len(segment) != count * dt.itemsize:
-            raise CodecError(f"array of shape {shape} has {len(segment)} bytes, expected {count * dt.itemsize}")
+            segment = _decompress(segment, nbytes, shape)
+        if len(segment) != nbytes:
+            raise CodecError(f"array of shape {shape} has {len(segment)} bytes, expected {nbytes}")
         digest.update(segment)
-        arrays.append(np.frombuffer(segment, dtype=dt, count=count).reshape(shape))
+        arrays.append(np.frombuffer(segment, dtype=dt).reshape(shape))
     if offset != len(body):
         raise CodecError(f"{len(body) - offset} bytes of the payload belong to no array")
     if digest.intdigest() != expected:
         raise CodecError("array block fails its checksum")
 
-    def fill(node):
+    def fill(node, depth: int):
+        if depth > MAX_DEPTH:
+            raise CodecError(f"tree nests deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
             if set(node) == {"__nd__"}:
                 index = node["__nd__"]
-                if not isinstance(index, int) or not 0 <= index < len(arrays):
+                if not _is_int(index) or not 0 <= index < len(arrays):
                     raise CodecError(f"array reference {index!r} out of range")
                 return arrays[index]
-            return {k: fill(v) for k, v in node.items()}
+            return {k: fill(v, depth + 1) for k, v in node.items()}
         if isinstance(node, list):
-            return [fill(v) for v in node]
+            return [fill(v, depth + 1) for v in node]
         return node
 
-    return fill(tree)
+    return fill(tree, 0)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_spec(spec) -> tuple[np.dtype, list[int], int, bool]:
+    """(dtype, shape, stored bytes, compressed) of one array's header entry, or CodecError."""
+    if not isinstance(spec, list) or len(spec) != 4:
+        raise CodecError(f"bad array spec {spec!r:.100}: expected [dtype, shape, bytes, compressed]")
+    dtype, shape, stored, compressed = spec
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise CodecError(f"array dtype {dtype!r:.40} is not allowed")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CodecError(f"bad array shape {shape!r:.100}: at most {MAX_DIMS} non-negative integers")
+    if not _is_int(stored) or stored < 0 or not isinstance(compressed, bool):
+        raise CodecError(f"bad array spec {spec!r:.100}: stored size must be a non-negative integer")
+    return np.dtype(dtype), shape, stored, compressed
+
+
+def _decompress(segment: memoryview, nbytes: int, shape) -> bytes:
+    """An lz4 frame that must decompress to exactly nbytes; never allocates more than that."""
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    try:
+        out = decompressor.decompress(segment, max_length=nbytes)
+    except RuntimeError as exc:
+        raise CodecError(f"corrupt array block: {exc}") from None
+    if not decompressor.eof or len(out) != nbytes or decompressor.unused_data:
+        raise CodecError(f"array block of shape {shape} does not decompress to exactly {nbytes} bytes")
+    return out

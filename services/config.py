@@ -100,7 +100,7 @@ class TrainConfig:
     kl_divergence_coef_rho: float = 0.2     # KL(pi || pi_ref) weight; 0 disables the reference policy
     entropy_bonus_coef: float = 0.0         # weight of -entropy
     coef_rho_decay: float = 0.9995          # rho <- rho * decay after each iteration
-    log_ratio_range: float = 50.0           # upper clamp on log(pi/pi_behaviour)
+    log_ratio_range: float = 50.0           # upper clamp on log(pi/pi_old) before exp (the ratio's overflow guard)
     normalize_advantage_full_batch: bool = True  # normalise advantages over the iteration (all ranks)
     use_normalized_vf: bool = True          # value head predicts in EWMA-normalised space
     num_readers: int = 4                    # reference loader actors per rank; kept for compatibility
@@ -116,6 +116,8 @@ class TrainConfig:
     use_amp: bool = False                   # mixed precision (CUDA only; ignored with a warning on CPU)
     is_weight_clip: float = 1.0             # mso: truncation of the importance weight pi_old/mu of stale data
     max_approx_kl: float = 10.0             # mso: a batch whose approx KL exceeds this (on any rank) is skipped
+    stall_timeout: float = 300.0            # mso: seconds the trainer may wait without a usable fragment before
+                                            # the session fails saying why (0: wait forever)
 
 
 @dataclass
@@ -310,6 +312,10 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout_config.max_pending_fragments ({r.max_pending_fragments}) is smaller than the "
                           f"fragments an iteration needs ({per_rank} x {t.num_workers} ranks): producers would "
                           f"block before the trainer could start")
+    if cfg.trainer_name != "PPOTrainer":
+        raise ConfigError(f"trainer_name {cfg.trainer_name!r} is not a trainer mso has: only PPOTrainer exists")
+    if t.stall_timeout < 0:
+        raise ConfigError(f"train_config.stall_timeout must be 0 (wait forever) or positive, got {t.stall_timeout}")
     if t.is_weight_clip <= 0:
         raise ConfigError(f"train_config.is_weight_clip must be positive, got {t.is_weight_clip}")
     if not 0 <= t.discount <= 1 or not 0 <= t.gae_lambda <= 1:

@@ -46,6 +46,10 @@ class SessionKeys:
         return self._k("trainer")
 
     @property
+    def trainer_lease(self) -> str:   # the node id of the one trainer node that trains the session (TTL)
+        return self._k("trainer:lease")
+
+    @property
     def weights_latest(self) -> str:  # msgpack pointer to the newest published version
         return self._k("weights:latest")
 
@@ -55,6 +59,3 @@ class SessionKeys:
 
     def weights_chunk(self, version: int, index: int) -> str:
         return self._k(f"weights:{version}:{index}")
-
-    def rollout(self, node_id: str) -> str:  # hash: one rollout node's status
-        return self._k(f"rollout:{node_id}")

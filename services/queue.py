@@ -2,7 +2,10 @@
 through one consumer group, plus the ledger counters that make it checkable.
 
 Ledger: produced = consumed + dropped_stale + dropped_corrupt + pending, where pending is what the
-stream still holds (entries are deleted when retired).
+stream still holds (entries are deleted when retired). Every change to the stream moves its counter in the
+same atomic step (a Lua script), by what Redis really did: a push adds an entry and counts it only while
+the stream has room, so the bound is exact however many producers race; a retirement counts the entries
+XDEL really removed, so an entry two consumers retire is counted once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,27 @@ from mso.codec import CodecError, decode, encode
 
 log = logging.getLogger(__name__)
 
+# KEYS: stream, ledger. ARGV: max_pending, payload, env_steps, now. The entry id, or false when full.
+_PUSH = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local id = redis.call('XADD', KEYS[1], '*', 'f', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'produced', 1)
+redis.call('HINCRBY', KEYS[2], 'env_steps', ARGV[3])
+redis.call('HSETNX', KEYS[2], 'first_fragment_at', ARGV[4])
+return id
+"""
+# KEYS: stream, ledger, uses. ARGV: group, outcome, ids... The number of entries really removed.
+_RETIRE = """
+local ids = {unpack(ARGV, 3)}
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+local removed = redis.call('XDEL', KEYS[1], unpack(ids))
+if removed > 0 then redis.call('HINCRBY', KEYS[2], ARGV[2], removed) end
+redis.call('HDEL', KEYS[3], unpack(ids))
+return removed
+"""
+RETIRE_BATCH = 1000          # ids per script call (Lua's unpack has a stack limit)
+RECLAIM_IDLE_SECONDS = 600   # a live node's consumer that has not touched the stream this long is taken over
+
 
 class Backpressure(TimeoutError):
     """The stream stayed full for longer than the producer was willing to wait."""
@@ -29,26 +53,29 @@ class FragmentProducer:
         self.client = client
         self.keys = keys.SessionKeys(session_id)
         self.max_pending = max_pending
+        self._push = client.register_script(_PUSH)
 
-    def wait_for_room(self, should_stop=lambda: False, timeout: float | None = None) -> None:
+    def push(self, fragment: dict, env_steps: int, should_stop=lambda: False, timeout: float | None = None) -> int:
+        """Append one fragment once the stream has room; returns its encoded size in bytes, or 0 when
+        should_stop() became true first (the fragment was never produced). Raises Backpressure after
+        timeout seconds of a full stream."""
+        payload = encode(fragment)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
-        while self.client.xlen(self.keys.fragments) >= self.max_pending and not should_stop():
+        while not self._push(keys=[self.keys.fragments, self.keys.ledger],
+                             args=[self.max_pending, payload, env_steps, time.time()]):
+            if should_stop():
+                return 0
             if deadline is not None and time.monotonic() > deadline:
                 raise Backpressure(f"fragment stream {self.keys.fragments} full for {timeout}s")
             time.sleep(delay)  # the consumer frees room by deleting retired entries; no event to wait on
             delay = min(delay * 2, 0.05)
-
-    def push(self, fragment: dict, env_steps: int) -> int:
-        """Append one fragment; returns its encoded size in bytes."""
-        payload = encode(fragment)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.keys.fragments, {b"f": payload})
-        pipe.hincrby(self.keys.ledger, "produced", 1)
-        pipe.hincrby(self.keys.ledger, "env_steps", env_steps)
-        pipe.hsetnx(self.keys.ledger, "first_fragment_at", time.time())
-        pipe.execute()
         return len(payload)
+
+
+def node_of(consumer: str) -> str:
+    """The node id in a consumer name `{node_id}-rank{rank}`."""
+    return consumer.rsplit("-rank", 1)[0]
 
 
 class FragmentConsumer:
@@ -58,59 +85,98 @@ class FragmentConsumer:
         self.client = client
         self.keys = keys.SessionKeys(session_id)
         self.consumer = consumer
-        self._pending_cursor = None  # while set: deliver entries claimed by reclaim() (after this id) first
+        # Entries delivered to this name before (a learner restarted in the same node) or claimed by
+        # reclaim() come first: ">" would never deliver them again.
+        self._pending_cursor: str | None = "0"
+        self._retire = client.register_script(_RETIRE)
+        self.bytes_read = 0  # payload bytes of the last read()
         ensure_group(client, session_id)
 
-    def reclaim(self) -> int:
-        """Take over every entry other consumers read but never retired (they died: a trainer restarts
-        with new consumer names), so nothing is lost; returns how many."""
-        start, total = "0-0", 0
-        while True:
-            reply = self.client.xautoclaim(self.keys.fragments, keys.GROUP, self.consumer, min_idle_time=0,
-                                           start_id=start, count=256)
-            start, claimed = reply[0], reply[1]
-            total += len(claimed)
-            if start in (b"0-0", "0-0"):
-                break
+    def reclaim(self, live_nodes: set[str]) -> int:
+        """Take over the entries that consumers of other nodes read but never retired, when their node is
+        dead (not in live_nodes) or has not touched the stream for RECLAIM_IDLE_SECONDS; a live rank's
+        entries are never taken. Returns how many entries were claimed."""
+        total = 0
+        stream, me = self.keys.fragments, node_of(self.consumer)
+        for info in self.client.xinfo_consumers(stream, keys.GROUP):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            owner = node_of(name)
+            if owner == me:
+                continue
+            alive = owner in live_nodes
+            if alive and info["idle"] < RECLAIM_IDLE_SECONDS * 1000:
+                continue
+            min_idle = RECLAIM_IDLE_SECONDS * 1000 if alive else 0
+            while True:
+                pending = self.client.xpending_range(stream, keys.GROUP, min="-", max="+", count=256,
+                                                     consumername=name, idle=min_idle or None)
+                if not pending:
+                    break
+                claimed = self.client.xclaim(stream, keys.GROUP, self.consumer, min_idle_time=min_idle,
+                                             message_ids=[p["message_id"] for p in pending], justid=True)
+                total += len(claimed)
+                if len(pending) < 256:
+                    break
+            if not alive:
+                self.client.xgroup_delconsumer(stream, keys.GROUP, name)
         if total:
             self._pending_cursor = "0"
         return total
 
-    def read(self, count: int, block_ms: int = 200) -> list[tuple[bytes, dict]]:
-        """Up to count decoded fragments as (entry_id, fragment); corrupt entries are retired and counted."""
+    def read(self, count: int, block_ms: int | None = 200) -> list[tuple[bytes, dict]]:
+        """Up to count decoded fragments as (entry_id, fragment); corrupt entries are retired and counted.
+        Entries this consumer already holds (pending) come first."""
         reply = None
         if self._pending_cursor is not None:
             reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: self._pending_cursor},
                                            count=count)
             entries = [e for _s, es in reply or [] for e in es]
             self._pending_cursor = entries[-1][0] if entries else None
-        if self._pending_cursor is None:
+        if self._pending_cursor is None and not reply_entries(reply):
             reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: ">"},
                                            count=count, block=block_ms)
         out, corrupt = [], []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                try:
-                    payload = fields.get(b"f") if fields else None
-                    if payload is None:
-                        raise CodecError(f"entry has no 'f' field (fields: {sorted(fields)})")
-                    out.append((entry_id, decode(payload)))
-                except CodecError as exc:
-                    log.warning("dropping corrupt fragment %s: %s", entry_id, exc)
-                    corrupt.append(entry_id)
+        self.bytes_read = 0
+        for entry_id, fields in reply_entries(reply):
+            try:
+                payload = fields.get(b"f") if fields else None
+                if payload is None:
+                    raise CodecError(f"entry has no 'f' field (fields: {sorted(fields or {})})")
+                self.bytes_read += len(payload)
+                out.append((entry_id, decode(payload)))
+            except CodecError as exc:
+                log_corrupt(entry_id, str(exc))
+                corrupt.append(entry_id)
         if corrupt:
             self.retire(corrupt, "dropped_corrupt")
         return out
 
-    def retire(self, entry_ids: list[bytes], outcome: str) -> None:
-        """Ack and delete entries, counting them under outcome (consumed, dropped_stale, dropped_corrupt)."""
-        if not entry_ids:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.keys.fragments, keys.GROUP, *entry_ids)
-        pipe.xdel(self.keys.fragments, *entry_ids)
-        pipe.hincrby(self.keys.ledger, outcome, len(entry_ids))
-        pipe.execute()
+    def retire(self, entry_ids: list[bytes], outcome: str) -> int:
+        """Ack and delete entries, counting under outcome (consumed, dropped_stale, dropped_corrupt) the
+        ones Redis really removed, and forget their use counts; returns that number."""
+        removed = 0
+        for i in range(0, len(entry_ids), RETIRE_BATCH):
+            batch = entry_ids[i:i + RETIRE_BATCH]
+            removed += self._retire(keys=[self.keys.fragments, self.keys.ledger, self.keys.uses],
+                                    args=[keys.GROUP, outcome, *batch])
+        return removed
+
+
+def reply_entries(reply) -> list:
+    return [e for _stream, entries in reply or [] for e in entries]
+
+
+_logged_reasons: set[str] = set()
+
+
+def log_corrupt(entry_id, reason: str) -> None:
+    """Log a dropped entry's reason the first time that kind of reason is seen (a flood of one foreign
+    producer must not drown the log); every one is counted in the ledger as dropped_corrupt."""
+    kind = reason.split(":")[0][:80]
+    if kind not in _logged_reasons:
+        _logged_reasons.add(kind)
+        log.warning("dropping corrupt fragment %s: %s (further entries dropped for this reason are only counted)",
+                    entry_id, reason)
 
 
 def ensure_group(client: redis.Redis, session_id: str) -> None:

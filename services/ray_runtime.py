@@ -26,6 +26,13 @@ def ensure() -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 
+def shutdown() -> None:
+    """Leave Ray (and stop this service's own local instance, when it started one)."""
+    with _lock:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def shared_cluster() -> bool:
     """Whether this service joins a Ray cluster at RAY_ADDRESS (rather than starting its own at a Start)."""
     return bool(os.environ.get("RAY_ADDRESS"))

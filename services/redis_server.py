@@ -5,7 +5,6 @@ passed on unchanged, so credentials (redis://:PASSWORD@host:port/0) and TLS (red
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,6 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-DEFAULT_URL_ENV = "REDIS_URL"
 
 
 def binary() -> str:
@@ -115,8 +113,7 @@ class RedisServer:
         conf.write_text(f'requirepass "{_escape(password)}"\n' if password else "")
         auth = f":{quote(password, safe='')}@" if password else ""
         args = [binary() if tls is None else tls_binary(), str(conf), "--bind", "127.0.0.1", "--dir", self.dir,
-                "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no",
-                "--daemonize", "no", "--loglevel", "warning", "--logfile", str(Path(self.dir) / "mso-redis.log")]
+                "--save", "", "--appendonly", "yes" if appendonly else "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(Path(self.dir) / "mso-redis.log")]
         if tls is None:
             self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
             args += ["--port", str(self.port)]
@@ -124,7 +121,10 @@ class RedisServer:
             self.url = f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(tls.ca, safe='/')}"
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", tls.cert, "--tls-key-file",
                      tls.key, "--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A session of its own: a terminal's Ctrl-C reaches the foreground group, and Redis must outlive the
+        # services' orderly stop that it triggers (the caller stops it last).
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True)
         try:
             self._wait_ready(args[0], deadline=time.monotonic() + 10)
         except BaseException:
@@ -165,6 +165,3 @@ class RedisServer:
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
-
-def url_from_env() -> str | None:
-    return os.environ.get(DEFAULT_URL_ENV) or None

@@ -40,7 +40,7 @@ def create(client: redis.Redis, loaded: LoadedConfig) -> str:
     session_id = uuid.uuid4().hex[:12]
     client.hset(keys.SessionKeys(session_id).record, mapping={
         "config_name": loaded.name, "config_yaml": loaded.to_yaml(), "source_hash": loaded.source_hash,
-        "source": loaded.source, "created": time.time(), "phase": "starting", "error": ""})
+        "source": loaded.source, "created": time.time(), "phase": "SESSION_PHASE_STARTING_ROLLOUTS", "error": ""})
     client.set(keys.CURRENT_SESSION, session_id)
     return session_id
 

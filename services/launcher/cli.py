@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -78,17 +79,25 @@ def cmd_serve(args) -> int:
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.service == "launcher":
+        return _serve_launcher(address, url)
     if args.service == "rollout":
         from mso.rollout.server import serve
 
         serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"), metrics_port=args.metrics_port)
-        return 0
-    if args.service == "trainer":
-        from mso.trainer.server import serve
     else:
-        return _serve_launcher(address, url)
-    serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"))
-    return 0
+        from mso.trainer.server import serve
+
+        serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"))
+    # The service has stopped its actors and its server; leaving Ray here and exiting at once spares the
+    # second or two the interpreter's own teardown (gRPC, torch, Ray's atexit hooks) takes on these machines.
+    from mso import ray_runtime
+
+    ray_runtime.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve_launcher(address: str, url: str) -> int:
@@ -123,6 +132,19 @@ def _format(p) -> str:
             + (f"  restarts {p.restarts}" if p.restarts else ""))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, systemd, docker stop) or SIGHUP (a closed terminal): `mso run` stops
+    everything exactly as on Ctrl-C, and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminated(signum, _frame):
+    raise Terminated(signum)
+
+
 def cmd_run(args) -> int:
     from mso.config import ConfigError, load
     from mso.launcher.embedded import Embedded
@@ -142,6 +164,8 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminated)
     needed = (cfg.rollout_config.num_rollout_workers * cfg.rollout_config.num_cpus_per_worker
               + cfg.train_config.num_workers + 1)
     embedded = Embedded(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), quiet=args.quiet)
@@ -196,17 +220,20 @@ def cmd_run(args) -> int:
                        model_version=p.model_version, rollout_model_version=p.rollout_model_version, ledger=p.ledger, wall_seconds=time.monotonic() - started)
         print(f"mso: {record['phase']}: {_format(p)}" + (f"  error: {record['error']}" if record["error"] else ""))
         code = 0 if record["phase"] == P.Name(P.SESSION_PHASE_FINISHED) else 1
-    except KeyboardInterrupt:
-        print("\nmso: interrupted, stopping", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"\nmso: {signal.Signals(signum).name}: stopping", file=sys.stderr)
         summary["phase"] = "INTERRUPTED"
-        code = 130
+        code = 128 + signum
     except (LaunchError, ConfigError, RuntimeError, ConnectionError) as exc:
         print(f"mso: error: {exc}", file=sys.stderr)
         summary.update(phase="FAILED", error=str(exc))
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abandon the stop half way
         if server is not None:
-            server.stop(grace=1)
-        embedded.stop()
+            server.stop(grace=0.5)
+        embedded.stop(grace=4.0 if summary.get("phase") == "INTERRUPTED" else 10.0)
         if args.summary:
             with open(args.summary, "w") as f:
                 json.dump(summary, f, indent=2, default=float)

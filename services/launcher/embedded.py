@@ -1,16 +1,20 @@
 """Embedded mode of `mso run`: redis-server, one local Ray head, and the rollout and trainer services as
-separate processes on this machine, stopped in reverse order with nothing left behind."""
+separate processes on this machine, stopped with nothing left behind: by stop() on any exit the command
+handles (the end of training, Ctrl-C, SIGTERM), and by a reaper process when the command dies without
+stopping them (kill -9)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+from mso.launcher.reaper import signal_sessions
 from mso.redis_server import RedisServer, free_port
 from mso.rpc import wait_serving
 
@@ -18,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class ChildProcess:
-    """A child in its own process group (so the terminal's Ctrl-C reaches only us, and we stop it in
-    order), whose output is copied to our stderr with a prefix."""
+    """A child in a session of its own (so the terminal's Ctrl-C reaches only us, and we stop it in order;
+    every process it starts stays in that session, Ray's workers and env processes included), whose output
+    is copied to our stderr with a prefix."""
 
     def __init__(self, name: str, args: list[str], env: dict, ready_line: str | None = None, quiet: bool = False):
         self.name, self.args, self.env = name, args, env
@@ -38,35 +43,43 @@ class ChildProcess:
             if not self._quiet:
                 sys.stderr.write(f"[{self.name}] {line}")
 
-    def stop(self, grace: float) -> None:
+    def ask_to_stop(self) -> None:
+        """Signal the process to stop on its own. A service stops on SIGINT as on SIGTERM, but Ray's
+        fatal-signal handler, installed in every process that joined Ray, dumps a stack trace for SIGTERM on
+        a perfectly clean stop."""
         if self.process.poll() is None:
             try:
-                # A service stops on SIGINT as on SIGTERM, but Ray's fatal-signal handler, installed in every
-                # process that joined Ray, dumps a stack trace for SIGTERM on a perfectly clean stop.
                 os.killpg(self.process.pid, signal.SIGTERM if self.name == "ray" else signal.SIGINT)
             except ProcessLookupError:
                 pass
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever the group still holds (Ray's raylet, workers) goes too
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+
+    def finish(self, deadline: float) -> None:
+        """Wait until deadline (time.monotonic()) for the process to exit, then kill whatever its session
+        still holds (Ray's raylet and workers, env processes)."""
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             pass
+        signal_sessions({self.process.pid}, signal.SIGKILL)
         self.process.wait()
+
+    def stop(self, grace: float) -> None:
+        self.ask_to_stop()
+        self.finish(time.monotonic() + grace)
 
 
 def spawn_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
     """A Ray head on free loopback ports (never Redis's 6379), without the dashboard, starting; returns it
-    and its address for RAY_ADDRESS. Its raylet and workers share its process group, so stopping it stops
-    them. wait_ray_head() waits until it is up."""
+    and its address for RAY_ADDRESS. Its raylet and workers share its session, so stopping it stops them.
+    wait_ray_head() waits until it is up."""
     port = free_port()
     head = ChildProcess("ray", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                                 f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                                 f"--num-cpus={num_cpus}", f"--ray-client-server-port={free_port()}",
                                 "--disable-usage-stats"],
-                        dict(env, RAY_USAGE_STATS_ENABLED="0"), ready_line="Ray runtime started", quiet=True)
+                        # No drain on SIGTERM: Ray 2.60 waits for a drain (made for Serve) before stopping.
+                        dict(env, RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"),
+                        ready_line="Ray runtime started", quiet=True)
     return head, f"127.0.0.1:{port}"
 
 
@@ -95,6 +108,7 @@ class Embedded:
         self.quiet = quiet
         self.redis: RedisServer | None = None
         self.children: list[ChildProcess] = []
+        self.reaper: Reaper | None = None
         self.redis_url = os.environ.get("REDIS_URL") or ""
         self.ray_address = ""
         self.restarts: dict[str, int] = {"rollout": 0, "trainer": 0}
@@ -108,21 +122,24 @@ class Embedded:
             raise
 
     def _start(self) -> None:
+        self.reaper = Reaper()
         if not self.redis_url:
-            self.redis = RedisServer()
+            # A password nobody else knows: anyone who can write this Redis can steer every node.
+            self.redis = RedisServer(password=secrets.token_urlsafe(24))
             self.redis_url = self.redis.url
+            self.reaper.watch(self.redis.process.pid)
         env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
         # The head and both services start together: each spends seconds importing; the services join Ray
         # only when a session starts.
         head, self.ray_address = spawn_ray_head(self.num_cpus, env)
         env["RAY_ADDRESS"] = self.ray_address
-        self.children.append(head)
+        self._add(head)
         services = []
         for kind in ("rollout", "trainer"):
             port = free_port()
             child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve", "--host=127.0.0.1",
                                         f"--port={port}"], env, quiet=self.quiet)  # REDIS_URL: not in `ps`
-            self.children.append(child)
+            self._add(child)
             services.append((child, f"127.0.0.1:{port}"))
         wait_ray_head(head)
         for child, address in services:
@@ -151,15 +168,56 @@ class Embedded:
             log.warning("%s service exited with code %s; restarting it", child.name, code)
             child.stop(grace=1)  # whatever of its process group survived it
             self.children[i] = ChildProcess(child.name, child.args, child.env, quiet=self.quiet)
+            self.reaper.watch(self.children[i].process.pid)
             self.restarts[child.name] += 1
             del self._dead_since[child.name]
             restarted.append(child.name)
         return restarted
 
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop(grace=30 if child.name != "ray" else 10)
+    def _add(self, child: ChildProcess) -> None:
+        self.children.append(child)
+        self.reaper.watch(child.process.pid)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop everything within about grace seconds: the services together (each stops its actors and env
+        processes), then the Ray head, then Redis; whatever has not exited by its deadline is killed."""
+        deadline = time.monotonic() + grace
+        services = [c for c in self.children if c.name != "ray"]
+        for child in services:
+            child.ask_to_stop()
+        for child in services:
+            child.finish(deadline - 1.0)
+        for child in self.children:
+            if child.name == "ray":  # a private head that only served this run: a second to stop is enough,
+                child.stop(grace=1.0)  # its graceful teardown takes seconds on these machines
         self.children = []
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self.reaper is not None:
+            self.reaper.done()
+            self.reaper = None
+
+
+class Reaper:
+    """The reaper process (mso/launcher/reaper.py) that kills the sessions watched when this process dies
+    without calling done()."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "mso.launcher.reaper"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, start_new_session=True, text=True)
+
+    def watch(self, sid: int) -> None:
+        self._say(f"session {sid}")
+
+    def done(self) -> None:
+        self._say("done")
+        self.process.stdin.close()
+        self.process.wait(5)
+
+    def _say(self, line: str) -> None:
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the reaper died: nothing guards a kill -9 of ours now
+            log.warning("the reaper process is gone; a kill -9 of this process would leave its children")

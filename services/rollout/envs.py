@@ -173,7 +173,6 @@ class EnvProcess:
         self.slots = slots
         self.args = (config_name, seeds, discount, restart_interval, fps)
         self.step_timeout, self.start_timeout = step_timeout, start_timeout
-        self.restarts = 0
         self.deadline = 0.0  # when the observations asked for (by spawning or by actions) are overdue
         self.conn: Connection | None = None
         self.process: mp.Process | None = None
@@ -197,7 +196,6 @@ class EnvProcess:
         self.deadline = time.monotonic() + self.step_timeout
 
     def restart(self) -> None:
-        self.restarts += 1
         self.close(timeout=1.0)
         name, seeds, *rest = self.args
         self.args = (name, reseeded(seeds), *rest)
@@ -231,7 +229,6 @@ class EnvGroup:
                  fps: int):
         self.slots, self.config_name, self.seeds = slots, config_name, seeds
         self.settings = (discount, restart_interval, fps)
-        self.restarts = 0
         self.module, self.runners = None, []
         self._start()
 
@@ -261,7 +258,6 @@ class EnvGroup:
             self.reply = ("fatal", str(exc))
 
     def restart(self) -> None:
-        self.restarts += 1
         self.close()
         self.seeds = reseeded(self.seeds)
         self._start()

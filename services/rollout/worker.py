@@ -316,11 +316,11 @@ class RolloutLoop:
 
     def _push(self, producer: FragmentProducer, fragment: dict) -> None:
         try:
-            producer.wait_for_room(should_stop=self.stop_event.is_set)
-            if self.stop_event.is_set():
-                return  # stopping: unsent fragments were never produced, the ledger stays exact
-            self.stats["bytes_pushed"] += producer.push(fragment, env_steps=len(fragment["reward"]))
-            self.stats["fragments_pushed"] += 1
+            # Stopping while the stream is full: the fragment is never produced, the ledger stays exact.
+            size = producer.push(fragment, env_steps=len(fragment["reward"]), should_stop=self.stop_event.is_set)
+            if size:
+                self.stats["bytes_pushed"] += size
+                self.stats["fragments_pushed"] += 1
         except Exception as exc:
             self.stats["last_error"] = f"cannot push fragment: {exc}"
             log.error(self.stats["last_error"])

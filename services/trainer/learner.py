@@ -19,13 +19,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mso import keys, weights
+from mso import keys, session, weights
 from mso.config import from_yaml, import_module
+from mso.fragment import signature
 from mso.minestudio import adapt
 from mso.queue import FragmentConsumer, ledger
 from mso.redis_server import connect
 from mso.trainer import checkpoints
 from mso.trainer.gae import chains, gae
+from mso.trainer.lease import holder
 from mso.trainer.logs import IterationLog
 from mso.trainer.ppo import Chunk, chunk_loss
 from mso.trainer.replay import Replay
@@ -63,12 +65,16 @@ class Learner:
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay,
                                            eps=self.tc.adam_eps, fused=True)
-        self.consumer = FragmentConsumer(self.client, self.session_id, f"{spec['node_id']}-rank{self.rank}")
-        reclaimed = self.consumer.reclaim()  # what a dead trainer had read but not retired
+        self.node_id = spec["node_id"]
+        self.consumer = FragmentConsumer(self.client, self.session_id, f"{self.node_id}-rank{self.rank}")
+        # What a dead trainer had read but not retired; a live rank's entries are never taken.
+        reclaimed = self.consumer.reclaim({n["node_id"] for n in session.list_nodes(self.client)})
         if reclaimed:
             log.info("rank %d reclaimed %d fragments pending for a previous trainer", self.rank, reclaimed)
+        state = tree_map(lambda t: t.detach().cpu().numpy(), self.policy.initial_state(1))
         self.replay = Replay(self.consumer, self.session_id, self.length, self.cfg.rollout_config.replay_buffer_config,
-                             seed=self.cfg.seed * 7919 + self.rank)
+                             seed=self.cfg.seed * 7919 + self.rank, state_signature=signature(state),
+                             stall_timeout=self.tc.stall_timeout, on_wait=self._waiting)
         self.amp = self.tc.use_amp and self.device.type == "cuda"
         if self.tc.use_amp and not self.amp:
             log.warning("train_config.use_amp=true needs CUDA; this trainer runs on the CPU in full precision")
@@ -77,25 +83,26 @@ class Learner:
         self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id
         self.config_source = spec.get("config_source", "")
         pointer = weights.latest_pointer(self.client, self.session_id)
-        if self.tc.resume:
-            # resume=PATH or resume=latest: model, optimizer, rho, iteration and version of a checkpoint.
-            path = checkpoints.latest(Path(self.tc.save_path or "checkpoints")) if self.tc.resume == "latest" \
-                else Path(self.tc.resume)
-            state = checkpoints.load(path, self.policy, self.optimizer if self.tc.resume_optimizer else None)
-            self.version, self.start_iteration = state["model_version"], state["iteration"]
-            log.info("resumed from %s: iteration %d, version %d", path, self.start_iteration, self.version)
-            pointer = None  # publish the resumed weights so rollouts pick them up
-        elif pointer is not None:
-            # A trainer ran this session before (this one is its restart): go on from its newest weights, its
-            # version and iteration, so versions keep growing and rollouts pick the new ones up.
+        resumed = None
+        if pointer is not None:
+            # A trainer ran this session before (this one is its restart, or a replacement): go on from its
+            # newest weights, version and iteration, so versions keep growing and rollouts pick the new ones
+            # up. The checkpoint a session was resumed from is older than that.
             self.policy.load_state_dict(weights.fetch(self.client, self.session_id, pointer))
             self.version = pointer["version"]
             self.start_iteration = int(self.client.hget(self.keys.trainer, "iteration") or 0)
+        elif self.tc.resume:
+            # resume=PATH or resume=latest: model, optimizer, rho, iteration and version of a checkpoint.
+            path = checkpoints.latest(Path(self.tc.save_path or "checkpoints")) if self.tc.resume == "latest" \
+                else Path(self.tc.resume)
+            resumed = checkpoints.load(path, self.policy, self.optimizer if self.tc.resume_optimizer else None)
+            self.version, self.start_iteration = resumed["model_version"], resumed["iteration"]
+            log.info("resumed from %s: iteration %d, version %d", path, self.start_iteration, self.version)
         self.rho = self.tc.kl_divergence_coef_rho * self.tc.coef_rho_decay ** self.start_iteration
-        if self.tc.resume:
-            self.rho = state.get("rho", self.rho)
+        if resumed is not None:
+            self.rho = resumed.get("rho", self.rho)
         self.fragments_per_rank = self.tc.batch_size_per_gpu * self.tc.batches_per_iteration
-        if self.rank == 0 and pointer is None:
+        if self.rank == 0 and pointer is None:  # version 0, or the resumed weights: rollouts pick them up
             weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
         self.logs, self._lags = None, np.zeros(0)
         if self.rank == 0:
@@ -108,6 +115,15 @@ class Learner:
         self._status(state="SERVICE_STATE_RUNNING", iteration=self.start_iteration)
         stop = lambda: self.client.hget(self.keys.trainer, "stop") == b"1"  # noqa: E731
         for iteration in range(self.start_iteration, tc.num_iterations):
+            # Every rank takes the same branch: a Stop takes effect at the next iteration on all of them, and
+            # a lease another node holds now stops them all (exactly one trainer trains a session).
+            stopping, lost = self._any_ranks([stop(), holder(self.client, self.session_id) not in (None, self.node_id)])
+            if lost:
+                raise RuntimeError(f"trainer node {holder(self.client, self.session_id)} took over session "
+                                   f"{self.session_id}; this one stops")
+            if stopping:
+                self._status(state="SERVICE_STATE_IDLE", iteration=iteration)
+                return {"iterations": iteration, "stopped": True}
             if tc.anneal_lr_linearly:
                 for group in self.optimizer.param_groups:
                     group["lr"] = (1 - iteration / tc.num_iterations) * tc.learning_rate
@@ -116,17 +132,18 @@ class Learner:
             if self._any_ranks([not filled])[0]:
                 self._status(state="SERVICE_STATE_IDLE", iteration=iteration)
                 return {"iterations": iteration, "stopped": True}
-            picked, _ids, fragments = self.replay.sample(self.fragments_per_rank, self.version)
+            picked, fragments = self.replay.sample(self.fragments_per_rank, self.version)
             waited = time.monotonic() - start
             metrics = self._update(fragments, warmup=iteration < tc.vf_warmup)
             self.replay.used(picked)
             metrics.update(replay_fragments=self.replay.held(), replay_capacity=self.replay.capacity,
                            wait_seconds=waited)
-            self.version += 1
             self.rho *= tc.coef_rho_decay
-            if self.rank == 0:
-                if iteration + 1 > tc.vf_warmup:
+            if iteration >= tc.vf_warmup:  # a new version only when it is published, as the reference: during
+                self.version += 1          # warm-up the policy does not change, and data of version 0 stays fresh
+                if self.rank == 0:
                     weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
+            if self.rank == 0:
                 steps = self.world * len(fragments) * self.length * tc.epochs_per_iteration
                 metrics["samples_per_second"] = steps / max(time.monotonic() - start, 1e-9)
                 metrics["learner_samples_per_second"] = steps / max(time.monotonic() - start - waited, 1e-9)
@@ -318,9 +335,15 @@ class Learner:
         self.client.hset(self.keys.trainer, mapping={"last_checkpoint": str(path.resolve()), "save_now": "0"})
 
     # -- reporting -------------------------------------------------------------------------------------
+    def _waiting(self, seconds: float, why: str) -> None:
+        """The replay has been waiting for a usable fragment this long: say so in the status."""
+        if self.rank == 0:
+            self.client.hset(self.keys.trainer, "waiting", f"no usable fragment for {seconds:.0f}s: {why}")
+
     def _status(self, state: str, iteration: int, metrics: dict | None = None) -> None:
         if self.rank != 0:
             return
+        self.client.hdel(self.keys.trainer, "waiting")
         mapping = {"state": state, "iteration": iteration, "num_iterations": self.tc.num_iterations,
                    "model_version": self.version, "time": time.time()}
         if iteration == 1:

@@ -18,32 +18,24 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 from mso import keys
 from mso.codec import CodecError, decode
-from mso.queue import FragmentConsumer
+from mso.fragment import Checker
+from mso.queue import FragmentConsumer, log_corrupt
 
 log = logging.getLogger(__name__)
 
-FRAGMENT_FIELDS = ("obs", "action", "reward", "first", "next_done", "next_truncated", "truncation_value", "logp",
-                   "model_version", "in_state", "next_obs", "slot", "seq", "contiguous", "version_first",
-                   "session_id")
+READ_BYTES = 64 << 20     # decoded bytes one read of the stream may bring in (a batch of fragments)
+READ_MAX = 256            # entries one read may bring in
+HOT_BYTES = 512 << 20     # decoded fragments kept between a read and the next sample; the rest is re-read
+WAIT_REPORT_SECONDS = 2.0  # how often a fill that waits for fragments says so
 
 
-def check_fragment(fragment, session_id: str, length: int) -> None:
-    """Refuse a decoded entry that is not a fragment of this session with fragment_length steps."""
-    if not isinstance(fragment, dict):
-        raise CodecError(f"fragment is a {type(fragment).__name__}, not a dict")
-    missing = [f for f in FRAGMENT_FIELDS if f not in fragment]
-    if missing:
-        raise CodecError(f"fragment lacks {', '.join(missing)}")
-    if fragment["session_id"] != session_id:
-        raise CodecError(f"fragment of session {fragment['session_id']!r} in session {session_id!r}")
-    for name in ("reward", "first", "next_done", "next_truncated", "truncation_value", "logp", "model_version"):
-        shape = getattr(fragment[name], "shape", None)
-        if shape != (length,):
-            raise CodecError(f"fragment field {name} has shape {shape}, expected ({length},)")
+class Stalled(RuntimeError):
+    """No usable fragment arrived for stall_timeout seconds; the message says what arrived instead."""
 
 
 @dataclass
@@ -64,18 +56,25 @@ class Replay:
     """Chunks of fragments a rank may train on, between the Redis stream and the PPO update."""
 
     def __init__(self, consumer: FragmentConsumer, session_id: str, fragment_length: int, replay_config,
-                 seed: int = 0):
+                 seed: int = 0, state_signature=None, stall_timeout: float = 0.0, on_wait=None):
         self.consumer, self.client = consumer, consumer.client
         self.session_id, self.length = session_id, fragment_length
         self.keys = keys.SessionKeys(session_id)
+        self.checker = Checker(session_id, fragment_length, state_signature)
         self.max_chunks = replay_config.max_chunks
         self.max_reuse = replay_config.max_reuse
         self.max_staleness = replay_config.max_staleness
         self.per_chunk = replay_config.fragments_per_chunk
+        self.stall_timeout = stall_timeout        # 0: wait for fragments forever
+        self.on_wait = on_wait                    # on_wait(seconds, why) while a fill waits
         self.chunks: list[_Chunk] = []            # oldest first
         self.partial: dict[str, _Partial] = {}    # slot -> chunk being assembled
-        self.hot: dict[bytes, dict] = {}          # decoded payloads read since the last sample
+        self.hot: dict[bytes, dict] = {}          # decoded payloads read since the last sample (HOT_BYTES)
+        self.hot_bytes = 0
+        self.entry_bytes = 0                      # decoded size of the last fragment read
         self.rng = random.Random(seed)
+        self.last_fresh = time.monotonic()        # when a usable fragment last arrived
+        self.dropped_since = {"dropped_stale": 0, "dropped_corrupt": 0}
 
     @property
     def capacity(self) -> int:
@@ -88,13 +87,22 @@ class Replay:
     # -- filling ---------------------------------------------------------------------------------------
     def fill(self, n: int, version: int, should_stop) -> bool:
         """Read the stream until at least n fresh fragments can be sampled; False if should_stop() first.
-        What the stream already holds is taken at once (the oldest chunks make room), as the reference's
-        buffer takes everything that arrives."""
+        What the stream already holds is taken (up to the capacity; the oldest chunks make room), as the
+        reference's buffer takes everything that arrives, in reads of at most READ_BYTES decoded bytes,
+        so memory stays flat however many fragments are pending. Raises Stalled when no usable fragment
+        arrived for stall_timeout seconds."""
         self._drop_stale(version)
-        block_ms = None  # the first read only drains what is there
+        block_ms, taken, reported = None, 0, time.monotonic()
         while True:
-            entries = self.consumer.read(max(n - self.held(), self.capacity), block_ms=block_ms)
+            if should_stop():
+                return False
+            batch = self._batch()
+            entries = self.consumer.read(batch, block_ms=block_ms)
             self._add(entries, version)
+            taken += len(entries)
+            if len(entries) == batch and taken < self.capacity:
+                block_ms = None  # more is waiting: drain what the stream holds, a bounded read at a time
+                continue
             if not entries and block_ms is not None:
                 # Nothing arrived for a while: the producers may be blocked by a stream that partial chunks
                 # fill (max_pending_fragments); those chunks are closed as they are rather than wait forever.
@@ -103,37 +111,57 @@ class Replay:
                     self._close(_Chunk(part.ids, part.version))
             if self.held() >= n:
                 return True
-            if should_stop():
-                return False
+            waited = time.monotonic() - self.last_fresh
+            if self.stall_timeout and waited > self.stall_timeout:
+                raise Stalled(f"no usable fragment for {waited:.0f}s (train_config.stall_timeout): "
+                              f"{self._dropped_text()}")
+            if self.on_wait is not None and time.monotonic() - reported >= WAIT_REPORT_SECONDS:
+                reported = time.monotonic()
+                self.on_wait(waited, self._dropped_text())
             block_ms = 200
+
+    def _dropped_text(self) -> str:
+        d = self.dropped_since
+        return (f"{d['dropped_stale']} dropped as stale (older than max_staleness), {d['dropped_corrupt']} as "
+                f"corrupt since the last usable one")
+
+    def _batch(self) -> int:
+        """Entries per read: READ_BYTES worth of fragments of the size seen last, at most READ_MAX."""
+        return max(1, min(READ_MAX, READ_BYTES // max(self.entry_bytes, 1)))
 
     def _add(self, entries: list[tuple[bytes, dict]], version: int) -> None:
         corrupt, stale = [], []
         fresh = []
         for entry_id, fragment in entries:
             try:
-                check_fragment(fragment, self.session_id, self.length)
+                self.checker.check(fragment)
             except CodecError as exc:
-                log.warning("dropping malformed fragment %s: %s", entry_id, exc)
+                log_corrupt(entry_id, str(exc))
                 corrupt.append(entry_id)
                 continue
+            self.entry_bytes = _nbytes(fragment)
             if version - fragment["version_first"] > self.max_staleness:
                 stale.append(entry_id)
                 continue
             fresh.append((entry_id, fragment))
-        self.consumer.retire(corrupt, "dropped_corrupt")
-        self._retire(stale, "dropped_stale")
+        self.dropped_since["dropped_corrupt"] += self.consumer.retire(corrupt, "dropped_corrupt")
+        self.dropped_since["dropped_stale"] += self.consumer.retire(stale, "dropped_stale")
         if not fresh:
             return
+        self.last_fresh = time.monotonic()
+        self.dropped_since = {"dropped_stale": 0, "dropped_corrupt": 0}
         # Entries a dead trainer had used keep their count (they come back through reclaim).
         used = self.client.hmget(self.keys.uses, [i for i, _ in fresh])
         earlier = {i: int(u) for (i, _), u in zip(fresh, used) if u is not None}
         for entry_id, fragment in fresh:
-            self.hot[entry_id] = fragment
+            size = _nbytes(fragment)
+            if self.hot_bytes + size <= HOT_BYTES:
+                self.hot[entry_id] = fragment
+                self.hot_bytes += size
             if self.per_chunk == 1:
                 self._close(_Chunk([entry_id], fragment["version_first"], earlier.get(entry_id, 0)))
                 continue
-            slot = str(fragment["slot"])
+            slot = fragment["slot"]
             part = self.partial.get(slot)
             if part is not None and (fragment["seq"] != part.last_seq + 1 or not fragment["contiguous"]):
                 self._close(_Chunk(part.ids, part.version))  # the slot's stream broke: a shorter chunk
@@ -155,8 +183,9 @@ class Replay:
             self.chunks.append(chunk)
 
     # -- sampling --------------------------------------------------------------------------------------
-    def sample(self, n: int, version: int) -> tuple[list[_Chunk], list[bytes], list[dict]]:
-        """At least n fragments (whole chunks, chosen uniformly without replacement) that are fresh now."""
+    def sample(self, n: int, version: int) -> tuple[list[_Chunk], list[dict]]:
+        """At least n fragments (whole chunks, chosen uniformly without replacement) that are fresh now, and
+        their chunks (for used())."""
         self._drop_stale(version)
         order = self.rng.sample(range(len(self.chunks)), len(self.chunks))
         picked, total = [], 0
@@ -166,24 +195,36 @@ class Replay:
             picked.append(self.chunks[k])
             total += len(self.chunks[k].ids)
         ids = [i for c in picked for i in c.ids]
-        missing = [i for i in ids if i not in self.hot]
-        if missing:
+        fragments = {i: self.hot[i] for i in ids if i in self.hot}
+        missing = [i for i in ids if i not in fragments]
+        if missing:  # pushed out of the hot set by its byte budget: read again, and checked again
             pipe = self.client.pipeline(transaction=False)
             for i in missing:
                 pipe.xrange(self.keys.fragments, min=i, max=i)
             for i, found in zip(missing, pipe.execute()):
-                self.hot[i] = decode(found[0][1][b"f"]) if found else None
-        fragments = [self.hot[i] for i in ids]
+                fragments[i] = self._reread(i, found)
         self.hot.clear()
-        gone = [i for i, f in zip(ids, fragments) if f is None]
+        self.hot_bytes = 0
+        gone = {i for i in ids if fragments[i] is None}
         if gone:  # lost with the Redis data (e.g. the last second before a crash under AOF everysec)
             log.warning("%d sampled fragments are no longer in Redis; skipping them", len(gone))
             for c in picked:
                 c.ids = [i for i in c.ids if i not in gone]
             self.chunks = [c for c in self.chunks if c.ids]
-            keep = [k for k, f in enumerate(fragments) if f is not None]
-            ids, fragments = [ids[k] for k in keep], [fragments[k] for k in keep]
-        return picked, ids, fragments
+            ids = [i for i in ids if i not in gone]
+        return picked, [fragments[i] for i in ids]
+
+    def _reread(self, entry_id: bytes, found) -> dict | None:
+        if not found:
+            return None
+        try:
+            fragment = decode(found[0][1][b"f"])
+            self.checker.check(fragment)
+            return fragment
+        except (CodecError, KeyError, TypeError) as exc:  # it passed once: Redis was changed under us
+            log_corrupt(entry_id, str(exc))
+            self.consumer.retire([entry_id], "dropped_corrupt")
+            return None
 
     def used(self, picked: list[_Chunk]) -> None:
         """Count one use of each picked chunk (after its update); retire the ones used max_reuse times."""
@@ -210,11 +251,16 @@ class Replay:
                 self._retire_chunk(c)
 
     def _retire_chunk(self, chunk: _Chunk) -> None:
-        self._retire(chunk.ids, "consumed" if chunk.uses else "dropped_stale")
+        self.consumer.retire(chunk.ids, "consumed" if chunk.uses else "dropped_stale")
         for i in chunk.ids:
-            self.hot.pop(i, None)
+            fragment = self.hot.pop(i, None)
+            if fragment is not None:
+                self.hot_bytes -= _nbytes(fragment)
 
-    def _retire(self, ids: list[bytes], outcome: str) -> None:
-        if ids:
-            self.consumer.retire(ids, outcome)
-            self.client.hdel(self.keys.uses, *ids)
+
+def _nbytes(tree) -> int:
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return getattr(tree, "nbytes", 8)

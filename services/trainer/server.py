@@ -19,6 +19,7 @@ from mso import keys, ray_runtime, session
 from mso.config import ConfigError
 from mso.queue import ledger
 from mso.rpc import Server, require_session_id
+from mso.trainer.lease import Lease, LeaseHeld
 from mso.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -95,20 +96,25 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 context.abort(code, str(exc))
             except (ConfigError, ImportError) as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load the session's config: {exc}")
+            lease = Lease(self.client, sid, self.node_id)
+            try:
+                lease.take()  # exactly one trainer node trains a session
+            except LeaseHeld as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            lease.keep()
             self.session_id, self.last_error, self.state = sid, "", S.SERVICE_STATE_STARTING
             sk = keys.SessionKeys(sid)
-            self.client.hdel(sk.trainer, "stop")
+            self.client.hdel(sk.trainer, "stop", "waiting")
             self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING",
-                                                   "num_iterations": cfg.train_config.num_iterations,
-                                                   "produced_at_start": ledger(self.client, sid).get("produced", 0)})
+                                                   "num_iterations": cfg.train_config.num_iterations})
             spec = {"session_id": sid, "redis_url": self.redis_url, "config_name": record["config_name"],
                     "config_yaml": record["config_yaml"], "node_id": self.node_id, "config_source": record["source"],
                     "log_dir": os.environ.get("MSO_LOG_DIR", "runs")}
-            self._thread = threading.Thread(target=self._run, args=(spec, cfg), name="learner", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(spec, cfg, lease), name="learner", daemon=True)
             self._thread.start()
             return self._status()
 
-    def _run(self, spec: dict, cfg) -> None:
+    def _run(self, spec: dict, cfg, lease: Lease) -> None:
         try:
             ray_runtime.ensure()
             run_learner(spec, cfg, self.warm)
@@ -120,6 +126,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.client.hset(keys.SessionKeys(spec["session_id"]).trainer,
                              mapping={"state": "SERVICE_STATE_FAILED", "error": self.last_error})
         finally:
+            lease.release()
             self.warm.fill()  # for the next session
 
     def _running(self) -> bool:
@@ -187,6 +194,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             reported = raw.get("state", b"").decode()
             if reported in S.keys():
                 reply.state = S.Value(reported)
+            if "waiting" in raw and not reply.last_error:  # training, but nothing usable to train on
+                reply.last_error = raw["waiting"].decode()
         reply.iteration = int(raw.get("iteration", 0))
         reply.num_iterations = int(raw.get("num_iterations", 0))
         reply.model_version = int(raw.get("model_version", 0))
@@ -227,3 +236,4 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     heartbeat = session.Heartbeat(client, node_id, "trainer", advertise or server.address,
                                   lambda: S.Name(servicer.state)).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))
+

@@ -45,36 +45,70 @@ def test_two_ray_train_ranks_train_together(tmp_path):
     assert s["ledger"]["consumed"] == 4 * 2 * 8
 
 
-def test_ctrl_c_leaves_no_process_and_no_ray_behind():
-    # Env processes (cartpole steps its envs in the worker's thread by default) must die with the rest too.
+def start_running(*overrides):
+    """`mso run` as a terminal starts it: a process group of its own with SIGINT at its default (a background
+    job of a non-interactive shell would start with SIGINT ignored); returns it once its session runs, with
+    every process it brought up (Ray's worker processes are children of the raylet, env processes of their
+    worker: all descendants)."""
     proc = subprocess.Popen(MSO + ["run", "cartpole", "train_config.num_iterations=100000",
-                                   "rollout_config.worker_config.envs_per_process=1", "--port=0", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   "rollout_config.worker_config.envs_per_process=1", *overrides, "--port=0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "running (" in line:
+            break
+    else:
+        pytest.fail("mso run never reached running:\n" + "".join(lines[-30:]))
     me = psutil.Process(proc.pid)
+    # Redis, the reaper, the Ray head and its raylet, both services, a worker actor and its 8 env processes.
+    descendants = wait_until(lambda: (d := me.children(recursive=True)) and any("raylet" in p.name() for p in d)
+                             and sum("forkserver" in " ".join(p.cmdline()) for p in d) >= 9 and d, 60,
+                             "the process tree")
+    return proc, descendants
+
+
+def wait_all_gone(processes, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    alive = processes
+    while True:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not alive, f"alive {seconds}s after the signal: {[(p.pid, p.name()) for p in alive]}"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_stop_everything_within_5_seconds(how):
+    """A terminal's Ctrl-C signals the whole foreground group; timeout, Slurm, systemd and docker stop send
+    SIGTERM to the command. Either way: everything gone within 5 s, exit 130 or 143, no traceback."""
+    proc, descendants = start_running()
     try:
-        # Wait until the session runs: then redis, ray, both services, actors and env processes all exist.
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "running (" in line:
-                break
+        signalled = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
         else:
-            pytest.fail("mso run never reached running:\n" + "".join(lines[-30:]))
-        descendants = wait_until(lambda: (d := me.children(recursive=True)) and
-                                 any("raylet" in p.name() for p in d) and d, 30, "the process tree")
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(120) == 130
+            os.kill(proc.pid, signal.SIGTERM)
+        wait_all_gone(descendants + [psutil.Process(proc.pid)], 5.0)
+        print(f"\n{how}: every process gone {time.monotonic() - signalled:.2f}s after the signal")
+        assert proc.wait(5) == (130 if how == "ctrl-c" else 143)
+        said = proc.stderr.read()
+        assert "Traceback" not in said, said[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Ray's worker processes are children of the raylet, so they are in `descendants` too.
-    deadline = time.monotonic() + 10
-    alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [(p.pid, p.name()) for p in alive]
-    assert len(descendants) >= 8  # redis, ray head + raylet/gcs, two services, a worker actor, 8 envs
+
+
+def test_kill_9_leaves_no_process_and_no_ray_behind():
+    """A crash of the command itself (kill -9 cannot be handled): the reaper kills what it started."""
+    proc, descendants = start_running()
+    killed = time.monotonic()
+    proc.kill()
+    proc.wait()
+    wait_all_gone(descendants, 10.0)
+    print(f"\nkill -9: every process gone {time.monotonic() - killed:.2f}s after it")
 
 
 def test_supervision_restarts_dead_services_and_training_goes_on():

@@ -106,10 +106,11 @@ def test_producer_blocks_while_stream_is_full(redis_client):
     for _ in range(2):
         producer.push(make_fragment(), env_steps=8)
     with pytest.raises(Backpressure):
-        producer.wait_for_room(timeout=0.2)
+        producer.push(make_fragment(), env_steps=8, timeout=0.2)
     consumer = FragmentConsumer(redis_client, "s1", "rank0")
     consumer.retire([entry_id for entry_id, _ in consumer.read(1)], "consumed")
-    producer.wait_for_room(timeout=1.0)  # room again once the trainer retired one
+    assert producer.push(make_fragment(), env_steps=8, timeout=1.0)  # room again once the trainer retired one
+    assert ledger(redis_client, "s1")["produced"] == 3
 
 
 def test_a_new_consumer_reclaims_what_a_dead_one_read_but_never_retired(redis_client):
@@ -119,7 +120,7 @@ def test_a_new_consumer_reclaims_what_a_dead_one_read_but_never_retired(redis_cl
     dead = FragmentConsumer(redis_client, "s1", "old-rank0")
     assert len(dead.read(2)) == 2  # read, then the process died before retiring them
     successor = FragmentConsumer(redis_client, "s1", "new-rank0")
-    assert successor.reclaim() == 2
+    assert successor.reclaim(live_nodes={"new"}) == 2  # "old" is not in the registry: dead
     got = successor.read(10) + successor.read(10)
     assert len(got) == 3  # the two reclaimed, then the one nobody had read
     successor.retire([i for i, _ in got], "consumed")

@@ -47,7 +47,8 @@ def test_each_fragment_is_used_exactly_max_reuse_times(redis_client):
     assert replay.fill(2, 0, never_stop) and replay.held() == 6  # what the stream holds is taken at once
     uses: dict[bytes, int] = {}
     while replay.held():
-        picked, ids, frags = replay.sample(2, version=0)
+        picked, frags = replay.sample(2, version=0)
+        ids = [i for c in picked for i in c.ids]
         assert len(set(ids)) == len(ids) == len(frags) and all(f["session_id"] == "s1" for f in frags)
         for i in ids:
             uses[i] = uses.get(i, 0) + 1
@@ -63,7 +64,7 @@ def test_staleness_is_checked_when_sampled_not_only_when_read(redis_client):
     push(redis_client, [fragment(slot="a", version=5), fragment(slot="b", version=7)])
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_staleness=2, max_reuse=5))
     assert replay.fill(2, version=7, should_stop=never_stop)  # both fresh enough at version 7
-    picked, _ids, frags = replay.sample(2, version=8)       # by version 8 the first is 3 versions old
+    picked, frags = replay.sample(2, version=8)       # by version 8 the first is 3 versions old
     assert [f["slot"] for f in frags] == ["b"]
     replay.used(picked)
     counts = ledger(redis_client, "s1")
@@ -74,13 +75,13 @@ def test_a_restarted_trainer_keeps_the_use_counts_of_the_one_that_died(redis_cli
     push(redis_client, [fragment(slot="a"), fragment(slot="b")])
     dead = Replay(FragmentConsumer(redis_client, "s1", "old"), "s1", L, rb(max_reuse=2))
     assert dead.fill(2, 0, never_stop)
-    picked, _ids, _f = dead.sample(2, 0)
+    picked, _f = dead.sample(2, 0)
     dead.used(picked)  # one use each; then the process dies without retiring them
     consumer = FragmentConsumer(redis_client, "s1", "new")
-    assert consumer.reclaim() == 2
+    assert consumer.reclaim(live_nodes={"new"}) == 2
     successor = Replay(consumer, "s1", L, rb(max_reuse=2))
     assert successor.fill(2, 0, never_stop)
-    picked, _ids, _f = successor.sample(2, 0)
+    picked, _f = successor.sample(2, 0)
     successor.used(picked)  # the second and last use
     assert successor.held() == 0
     counts = ledger(redis_client, "s1")
@@ -94,7 +95,7 @@ def test_chunks_hold_consecutive_fragments_of_one_slot(redis_client):
     assert replay.fill(4, 0, never_stop)
     # a0+a1 and b0+b1 are chunks; a2 is cut short by the discontinuity before a3, which waits for a partner
     assert sorted([len(c.ids) for c in replay.chunks]) == [1, 2, 2]
-    picked, _ids, frags = replay.sample(5, 0)
+    picked, frags = replay.sample(5, 0)
     slots_seqs = sorted((f["slot"], f["seq"]) for f in frags)
     assert slots_seqs == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
 
@@ -104,7 +105,7 @@ def test_a_full_replay_pushes_out_its_oldest_chunks(redis_client):
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_chunks=3))
     assert replay.fill(3, 0, never_stop) and replay.held() == 3  # s0..s2: one read takes at most the capacity
     assert replay.fill(3, 0, never_stop) and replay.held() == 3  # s3 and s4 arrive, s0 and s1 make room
-    _p, _ids, frags = replay.sample(3, 0)
+    _p, frags = replay.sample(3, 0)
     assert sorted(f["slot"] for f in frags) == ["s2", "s3", "s4"]  # s0 and s1 never trained on
     counts = ledger(redis_client, "s1")
     assert counts["dropped_stale"] == 2 and balanced(redis_client)
@@ -116,7 +117,7 @@ def test_corrupt_and_foreign_entries_are_counted_not_trained_on(redis_client):
     redis_client.hincrby("mso:s:s1:ledger", "produced", 1)
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb())
     assert replay.fill(2, 0, never_stop)
-    picked, _ids, frags = replay.sample(2, 0)
+    picked, frags = replay.sample(2, 0)
     replay.used(picked)
     assert len(frags) == 2 and ledger(redis_client, "s1")["dropped_corrupt"] == 2 and balanced(redis_client)
 
