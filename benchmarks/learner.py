@@ -85,7 +85,7 @@ def measure(redis_url: str, name: str, repeats: int) -> dict:
     length = cfg.rollout_config.fragment_length
     frags = fragments(name, cfg, n, np.random.default_rng(0))
     learner = Learner({"session_id": f"bench-{name}", "redis_url": redis_url, "config_name": name,
-                       "config_yaml": loaded.to_yaml(), "node_id": "bench", "config_source": loaded.source,
+                       "source_hash": loaded.source_hash, "config_yaml": loaded.to_yaml(), "node_id": "bench", "config_source": loaded.source,
                        "log_dir": "/tmp/mso-bench-runs"})
     for f in frags:
         f["session_id"] = learner.session_id

@@ -15,7 +15,6 @@ import threading
 import time
 
 import gymnasium as gym
-import numpy as np
 import torch
 
 from mso import session

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -141,16 +142,28 @@ class ConfigError(ValueError):
     """A config module or key that cannot be used; the message names it and what was expected."""
 
 
+class SourceMismatch(ConfigError):
+    """This node's copy of a config module is not the one a session was launched with."""
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """A session's config module as every process of a node loads it: its name and the SHA-256 of the bytes
+    it was launched with (from the session record)."""
+    name: str
+    sha256: str
+
+    def load(self) -> ModuleType:
+        return import_verified(self.name, self.sha256)
+
+
 @dataclass
 class LoadedConfig:
     name: str             # how it was asked for: built-in name, dotted path or file path
     module: ModuleType
     source: str           # the module's source text (stored with the session and every checkpoint)
+    source_hash: str      # SHA-256 of the module file's bytes: what every node verifies before executing it
     cfg: DictConfig       # online_dict, validated and with overrides applied
-
-    @property
-    def source_hash(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()
 
     @property
     def env_generator(self):
@@ -161,7 +174,8 @@ class LoadedConfig:
         return self.module.policy_generator
 
     def to_yaml(self) -> str:
-        return OmegaConf.to_yaml(self.cfg)
+        """The config with every interpolation resolved here: what the session record stores and nodes read."""
+        return OmegaConf.to_yaml(self.cfg, resolve=True)
 
 
 def _config_folders() -> list[Path]:
@@ -215,6 +229,57 @@ def import_module(name: str) -> ModuleType:
     if module is None:
         raise ConfigError(f"no config named {name!r}: not a built-in ({', '.join(builtin_names())}), "
                           f"not in {CONFIG_PATH_ENV}, not an importable module, not a .py file")
+    return module
+
+
+def _locate(name: str) -> tuple[str, Path, importlib.machinery.ModuleSpec | None]:
+    """(module name, source file, spec) of the module `name` denotes, found without executing it (a dotted
+    path's parent packages are imported, as Python must to find it); ConfigError when there is none."""
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"config file {name} does not exist")
+        return "mso_config_" + hashlib.sha1(str(path).encode()).hexdigest()[:12], path, None
+    for folder in _config_folders():
+        path = folder / f"{name}.py"
+        if path.is_file():
+            return "mso_config_" + hashlib.sha1(str(path).encode()).hexdigest()[:12], path, None
+    for candidate in (f"{BUILTIN_PACKAGE}.{name}", name):
+        try:
+            spec = importlib.util.find_spec(candidate)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            return candidate, Path(spec.origin), spec
+    raise ConfigError(f"no config named {name!r} here: not a built-in, not in {CONFIG_PATH_ENV}, not an "
+                      f"importable .py module")
+
+
+def import_verified(name: str, source_hash: str) -> ModuleType:
+    """The config module a session names, as a node joining it runs it: `name` comes from Redis, so it must
+    pass the same allow-list as a remote Launch, and the bytes executed are exactly the bytes whose SHA-256
+    is source_hash (read once, hashed, then executed), never the file read again. SourceMismatch when this
+    node's copy differs; ConfigError for any other reason, naming it."""
+    check_remote_name(name)
+    module_name, path, spec = _locate(name)
+    source = path.read_bytes()
+    if hashlib.sha256(source).hexdigest() != source_hash:
+        raise SourceMismatch(f"config module {name} at {path} differs from the one the session was launched "
+                             f"with; deploy the same file on every node")
+    known = sys.modules.get(module_name)
+    if known is not None and getattr(known, "__mso_source_hash__", None) == source_hash:
+        return known
+    module = importlib.util.module_from_spec(spec) if spec is not None else ModuleType(module_name)
+    module.__file__ = str(path)
+    module.__mso_source_hash__ = source_hash
+    sys.modules[module_name] = module
+    try:
+        exec(compile(source, str(path), "exec"), module.__dict__)
+    except Exception as exc:  # the module's own top-level code failed (SyntaxError included)
+        del sys.modules[module_name]
+        if isinstance(exc, ModuleNotFoundError):
+            raise ConfigError(f"config module {name} needs {exc.name!r}, which is not installed here") from None
+        raise ConfigError(f"config module {name} failed while loading: {type(exc).__name__}: {exc}") from None
     return module
 
 
@@ -329,9 +394,62 @@ def load(name: str, overrides: list[str] = ()) -> LoadedConfig:
         if not hasattr(module, attr):
             raise ConfigError(f"config module {name} defines no {attr} (a config module needs env_generator, "
                               f"policy_generator and online_dict)")
-    source = Path(module.__file__).read_text()
-    return LoadedConfig(name=name, module=module, source=source, cfg=validate(module.online_dict, overrides))
+    raw = Path(module.__file__).read_bytes()
+    return LoadedConfig(name=name, module=module, source=raw.decode("utf-8", errors="replace"),
+                        source_hash=hashlib.sha256(raw).hexdigest(), cfg=validate(module.online_dict, overrides))
 
 
 def from_yaml(text: str) -> DictConfig:
-    return validate(OmegaConf.to_container(OmegaConf.create(text)))
+    """A session's config as stored in its record: resolved YAML. An interpolation left in it (`${...}`)
+    would be resolved on each node that reads it (`${oc.env:...}` reads that node's environment), so it is
+    refused: the launcher stores configs resolved."""
+    try:
+        tree = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"unreadable session config: {exc}") from None
+    path = _interpolation(tree, "")
+    if path is not None:
+        raise ConfigError(f"session config holds an interpolation at {path}; configs are stored resolved")
+    return validate(tree)
+
+
+def _interpolation(tree, path: str) -> str | None:
+    """The path of the first string holding `${` in a plain tree, or None."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            found = _interpolation(v, f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            found = _interpolation(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(tree, str) and "${" in tree:
+        return path or "the top"
+    return None
+
+
+def check_remote_overrides(overrides: list[str]) -> None:
+    """What a remote caller (LauncherService/Launch) may override: plain values. An interpolation would be
+    resolved by the launcher with its own environment (`${oc.env:REDIS_URL}` reads the Redis password)."""
+    for o in overrides:
+        if "${" in o:
+            raise ConfigError(f"override {o[:80]!r}: interpolations (${{...}}) are not accepted from a remote "
+                              f"caller; give the value itself")
+
+
+def allow_locally(name: str) -> None:
+    """Let the services this process starts run config `name` (`mso run NAME`: the user named it on their
+    own machine), by adding it to the allow-list they inherit: its folder to MSO_CONFIG_PATH for a file, the
+    module to MSO_CONFIG_MODULES for a dotted path."""
+    try:
+        check_remote_name(name)
+        return
+    except ConfigError:
+        pass
+    if name.endswith(".py") or os.sep in name:
+        var, value = CONFIG_PATH_ENV, str(Path(name).expanduser().resolve().parent)
+        os.environ[var] = os.pathsep.join(filter(None, [os.environ.get(var), value]))
+    else:
+        os.environ[MODULES_ENV] = ",".join(filter(None, [os.environ.get(MODULES_ENV), name]))

@@ -19,13 +19,24 @@ from mso.session import valid_id
 
 log = logging.getLogger(__name__)
 
-# Fragments and weights travel through Redis, but status and config messages can still be large
-# (a resolved config, many nodes); 4 MiB is gRPC's default and too small for a VPT-sized config dump.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+# Fragments and weights travel through Redis, never gRPC. No request is large (a config name and its
+# overrides at most), so a server accepts gRPC's default 4 MiB from anyone; replies (a status with a resolved
+# config and many nodes) may be larger, and clients accept them.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
 ]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+]
+# Streams (WatchMetrics, WatchEpisodes, Health/Watch) hold a server thread each for as long as they last:
+# at most MAX_STREAMS at once, and the pool has UNARY_THREADS more, so Launch, Stop and GetStatus are always
+# served however many watchers connect.
+MAX_STREAMS = 8
+UNARY_THREADS = 8
 # Default deadline of a unary client call, in seconds. Start calls get longer ones (actors come up).
 CALL_TIMEOUT = 10.0
 START_TIMEOUT = 120.0
@@ -35,11 +46,12 @@ class Server:
     """A gRPC server on one port: the service's own API, grpc.health.v1 and server reflection; TLS when
     MSO_TLS_CERT is set, and the token check on mutating calls when MSO_TOKEN is set (see mso.auth)."""
 
-    def __init__(self, address: str, max_workers: int = 16):
+    def __init__(self, address: str):
         credentials = auth.server_credentials()
         self.token = auth.token()
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS,
-                                interceptors=[auth.TokenInterceptor(self.token)] if self.token else None)
+        interceptors = ([auth.TokenInterceptor(self.token)] if self.token else []) + [StreamLimit(MAX_STREAMS)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + UNARY_THREADS),
+                                options=SERVER_OPTIONS, interceptors=interceptors)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.tls = credentials is not None
@@ -88,6 +100,33 @@ class Server:
         if on_stop is not None:
             on_stop()
         self.stop()
+
+
+class StreamLimit(grpc.ServerInterceptor):
+    """Refuses a server-streaming call with RESOURCE_EXHAUSTED while `limit` streams are open."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler.response_streaming or handler.request_streaming:
+            return handler
+        behavior, slots, limit = handler.unary_stream, self._slots, self.limit
+
+        def limited(request, context):
+            if not slots.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{limit} streams are open on this server, the most it serves at once; "
+                              "close one or try again later")
+            try:
+                yield from behavior(request, context)
+            finally:
+                slots.release()
+
+        return grpc.unary_stream_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
 
 
 def reachable_host() -> str:

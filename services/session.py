@@ -7,19 +7,19 @@ keeps a heartbeat key that expires when the node dies, which is how the launcher
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import re
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import msgpack
 import redis
 
 from mso import keys
-from mso.config import LoadedConfig, from_yaml, import_module
+from mso.config import LoadedConfig, from_yaml, import_verified
 
+log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
 HEARTBEAT_TTL = 10
 
@@ -62,21 +62,21 @@ def update(client: redis.Redis, session_id: str, **fields) -> None:
 
 
 def join(client: redis.Redis, session_id: str):
-    """(record, resolved config) for a node joining session_id, after checking its config module's source."""
+    """(record, resolved config) for a node joining session_id, once this node's copy of the config module
+    passed the allow-list and its bytes matched the session's source hash (config.import_verified); raises
+    config.ConfigError (SourceMismatch when the copy differs) otherwise."""
     record = read(client, session_id)
-    module = import_module(record["config_name"])
-    local = Path(module.__file__)
-    if hashlib.sha256(local.read_text().encode()).hexdigest() != record["source_hash"]:
-        raise SessionError(f"config module {record['config_name']} at {local} differs from the one session "
-                           f"{session_id} was launched with; deploy the same file on every node")
+    import_verified(record["config_name"], record["source_hash"])
     return record, from_yaml(record["config_yaml"])
 
 
 class Heartbeat:
-    """Refreshes a node's registry entry every HEARTBEAT_SECONDS from a background thread."""
+    """Refreshes a node's registry entry every HEARTBEAT_SECONDS from a background thread. `report()` gives
+    (state name, session id, fault): what the node is doing, and what is wrong with it right now ("" if
+    nothing)."""
 
-    def __init__(self, client: redis.Redis, node_id: str, kind: str, address: str, state_fn):
-        self.client, self.node_id, self.kind, self.address, self.state_fn = client, node_id, kind, address, state_fn
+    def __init__(self, client: redis.Redis, node_id: str, kind: str, address: str, report):
+        self.client, self.node_id, self.kind, self.address, self.report = client, node_id, kind, address, report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -86,8 +86,9 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        entry = {"node_id": self.node_id, "kind": self.kind, "address": self.address,
-                 "state": self.state_fn(), "time": time.time()}
+        state, session_id, fault = self.report()
+        entry = {"node_id": self.node_id, "kind": self.kind, "address": self.address, "state": state,
+                 "session_id": session_id, "fault": fault, "time": time.time()}
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.node(self.node_id), msgpack.packb(entry), ex=HEARTBEAT_TTL)
         pipe.sadd(keys.NODES, self.node_id)
@@ -99,6 +100,8 @@ class Heartbeat:
                 self.beat()
             except redis.RedisError:
                 pass  # Redis away for a moment: the entry expires if it stays away, which is the truth
+            except Exception:  # a report that failed must not end the heartbeat (the node would look dead)
+                log.exception("heartbeat of %s", self.node_id)
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,12 +113,26 @@ class Heartbeat:
             pass
 
 
+NODE_FIELDS = {"node_id": str, "kind": str, "address": str, "state": str, "time": (int, float)}
+
+
 def list_nodes(client: redis.Redis) -> list[dict]:
-    ids = sorted(i.decode() for i in client.smembers(keys.NODES))
+    """The live nodes' heartbeat records; an unreadable one is skipped (and logged), never fatal."""
+    ids = sorted(i.decode(errors="replace") for i in client.smembers(keys.NODES))
     nodes = []
     for node_id, raw in zip(ids, client.mget([keys.node(i) for i in ids]) if ids else []):
         if raw is None:
             client.srem(keys.NODES, node_id)  # expired: the node is gone
             continue
-        nodes.append(msgpack.unpackb(raw))
+        try:
+            entry = msgpack.unpackb(raw)
+            bad = [k for k, t in NODE_FIELDS.items() if not isinstance(entry.get(k), t)]
+        except Exception as exc:
+            entry, bad = None, [f"unreadable ({type(exc).__name__})"]
+        if bad:
+            log.warning("ignoring the malformed heartbeat of %r: %s", node_id[:80], ", ".join(bad))
+            continue
+        entry.setdefault("session_id", "")
+        entry.setdefault("fault", "")
+        nodes.append(entry)
     return nodes

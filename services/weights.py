@@ -15,6 +15,7 @@ import msgpack
 import redis
 import torch
 import xxhash
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -119,6 +120,10 @@ class WeightWatcher:
                 self.last_error = f"weight watcher lost Redis, retrying: {exc}"
                 log.warning(self.last_error)
                 self._stop.wait(1.0)
+            except Exception as exc:  # anything else must not end the thread: the node would act on old
+                self.last_error = f"weight watcher failed, retrying: {type(exc).__name__}: {exc}"  # weights forever
+                log.exception("weight watcher")
+                self._stop.wait(1.0)
             finally:
                 pubsub.close()
 
@@ -128,7 +133,7 @@ class WeightWatcher:
             if pointer is None or pointer["version"] <= self.version:
                 return
             state = fetch(self.client, self.session_id, pointer)
-        except WeightError as exc:
+        except (WeightError, SafetensorError) as exc:
             self.last_error = str(exc)
             log.warning("keeping weights of version %d: %s", self.version, exc)
             return

@@ -16,6 +16,10 @@ from mso.redis_server import RedisServer, connect, free_port
 from mso.rpc import wait_serving
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+# Nodes run only the config modules an operator allowed (names read from Redis pass the same allow-list as a
+# remote Launch): the test suite's own stand-in configs live in these folders. Set before any service starts.
+TEST_CONFIGS = [str(Path(__file__).parent / d) for d in ("rollout", "launcher", "minestudio")]
+os.environ["MSO_CONFIG_PATH"] = os.pathsep.join(TEST_CONFIGS + [p for p in [os.environ.get("MSO_CONFIG_PATH")] if p])
 
 
 def grpcurl(*args, check=True, max_time=120, plaintext=True):

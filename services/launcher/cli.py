@@ -110,6 +110,7 @@ def _serve_launcher(address: str, url: str) -> int:
 
     launcher = Launcher(connect(url))
     server = start_server(launcher, address)
+    launcher.adopt()
     autolaunch = os.environ.get("MSO_AUTOLAUNCH", "").strip()
     if autolaunch:  # compose: `MSO_AUTOLAUNCH=cartpole docker compose up` trains with no further call
         overrides = shlex.split(os.environ.get("MSO_AUTOLAUNCH_OVERRIDES", ""))
@@ -146,7 +147,7 @@ def _terminated(signum, _frame):
 
 
 def cmd_run(args) -> int:
-    from mso.config import ConfigError, load
+    from mso.config import ConfigError, allow_locally, load
     from mso.launcher.embedded import Embedded
     from mso.launcher.launch import Launcher, LaunchError
     from mso.launcher.server import start_server
@@ -164,6 +165,7 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    allow_locally(name)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminated)
     needed = (cfg.rollout_config.num_rollout_workers * cfg.rollout_config.num_cpus_per_worker

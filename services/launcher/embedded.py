@@ -128,7 +128,11 @@ class Embedded:
             self.redis = RedisServer(password=secrets.token_urlsafe(24))
             self.redis_url = self.redis.url
             self.reaper.watch(self.redis.process.pid)
-        env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+                   # The Ray head and everything that joins it share a token of this run only: a
+                   # ~/.ray/auth_token left by another Ray (which Ray would otherwise pick up on one side
+                   # and not the other) cannot lock the services out, and nobody else can join.
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         # The head and both services start together: each spends seconds importing; the services join Ray
         # only when a session starts.
         head, self.ray_address = spawn_ray_head(self.num_cpus, env)

@@ -17,11 +17,13 @@ import redis
 from mso import config, keys, session
 from mso.queue import ledger
 from mso.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
+from mso.session import HEARTBEAT_TTL
 from mso.v1 import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 P = launcher_pb2.SessionPhase
 LAUNCH_LOCK = "mso:launch-lock"
+LOST_NODE_MEMORY = 60.0  # seconds a node that stopped its heartbeat stays among the session's faults
 
 
 class LaunchError(RuntimeError):
@@ -58,6 +60,7 @@ class Launcher:
         self._lock = threading.Lock()
         self._rate = (time.monotonic(), 0, 0.0)  # (when, env_steps then, steps/s)
         self._watcher: threading.Thread | None = None
+        self._members: dict[str, dict[str, tuple[str, float | None]]] = {}  # session -> node -> (kind, lost at)
 
     # -- launching -------------------------------------------------------------------------------------
     def launch(self, name: str, overrides: list[str]) -> str:
@@ -171,38 +174,108 @@ class Launcher:
             return rollout_pb2.RolloutStatus(last_error=f"unreachable: {exc.code().name}")
 
     # -- watching and stopping -------------------------------------------------------------------------
+    def adopt(self) -> None:
+        """Watch the running session, if there is one (a launcher that restarted while a session ran)."""
+        sid = self.running_session()
+        if sid is not None and session.read(self.client, sid)["phase"] == P.Name(P.SESSION_PHASE_RUNNING):
+            log.info("watching session %s, which was running when this launcher started", sid)
+            self._watcher = threading.Thread(target=self._watch, args=(sid,), name="session-watch", daemon=True)
+            self._watcher.start()
+
     def _watch(self, sid: str) -> None:
+        """Until the session ends: finish or fail it as its trainer does, start a trainer when none trains
+        it, and fail it when nothing has trained it for train_config.stall_timeout. An error (Redis away for
+        longer than its clients retry, a malformed record) is logged and the watch goes on: a session nobody
+        watches would stay RUNNING forever."""
+        cfg = config.from_yaml(session.read(self.client, sid)["config_yaml"])
+        stall = cfg.train_config.stall_timeout
+        last_trained = time.monotonic()
         while True:
-            phase = session.read(self.client, sid)["phase"]
-            if phase != P.Name(P.SESSION_PHASE_RUNNING):
-                return
-            state = self._trainer_state(sid)
-            if state == "SERVICE_STATE_FINISHED":
-                self._stop_nodes(sid)
-                session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FINISHED))
-                return
-            if state == "SERVICE_STATE_FAILED":
-                self._stop_nodes(sid)
-                session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED),
-                               error=f"trainer failed: {self._trainer_error(sid)}")
-                return
-            self._restart_fresh_trainers(sid)
+            try:
+                ended, trained = self._check(sid)
+                if ended:
+                    return
+                if trained:
+                    last_trained = time.monotonic()
+                elif stall and time.monotonic() - last_trained > stall:
+                    reason = (f"no trainer has trained session {sid} for {time.monotonic() - last_trained:.0f}s "
+                              f"(train_config.stall_timeout): its node died and no other took over")
+                    self._stop_nodes(sid)
+                    session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED), error=reason)
+                    return
+            except Exception:
+                log.exception("watching session %s; going on", sid)
             time.sleep(0.5)
 
-    def _restart_fresh_trainers(self, sid: str) -> None:
-        """A trainer node that does not know the running session (its process was restarted, or a new one
-        replaced it) is started on it; it resumes from the session's latest checkpoint when there is one."""
-        for node in session.list_nodes(self.client):
-            if node["kind"] != "trainer":
+    def _check(self, sid: str) -> tuple[bool, bool]:
+        """One look at a running session: (whether it has ended, whether a trainer node is training it)."""
+        if session.read(self.client, sid)["phase"] != P.Name(P.SESSION_PHASE_RUNNING):
+            return True, False
+        state = self._trainer_state(sid)
+        if state == "SERVICE_STATE_FINISHED":
+            self._stop_nodes(sid)
+            session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FINISHED))
+            return True, False
+        if state == "SERVICE_STATE_FAILED":
+            self._stop_nodes(sid)
+            session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED),
+                           error=f"trainer failed: {self._trainer_error(sid)}")
+            return True, False
+        nodes = session.list_nodes(self.client)
+        self._remember(sid, nodes)
+        training = [n for n in nodes if n["kind"] == "trainer" and n["session_id"] == sid and
+                    n["state"] in ("SERVICE_STATE_STARTING", "SERVICE_STATE_RUNNING")]
+        if not training:
+            self._start_a_trainer(sid, nodes)
+        return False, bool(training)
+
+    def _start_a_trainer(self, sid: str, nodes: list[dict]) -> None:
+        """No trainer node trains the running session (its process was restarted, or it died and another
+        replaces it): start an idle one on it. It continues from the session's newest published weights once
+        the dead one's lease has expired; until then its Start is refused and tried again."""
+        for node in nodes:
+            if node["kind"] != "trainer" or node["state"] not in ("SERVICE_STATE_IDLE", "SERVICE_STATE_FAILED"):
                 continue
             try:
                 with channel(node["address"]) as ch:
-                    stub = trainer_pb2_grpc.TrainerServiceStub(ch)
-                    if stub.GetStatus(trainer_pb2.TrainerStatusRequest(), timeout=CALL_TIMEOUT).session_id == "":
-                        log.warning("trainer node %s is idle while session %s runs: starting it", node["node_id"], sid)
-                        stub.Start(trainer_pb2.TrainerStartRequest(session_id=sid), timeout=START_TIMEOUT)
+                    trainer_pb2_grpc.TrainerServiceStub(ch).Start(trainer_pb2.TrainerStartRequest(session_id=sid),
+                                                                  timeout=START_TIMEOUT)
+                log.warning("started idle trainer node %s on running session %s", node["node_id"], sid)
+                return
             except grpc.RpcError as exc:
-                log.warning("trainer node %s: %s", node["node_id"], exc.details())
+                log.info("trainer node %s cannot take session %s yet: %s", node["node_id"], sid, exc.details())
+
+    def _remember(self, sid: str, nodes: list[dict]) -> None:
+        """Keep which nodes served the session, so one that goes silent shows among its faults."""
+        now = time.time()
+        seen = self._members.setdefault(sid, {})
+        live = {n["node_id"] for n in nodes}
+        for n in nodes:
+            if n["session_id"] == sid:
+                seen[n["node_id"]] = (n["kind"], None)
+        for node_id, (kind, lost) in list(seen.items()):
+            if node_id not in live and lost is None:
+                seen[node_id] = (kind, now)
+            elif lost is not None and now - lost > LOST_NODE_MEMORY:
+                del seen[node_id]
+
+    def faults(self, sid: str) -> list[str]:
+        """What is wrong with a running session right now, for GetSession: each node's own fault, nodes that
+        went silent, and a trainer missing."""
+        out = []
+        nodes = session.list_nodes(self.client)
+        for n in nodes:
+            if n["session_id"] == sid and n["fault"]:
+                out.append(f"{n['kind']} node {n['node_id']}: {n['fault']}")
+        for node_id, (kind, lost) in sorted(self._members.get(sid, {}).items()):
+            if lost is not None:
+                out.append(f"{kind} node {node_id}: no heartbeat for {time.time() - lost + HEARTBEAT_TTL:.0f}s "
+                           f"(dead, or cut off from Redis)")
+        running = session.read(self.client, sid)["phase"] == P.Name(P.SESSION_PHASE_RUNNING)
+        if running and not any(n["kind"] == "trainer" and n["session_id"] == sid and
+                               n["state"] in ("SERVICE_STATE_STARTING", "SERVICE_STATE_RUNNING") for n in nodes):
+            out.append("no trainer node is training the session")
+        return out
 
     def stop(self, sid: str) -> None:
         session.read(self.client, sid)  # raises SessionError for an unknown session
@@ -236,8 +309,9 @@ class Launcher:
         sk = keys.SessionKeys(sid)
         counts = ledger(self.client, sid)
         trainer = {k.decode(): v for k, v in self.client.hgetall(sk.trainer).items()}
-        metrics = msgpack.unpackb(trainer["metrics"]) if "metrics" in trainer else {}
-        episodes = [msgpack.unpackb(f[b"e"]) for _id, f in self.client.xrevrange(sk.episodes, count=20)]
+        metrics = _unpack(trainer.get("metrics"), dict) or {}
+        episodes = [e for _id, f in self.client.xrevrange(sk.episodes, count=20)
+                    if isinstance(e := _unpack(f.get(b"e"), dict), dict) and isinstance(e.get("return"), (int, float))]
         returns = [e["return"] for e in episodes]
         now, env_steps = time.monotonic(), counts.get("env_steps", 0)
         then, steps_then, rate = self._rate
@@ -248,9 +322,20 @@ class Launcher:
                         env_steps=env_steps, env_steps_per_second=rate,
                         mean_return=sum(returns) / len(returns) if returns else float("nan"),
                         episodes=counts.get("episodes", 0), model_version=int(trainer.get("model_version", 0)),
-                        policy_lag=metrics.get("policy_lag", 0.0), queue_depth=counts["pending"],
-                        rollout_model_version=episodes[0]["version"] if episodes else 0,
+                        policy_lag=float(metrics.get("policy_lag", 0.0)), queue_depth=counts["pending"],
+                        rollout_model_version=int(episodes[0].get("version", 0)) if episodes else 0,
                         restarts=int(session.read(self.client, sid).get("restarts", 0)), ledger=counts)
+
+
+def _unpack(raw, kind):
+    """A msgpack record read from Redis, or None when it is missing or not a `kind`."""
+    if raw is None:
+        return None
+    try:
+        value = msgpack.unpackb(raw)
+    except Exception:
+        return None
+    return value if isinstance(value, kind) else None
 
 
 class SessionBusy(RuntimeError):

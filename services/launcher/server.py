@@ -7,7 +7,7 @@ import math
 import grpc
 
 from mso import session
-from mso.config import ConfigError, check_remote_name
+from mso.config import ConfigError, check_remote_name, check_remote_overrides
 from mso.launcher.launch import Launcher, LaunchError, SessionBusy
 from mso.rpc import Server, require_session_id
 from mso.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc
@@ -20,7 +20,8 @@ def node_message(n: dict) -> common_pb2.Node:
     state = n.get("state", "")
     return common_pb2.Node(node_id=n["node_id"], kind=n["kind"], address=n["address"],
                            state=S.Value(state) if state in S.keys() else S.SERVICE_STATE_UNSPECIFIED,
-                           last_heartbeat_unix=n["time"])
+                           last_heartbeat_unix=n["time"], session_id=str(n["session_id"])[:64],
+                           fault=str(n["fault"])[:1000])
 
 
 class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
@@ -36,6 +37,7 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
                           f"{len(request.overrides)} overrides: at most {MAX_OVERRIDES} are accepted")
         try:
             check_remote_name(request.config.strip())
+            check_remote_overrides(list(request.overrides))
             sid = self.launcher.launch(request.config.strip(), list(request.overrides))
         except ConfigError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -75,6 +77,7 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
             session_id=sid, config_name=record["config_name"], config_yaml=record["config_yaml"],
             phase=launcher_pb2.SessionPhase.Value(phase) if phase in launcher_pb2.SessionPhase.keys() else 0,
             nodes=[node_message(n) for n in session.list_nodes(self.launcher.client)], error=record["error"],
+            faults=self.launcher.faults(sid) if phase == "SESSION_PHASE_RUNNING" else [],
             progress=launcher_pb2.Progress(
                 iteration=p.iteration, num_iterations=p.num_iterations, env_steps=p.env_steps,
                 env_steps_per_second=p.env_steps_per_second,

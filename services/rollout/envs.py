@@ -26,6 +26,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+from mso.config import ConfigSource
 from mso.rollout.video import VideoWriter, frame_of
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class _Runner:
             self.env = None
 
 
-def _env_main(conn: Connection, environ: dict, config_name: str, seeds: list[int], discount: float,
+def _env_main(conn: Connection, environ: dict, source: ConfigSource, seeds: list[int], discount: float,
               restart_interval, fps: int) -> None:
     """An env process: an EnvGroup behind the pipe, until the worker says None or an env cannot be built."""
     # The forkserver's environment is that of when it started; an env sees its worker's, as with spawn.
@@ -147,7 +148,7 @@ def _env_main(conn: Connection, environ: dict, config_name: str, seeds: list[int
     os.environ.update(environ)
     envs = None
     try:
-        envs = EnvGroup(list(range(len(seeds))), config_name, seeds, discount, restart_interval, fps)
+        envs = EnvGroup(list(range(len(seeds))), source, seeds, discount, restart_interval, fps)
         while True:
             reply = envs.recv()
             conn.send(reply)
@@ -168,10 +169,10 @@ class EnvProcess:
     """One env process of a worker, stepping the env slots in `slots`: its pipe, when its answer is due,
     restarts."""
 
-    def __init__(self, slots: list[int], config_name: str, seeds: list[int], discount: float, restart_interval,
+    def __init__(self, slots: list[int], source: ConfigSource, seeds: list[int], discount: float, restart_interval,
                  fps: int, step_timeout: float, start_timeout: float):
         self.slots = slots
-        self.args = (config_name, seeds, discount, restart_interval, fps)
+        self.args = (source, seeds, discount, restart_interval, fps)
         self.step_timeout, self.start_timeout = step_timeout, start_timeout
         self.deadline = 0.0  # when the observations asked for (by spawning or by actions) are overdue
         self.conn: Connection | None = None
@@ -225,24 +226,22 @@ class EnvGroup:
     conn = None
     deadline = float("inf")
 
-    def __init__(self, slots: list[int], config_name: str, seeds: list[int], discount: float, restart_interval,
+    def __init__(self, slots: list[int], source: ConfigSource, seeds: list[int], discount: float, restart_interval,
                  fps: int):
-        self.slots, self.config_name, self.seeds = slots, config_name, seeds
+        self.slots, self.source, self.seeds = slots, source, seeds
         self.settings = (discount, restart_interval, fps)
         self.module, self.runners = None, []
         self._start()
 
     def _start(self) -> None:
-        from mso.config import import_module
-
         try:
             if self.module is None:
                 try:  # once: a module's globals live as long as the process, across env rebuilds
-                    self.module = import_module(self.config_name)
+                    self.module = self.source.load()
                 except Exception as exc:
-                    raise _Fatal(f"config {self.config_name}: importing it failed: {type(exc).__name__}: "
+                    raise _Fatal(f"config {self.source.name}: importing it failed: {type(exc).__name__}: "
                                  f"{exc}") from None
-            self.runners = [_Runner(self.config_name, self.module, seed, *self.settings) for seed in self.seeds]
+            self.runners = [_Runner(self.source.name, self.module, seed, *self.settings) for seed in self.seeds]
             self.reply = [r.start() for r in self.runners]
         except _Fatal as exc:
             self.reply = ("fatal", str(exc))

@@ -1,17 +1,22 @@
 """RolloutManager: a Ray actor that starts this node's RolloutWorker actors for a session, scales them up
-and down, stops them, and sums their status (env steps/s is measured here, between two status calls)."""
+and down, replaces the ones that die, stops them, and sums their status (env steps/s is measured here,
+between two status calls)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import ray
 
-from mso.config import from_yaml
+from mso.config import ConfigSource, from_yaml
 from mso.rollout.worker import RolloutWorker
 
+log = logging.getLogger(__name__)
 STATUS_TIMEOUT = 5.0
+MAX_WORKER_RESTARTS = 10   # replacements of one worker before the node stops replacing it (and says so)
 SUMMED = ("env_steps", "fragments_pushed", "bytes_pushed", "episodes", "env_restarts", "env_timeouts",
           "steps_dropped", "live_envs", "videos", "malformed_obs")
 
@@ -25,56 +30,125 @@ def new_worker(node_id: str, resources: dict):
                                  namespace="online").remote()
 
 
+@dataclass
+class _Worker:
+    """One worker as the manager sees it: its actor, its last status, and what became of it."""
+    index: int
+    handle: object
+    restarts: int = 0
+    state: str = "running"     # running, dead, failed, not answering
+    last: dict = field(default_factory=dict)
+    error: str = ""
+
+
 @ray.remote(num_cpus=0)
 class RolloutManager:
     def __init__(self, node_id: str):
         self.node_id = node_id
         self.args: tuple = ()
         self.rc = None
-        self.workers: list = []
+        self.workers: list[_Worker] = []
         self.next_index = 0
-        self.retired = {k: 0 for k in SUMMED}  # counters of workers scaled away, so totals never go back
+        self.restarts = 0
+        self.retired = {k: 0 for k in SUMMED}  # counters of workers gone (scaled away, died), so totals never go back
         self._last = (time.monotonic(), 0)
         self._rate = 0.0
 
-    def start(self, session_id: str, redis_url: str, config_name: str, config_yaml: str, spare=None) -> int:
+    def start(self, session_id: str, redis_url: str, source: ConfigSource, config_yaml: str, spare=None) -> int:
         """Start the session's workers; `spare`, a worker the service started ahead, becomes the first."""
-        self.args = (session_id, redis_url, config_name, config_yaml, self.node_id)
+        self.args = (session_id, redis_url, source, config_yaml, self.node_id)
         self.rc = from_yaml(config_yaml).rollout_config
         return self.scale(self.rc.num_rollout_workers, spare)
 
     def scale(self, num_workers: int, spare=None) -> int:
         """Grow or shrink to num_workers workers; a removed worker's partial fragments are never produced."""
         added = []
-        while len(self.workers) < num_workers:
-            worker, spare = spare or new_worker(self.node_id, worker_resources(self.rc)), None
-            self.workers.append(worker)
-            added.append(worker)
+        while len(self.workers) + len(added) < num_workers:
+            handle, spare = spare or new_worker(self.node_id, worker_resources(self.rc)), None
+            added.append(_Worker(self.next_index, handle))
+            self.next_index += 1
         if spare is not None:
             ray.kill(spare)
-        ray.get([w.start.remote(self.next_index + i, *self.args) for i, w in enumerate(added)])
-        self.next_index += len(added)
+        ray.get([w.handle.start.remote(w.index, *self.args) for w in added])
+        self.workers += added
         while len(self.workers) > num_workers:
             self._retire(self.workers.pop())
         return len(self.workers)
 
-    def _retire(self, worker) -> None:
-        final = ray.get(worker.stop.remote(), timeout=60)
+    def _retire(self, worker: _Worker) -> None:
+        try:
+            final = ray.get(worker.handle.stop.remote(), timeout=60)
+        except Exception as exc:  # dead or hung: its last status is what it did
+            log.warning("worker %d did not stop cleanly: %s", worker.index, exc)
+            final = worker.last
+        self._keep_counts(final)
+        ray.kill(worker.handle)
+
+    def _keep_counts(self, stats: dict) -> None:
         for k in SUMMED:
             if k != "live_envs":
-                self.retired[k] += final[k]
-        ray.kill(worker)
+                self.retired[k] += stats.get(k, 0)
+
+    def supervise(self) -> dict:
+        """Replace every worker whose actor died, or whose loop ended though its envs could run (a crash of
+        the loop itself); returns the status after. A worker replaced MAX_WORKER_RESTARTS times is left dead,
+        and says so in its status."""
+        self._poll()
+        for w in self.workers:
+            if w.state != "dead" or w.restarts >= MAX_WORKER_RESTARTS:
+                continue
+            log.warning("rollout worker %d of node %s is dead (%s): replacing it", w.index, self.node_id, w.error)
+            self._keep_counts(w.last)
+            try:
+                ray.kill(w.handle)
+            except Exception:
+                pass
+            w.handle, w.index, w.last = new_worker(self.node_id, worker_resources(self.rc)), self.next_index, {}
+            self.next_index += 1
+            w.restarts += 1
+            self.restarts += 1
+            try:
+                ray.get(w.handle.start.remote(w.index, *self.args), timeout=120)
+                w.state, w.error = "running", ""
+            except Exception as exc:
+                w.error = f"replacement failed to start: {exc}"[:500]
+        return self.status()
+
+    def _poll(self) -> None:
+        """Ask every worker for its status; a worker that cannot answer is dead, not a failed status call."""
+        refs = [w.handle.status.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STATUS_TIMEOUT)
+        ready = set(ready)
+        for w, ref in zip(self.workers, refs):
+            if ref not in ready:
+                w.state = "not answering"
+                continue
+            try:
+                w.last = ray.get(ref)
+            except Exception as exc:  # RayActorError: its process died (OOM, a segfault, kill -9)
+                w.state, w.error = "dead", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                continue
+            if w.last["running"]:
+                w.state, w.error = "running", ""
+            elif w.last["fatal"]:
+                w.state, w.error = "failed", w.last["last_error"]
+            else:  # its loop ended by itself: a bug or an error outside the envs
+                w.state, w.error = "dead", w.last["last_error"] or "its rollout loop ended"
 
     def status(self) -> dict:
-        refs = [w.status.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STATUS_TIMEOUT)
-        stats = [ray.get(r) for r in ready]
-        total = {k: self.retired[k] * (k != "live_envs") + sum(s[k] for s in stats) for k in SUMMED}
+        self._poll()
+        stats = [w.last for w in self.workers if w.last]  # a dead worker's last counters still count
+        total = {k: self.retired[k] + sum(s.get(k, 0) for s in stats) for k in SUMMED if k != "live_envs"}
+        total["live_envs"] = sum(w.last.get("live_envs", 0) for w in self.workers if w.state != "dead")
         total["workers"] = len(self.workers)
-        total["workers_answering"] = len(stats)
+        total["worker_restarts"] = self.restarts
         total["model_version"] = min((s["model_version"] for s in stats), default=0)
-        total["inference_ms"] = sum(s["inference_ms"] for s in stats) / max(len(stats), 1)
-        total["last_error"] = next((s["last_error"] for s in stats if s["last_error"]), "")
+        total["inference_ms"] = sum(s.get("inference_ms", 0.0) for s in stats) / max(len(stats), 1)
+        total["last_error"] = next((w.error for w in self.workers if w.error), "") or \
+            next((s["last_error"] for s in stats if s.get("last_error")), "")
+        total["worker_status"] = [{"index": w.index, "state": w.state, "env_steps": w.last.get("env_steps", 0),
+                                   "live_envs": w.last.get("live_envs", 0) if w.state != "dead" else 0,
+                                   "restarts": w.restarts, "last_error": w.error} for w in self.workers]
         now = time.monotonic()
         then, steps = self._last
         if now - then >= 1.0:

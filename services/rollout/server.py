@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 import grpc
@@ -13,18 +14,19 @@ import ray
 import redis
 
 from mso import keys, ray_runtime, session
-from mso.config import ConfigError
+from mso.config import ConfigError, ConfigSource
 from mso.rpc import Server, require_session_id
 from mso.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
 JOIN_POLL_SECONDS = 2.0
+FAULT_MEMORY_SECONDS = 60.0  # a replaced worker stays in the node's faults this long
 JOINABLE_PHASES = ("SESSION_PHASE_STARTING_TRAINER", "SESSION_PHASE_RUNNING")
 ENDED_PHASES = ("SESSION_PHASE_FINISHED", "SESSION_PHASE_FAILED", "SESSION_PHASE_STOPPED")
 STATUS_FIELDS = ("workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "bytes_pushed",
                  "episodes", "model_version", "env_restarts", "env_timeouts", "steps_dropped", "inference_ms",
-                 "videos")
+                 "videos", "worker_restarts")
 
 
 class StartError(Exception):
@@ -41,6 +43,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.stopped_session = ""  # a session this node was told to leave: never rejoined on its own
         self.manager = None
         self.last_error = ""
+        self.fault = ""            # what is wrong with this node's session right now (its heartbeat says)
+        self._restarts_seen, self._replaced_at = 0, -FAULT_MEMORY_SECONDS
         self._lock = threading.Lock()
         self._closing = threading.Event()
         # A manager and one worker started ahead of a session (on a shared Ray cluster), with the default
@@ -82,8 +86,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 ray_runtime.ensure()
                 self.manager = self.warm_manager.take({}) or self._new_manager({})
                 spare = self.warm_worker.take(worker_resources(cfg.rollout_config))
-                ray.get(self.manager.start.remote(sid, self.redis_url, record["config_name"], record["config_yaml"],
-                                                  spare), timeout=180)
+                ray.get(self.manager.start.remote(sid, self.redis_url, ConfigSource(record["config_name"],
+                                                  record["source_hash"]), record["config_yaml"], spare), timeout=180)
             except Exception as exc:
                 self.last_error = f"cannot start rollout workers: {exc}"
                 self.state = S.SERVICE_STATE_FAILED
@@ -144,6 +148,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         leave a session once it has ended, even if nobody called Stop."""
         while not self._closing.wait(JOIN_POLL_SECONDS):
             if self.manager is not None:
+                self._supervise()
                 try:
                     if session.read(self.client, self.session_id)["phase"] in ENDED_PHASES:
                         log.info("session %s has ended: stopping its workers", self.session_id)
@@ -167,6 +172,26 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             except (redis.RedisError, session.SessionError) as exc:
                 log.warning("session discovery: %s", exc)
 
+    def _supervise(self) -> None:
+        """Have the manager replace dead workers, and keep what is wrong for the node's heartbeat."""
+        manager = self.manager
+        try:
+            st = ray.get(manager.supervise.remote(), timeout=180)
+        except Exception as exc:
+            if self.manager is manager:  # not merely stopped meanwhile
+                self.fault = f"rollout manager not answering: {exc}"[:300]
+                log.warning(self.fault)
+            return
+        now = time.monotonic()
+        if st["worker_restarts"] > self._restarts_seen:
+            self._restarts_seen, self._replaced_at = st["worker_restarts"], now
+        faults = [f"worker {w['index']} {w['state']}: {w['last_error']}"[:300] for w in st["worker_status"]
+                  if w["state"] != "running"]
+        if now - self._replaced_at < FAULT_MEMORY_SECONDS:
+            faults.append(f"{st['worker_restarts']} dead workers replaced so far, the last "
+                          f"{now - self._replaced_at:.0f}s ago")
+        self.fault = "; ".join(faults)
+
     # -- helpers ---------------------------------------------------------------------------------------
     def _new_manager(self, _resources: dict):
         from mso.rollout.manager import RolloutManager
@@ -185,6 +210,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     def _release(self) -> None:
         manager, self.manager = self.manager, None
+        self.fault = ""
         if manager is None:
             return
         try:
@@ -212,6 +238,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             for name in STATUS_FIELDS:
                 setattr(reply, name, st[name])
             reply.last_error = reply.last_error or st["last_error"]
+            reply.worker_status.extend(rollout_pb2.WorkerStatus(**w) for w in st["worker_status"])
         return reply
 
     def shutdown(self) -> None:
@@ -267,6 +294,6 @@ def serve(address: str, redis_url: str, advertise: str | None = None, metrics_po
         start_http_server(metrics_port)
         log.info("Prometheus metrics on :%d/metrics", metrics_port)
     heartbeat = session.Heartbeat(client, node_id, "rollout", advertise or server.address,
-                                  lambda: S.Name(servicer.state)).start()
+                                  lambda: (S.Name(servicer.state), servicer.session_id, servicer.fault)).start()
     threading.Thread(target=servicer.join_loop, name="session-join", daemon=True).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from mso import keys
-from mso.config import from_yaml, import_module
+from mso.config import ConfigSource, from_yaml
 from mso.minestudio import adapt
 from mso.queue import FragmentProducer
 from mso.redis_server import connect
@@ -82,12 +82,13 @@ def values(policy, latents: dict, use_normalized_vf: bool) -> np.ndarray:
 class RolloutLoop:
     """Steps one worker's envs until stop is set. `stats` is read by status calls from other threads."""
 
-    def __init__(self, worker_index: int, session_id: str, redis_url: str, config_name: str, cfg, node_id: str):
+    def __init__(self, worker_index: int, session_id: str, redis_url: str, source: ConfigSource, cfg, node_id: str):
         self.index, self.session_id, self.redis_url = worker_index, session_id, redis_url
-        self.config_name, self.cfg, self.node_id = config_name, cfg, node_id
+        self.source, self.cfg, self.node_id = source, cfg, node_id
         self.stats = {"env_steps": 0, "fragments_pushed": 0, "bytes_pushed": 0, "episodes": 0,
                       "env_restarts": 0, "env_timeouts": 0, "steps_dropped": 0, "model_version": 0,
-                      "live_envs": 0, "inference_ms": 0.0, "videos": 0, "malformed_obs": 0, "last_error": ""}
+                      "live_envs": 0, "inference_ms": 0.0, "videos": 0, "malformed_obs": 0, "last_error": "",
+                      "fatal": False}  # fatal: no env of this worker can be built (a config error, not a crash)
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -101,7 +102,7 @@ class RolloutLoop:
         rc, wc, tc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config, self.cfg.train_config
         client = connect(self.redis_url)
         self.keys = keys.SessionKeys(self.session_id)
-        module = import_module(self.config_name)
+        module = self.source.load()
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
         policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         policy.eval()
@@ -119,10 +120,10 @@ class RolloutLoop:
         seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
         k = wc.envs_per_process
         if k == 0:  # every env in this thread: no process, no pipe
-            procs = [EnvGroup(list(range(wc.num_envs)), self.config_name, [seed + i for i in range(wc.num_envs)],
+            procs = [EnvGroup(list(range(wc.num_envs)), self.source, [seed + i for i in range(wc.num_envs)],
                               tc.discount, wc.restart_interval, wc.video_fps)]
         else:
-            procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.config_name,
+            procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.source,
                                 [seed + i for i in range(first, min(first + k, wc.num_envs))], tc.discount,
                                 wc.restart_interval, wc.video_fps, wc.env_timeout, wc.env_start_timeout)
                      for first in range(0, wc.num_envs, k)]
@@ -153,6 +154,7 @@ class RolloutLoop:
             while not self.stop_event.is_set():
                 idle = [p for p in range(len(procs)) if procs[p].slots[0] not in pending and p not in broken]
                 if len(broken) == len(procs):
+                    self.stats["fatal"] = True
                     break  # nothing can run; last_error says why
                 if idle and len(pending) < target:
                     ready = [p for p in idle if procs[p].conn is None]  # in-thread envs have answered already
@@ -335,15 +337,15 @@ class RolloutWorker:
         self.loop: RolloutLoop | None = None
         self.thread: threading.Thread | None = None
 
-    def start(self, worker_index: int, session_id: str, redis_url: str, config_name: str, config_yaml: str,
+    def start(self, worker_index: int, session_id: str, redis_url: str, source: ConfigSource, config_yaml: str,
               node_id: str) -> bool:
-        self.loop = RolloutLoop(worker_index, session_id, redis_url, config_name, from_yaml(config_yaml), node_id)
+        self.loop = RolloutLoop(worker_index, session_id, redis_url, source, from_yaml(config_yaml), node_id)
         self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
         self.thread.start()
         return True
 
     def status(self) -> dict:
-        return dict(self.loop.stats)
+        return {**self.loop.stats, "running": self.thread.is_alive()}
 
     def stop(self) -> dict:
         self.loop.stop_event.set()

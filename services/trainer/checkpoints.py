@@ -3,8 +3,8 @@
 Layout: {save_path}/{session_id}/{iteration:08d}/ with
     model.safetensors   the policy's state dict (value normaliser statistics included)
     optimizer.pt        the optimizer's state dict (torch.save; loaded with weights_only=True)
-    state.json          iteration, model_version, rho, session_id, config_name, time
-    config.py           the config module's source
+    state.json          iteration, model_version, rho, session_id, time, the ledger, and the config module's
+                        name, source and SHA-256 (as text: a checkpoint never holds code to execute)
 Each is written into a temporary folder that is renamed into place, so a crash never leaves a half
 checkpoint. Thinning keeps every checkpoint whose iteration is a multiple of keep_interval, and the latest
 (the reference's sign error, §4.9, kept the wrong ones).
@@ -27,8 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found or read; the message names the path."""
 
 
-def save(folder: Path, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-         config_source: str) -> Path:
+def save(folder: Path, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{iteration:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{iteration:08d}-", dir=folder))
@@ -36,7 +35,6 @@ def save(folder: Path, iteration: int, model: torch.nn.Module, optimizer: torch.
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration, "time": time.time()}, indent=2))
-        (tmp / "config.py").write_text(config_source)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

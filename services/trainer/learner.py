@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from mso import keys, session, weights
-from mso.config import from_yaml, import_module
+from mso.config import import_verified, from_yaml
 from mso.fragment import signature
 from mso.minestudio import adapt
 from mso.queue import FragmentConsumer, ledger
@@ -47,7 +47,7 @@ class Learner:
         self.tc = OmegaConf.to_object(self.cfg.train_config)  # a plain dataclass: DictConfig lookups are slow
         self.length = self.cfg.rollout_config.fragment_length
         self.client = connect(spec["redis_url"])
-        module = import_module(spec["config_name"])
+        module = import_verified(spec["config_name"], spec["source_hash"])
         torch.manual_seed(self.cfg.seed)  # the same initial weights as every rollout node: version 0
         self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         # Ray (and Ray Train) give a rank with num_gpus_per_worker > 0 its own GPU as cuda:0.
@@ -82,6 +82,7 @@ class Learner:
         self.version, self.start_iteration = 0, 0
         self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id
         self.config_source = spec.get("config_source", "")
+        self.config = (spec["config_name"], spec["source_hash"])
         pointer = weights.latest_pointer(self.client, self.session_id)
         resumed = None
         if pointer is not None:
@@ -329,8 +330,8 @@ class Learner:
     def _checkpoint(self, iteration: int) -> None:
         path = checkpoints.save(self.save_dir, iteration, self.policy, self.optimizer,
                                 {"model_version": self.version, "rho": self.rho, "session_id": self.session_id,
-                                 "ledger": ledger(self.client, self.session_id)},
-                                self.config_source)
+                                 "ledger": ledger(self.client, self.session_id), "config_name": self.config[0],
+                                 "config_sha256": self.config[1], "config_source": self.config_source})
         checkpoints.thin(self.save_dir, self.tc.keep_interval)
         self.client.hset(self.keys.trainer, mapping={"last_checkpoint": str(path.resolve()), "save_now": "0"})
 

@@ -108,6 +108,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING",
                                                    "num_iterations": cfg.train_config.num_iterations})
             spec = {"session_id": sid, "redis_url": self.redis_url, "config_name": record["config_name"],
+                    "source_hash": record["source_hash"],
                     "config_yaml": record["config_yaml"], "node_id": self.node_id, "config_source": record["source"],
                     "log_dir": os.environ.get("MSO_LOG_DIR", "runs")}
             self._thread = threading.Thread(target=self._run, args=(spec, cfg, lease), name="learner", daemon=True)
@@ -150,6 +151,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def GetStatus(self, request, context):
         return self._status()
+
+    def fault(self) -> str:
+        """What is wrong with this node's training right now: why it failed, or that it has nothing usable
+        to train on (the learner says so while it waits)."""
+        if self.state == S.SERVICE_STATE_FAILED:
+            return self.last_error
+        if not self._running():
+            return ""
+        waiting = self.client.hget(keys.SessionKeys(self.session_id).trainer, "waiting")
+        return waiting.decode() if waiting else ""
 
     def SaveCheckpoint(self, request, context):
         """Ask the learner for a checkpoint at the end of the current iteration and wait for its path."""
@@ -234,6 +245,6 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     server.start()
     ray_runtime.connect_early(then=servicer.warm.fill)
     heartbeat = session.Heartbeat(client, node_id, "trainer", advertise or server.address,
-                                  lambda: S.Name(servicer.state)).start()
+                                  lambda: (S.Name(servicer.state), servicer.session_id, servicer.fault())).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), servicer.shutdown()))
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mso/v1/common.proto\x12\x06mso.v1\"x\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.mso.v1.ServiceState\x12\x1b\n\x13last_heartbeat_unix\x18\x05 \x01(\x01*\xce\x01\n\x0cServiceState\x12\x1d\n\x19SERVICE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVICE_STATE_IDLE\x10\x01\x12\x1a\n\x16SERVICE_STATE_STARTING\x10\x02\x12\x19\n\x15SERVICE_STATE_RUNNING\x10\x03\x12\x1a\n\x16SERVICE_STATE_STOPPING\x10\x04\x12\x1a\n\x16SERVICE_STATE_FINISHED\x10\x05\x12\x18\n\x14SERVICE_STATE_FAILED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mso/v1/common.proto\x12\x06mso.v1\"\x9b\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.mso.v1.ServiceState\x12\x1b\n\x13last_heartbeat_unix\x18\x05 \x01(\x01\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\r\n\x05\x66\x61ult\x18\x07 \x01(\t*\xce\x01\n\x0cServiceState\x12\x1d\n\x19SERVICE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVICE_STATE_IDLE\x10\x01\x12\x1a\n\x16SERVICE_STATE_STARTING\x10\x02\x12\x19\n\x15SERVICE_STATE_RUNNING\x10\x03\x12\x1a\n\x16SERVICE_STATE_STOPPING\x10\x04\x12\x1a\n\x16SERVICE_STATE_FINISHED\x10\x05\x12\x18\n\x14SERVICE_STATE_FAILED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mso.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVICESTATE']._serialized_start=154
-  _globals['_SERVICESTATE']._serialized_end=360
-  _globals['_NODE']._serialized_start=31
-  _globals['_NODE']._serialized_end=151
+  _globals['_SERVICESTATE']._serialized_start=190
+  _globals['_SERVICESTATE']._serialized_end=396
+  _globals['_NODE']._serialized_start=32
+  _globals['_NODE']._serialized_end=187
 # @@protoc_insertion_point(module_scope)

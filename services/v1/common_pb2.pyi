@@ -23,15 +23,19 @@ SERVICE_STATE_FINISHED: ServiceState
 SERVICE_STATE_FAILED: ServiceState
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "kind", "address", "state", "last_heartbeat_unix")
+    __slots__ = ("node_id", "kind", "address", "state", "last_heartbeat_unix", "session_id", "fault")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     kind: str
     address: str
     state: ServiceState
     last_heartbeat_unix: float
-    def __init__(self, node_id: _Optional[str] = ..., kind: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ServiceState, str]] = ..., last_heartbeat_unix: _Optional[float] = ...) -> None: ...
+    session_id: str
+    fault: str
+    def __init__(self, node_id: _Optional[str] = ..., kind: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ServiceState, str]] = ..., last_heartbeat_unix: _Optional[float] = ..., session_id: _Optional[str] = ..., fault: _Optional[str] = ...) -> None: ...

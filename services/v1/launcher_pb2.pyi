@@ -100,7 +100,7 @@ class Ledger(_message.Message):
     def __init__(self, produced: _Optional[int] = ..., consumed: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dropped_corrupt: _Optional[int] = ..., pending: _Optional[int] = ..., reused: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "config_name", "config_yaml", "phase", "nodes", "progress", "error")
+    __slots__ = ("session_id", "config_name", "config_yaml", "phase", "nodes", "progress", "error", "faults")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class Session(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config_name: str
     config_yaml: str
@@ -115,4 +116,5 @@ class Session(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Node]
     progress: Progress
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., config_name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., phase: _Optional[_Union[SessionPhase, str]] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    faults: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., config_name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., phase: _Optional[_Union[SessionPhase, str]] = ..., nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., faults: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,6 +1,8 @@
 from mso.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -54,7 +56,7 @@ class Episode(_message.Message):
     def __init__(self, episode_id: _Optional[str] = ..., episode_return: _Optional[float] = ..., length: _Optional[int] = ..., model_version: _Optional[int] = ..., discounted_return: _Optional[float] = ..., slot: _Optional[str] = ..., task: _Optional[str] = ..., truncated: _Optional[bool] = ..., video: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("node_id", "session_id", "state", "workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "model_version", "env_restarts", "last_error", "bytes_pushed", "episodes", "env_timeouts", "steps_dropped", "inference_ms", "videos")
+    __slots__ = ("node_id", "session_id", "state", "workers", "live_envs", "env_steps", "env_steps_per_second", "fragments_pushed", "model_version", "env_restarts", "last_error", "bytes_pushed", "episodes", "env_timeouts", "steps_dropped", "inference_ms", "videos", "worker_restarts", "worker_status")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,8 @@ class RolloutStatus(_message.Message):
     STEPS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
     VIDEOS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_STATUS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_id: str
     state: _common_pb2.ServiceState
@@ -89,4 +93,22 @@ class RolloutStatus(_message.Message):
     steps_dropped: int
     inference_ms: float
     videos: int
-    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., workers: _Optional[int] = ..., live_envs: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., fragments_pushed: _Optional[int] = ..., model_version: _Optional[int] = ..., env_restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., bytes_pushed: _Optional[int] = ..., episodes: _Optional[int] = ..., env_timeouts: _Optional[int] = ..., steps_dropped: _Optional[int] = ..., inference_ms: _Optional[float] = ..., videos: _Optional[int] = ...) -> None: ...
+    worker_restarts: int
+    worker_status: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., workers: _Optional[int] = ..., live_envs: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., fragments_pushed: _Optional[int] = ..., model_version: _Optional[int] = ..., env_restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., bytes_pushed: _Optional[int] = ..., episodes: _Optional[int] = ..., env_timeouts: _Optional[int] = ..., steps_dropped: _Optional[int] = ..., inference_ms: _Optional[float] = ..., videos: _Optional[int] = ..., worker_restarts: _Optional[int] = ..., worker_status: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("index", "state", "env_steps", "live_envs", "restarts", "last_error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ENVS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    state: str
+    env_steps: int
+    live_envs: int
+    restarts: int
+    last_error: str
+    def __init__(self, index: _Optional[int] = ..., state: _Optional[str] = ..., env_steps: _Optional[int] = ..., live_envs: _Optional[int] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,19 @@ def test_two_ray_train_ranks_train_together(tmp_path):
     assert s["ledger"]["consumed"] == 4 * 2 * 8
 
 
+def test_a_ray_token_left_in_home_by_another_ray_does_not_lock_the_services_out(tmp_path):
+    # Any earlier `ray.init()` leaves ~/.ray/auth_token; Ray then turned token auth on for some processes of
+    # the run and not others, and every service failed to join the head.
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0123456789abcdef0123456789abcdef")
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run(MSO + ["run", "cartpole", "train_config.num_iterations=2", "--port=0", "--quiet",
+                                 f"--summary={summary}"], env=dict(os.environ, HOME=str(tmp_path)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(summary.read_text())["phase"] == "SESSION_PHASE_FINISHED"
+
+
 def start_running(*overrides):
     """`mso run` as a terminal starts it: a process group of its own with SIGINT at its default (a background
     job of a non-interactive shell would start with SIGINT ignored); returns it once its session runs, with

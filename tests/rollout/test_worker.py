@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mso import session, weights
-from mso.config import load
+from mso.config import ConfigSource, load
 from mso.queue import FragmentConsumer
 from mso.rollout.worker import RolloutLoop
 from tests.conftest import wait_until
@@ -27,7 +27,7 @@ class Running:
         loaded = load(CONFIG, list(overrides))
         self.sid = session.create(client, loaded)
         self.client = client
-        self.loop = RolloutLoop(0, self.sid, url, CONFIG, loaded.cfg, "node1")
+        self.loop = RolloutLoop(0, self.sid, url, ConfigSource(CONFIG, loaded.source_hash), loaded.cfg, "node1")
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.consumer = FragmentConsumer(client, self.sid, "test")
         self.by_slot = defaultdict(list)

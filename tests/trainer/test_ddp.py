@@ -26,6 +26,7 @@ def free_port() -> int:
 def spec(redis_url, session_id, batch, tmp_path):
     cfg = load("cartpole", OVERRIDES + [f"train_config.batch_size_per_gpu={batch}"])
     return {"session_id": session_id, "redis_url": redis_url, "config_name": "cartpole", "config_yaml": cfg.to_yaml(),
+            "source_hash": cfg.source_hash,
             "node_id": "ddp-test", "config_source": cfg.source, "log_dir": str(tmp_path / "runs")}
 
 

@@ -15,7 +15,7 @@ def test_use_amp_on_a_cpu_warns_and_trains_in_full_precision(redis_server, tmp_p
     cfg = load("cartpole", ["train_config.use_amp=true", f"rollout_config.fragment_length={ddp_rank.L}",
                             "train_config.context_length=4"])
     spec = {"session_id": "amp1", "redis_url": redis_server.url, "config_name": "cartpole",
-            "config_yaml": cfg.to_yaml(), "node_id": "t", "config_source": cfg.source, "log_dir": str(tmp_path)}
+            "source_hash": cfg.source_hash, "config_yaml": cfg.to_yaml(), "node_id": "t", "config_source": cfg.source, "log_dir": str(tmp_path)}
     with caplog.at_level(logging.WARNING, logger="mso.trainer.learner"):
         learner = Learner(spec)
     assert "use_amp=true needs CUDA" in caplog.text
