@@ -80,8 +80,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     redis = RedisServer()
-    head, ray_address = start_ray_head(4, dict(os.environ))
-    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    head, ray_env = start_ray_head(4, dict(os.environ))
+    env = dict(os.environ, **ray_env)
     port = free_port()
     node = ChildProcess("rollout", [sys.executable, "-m", "mso.launcher.cli", "rollout", "serve", "--host=127.0.0.1",
                                     f"--port={port}", f"--redis-url={redis.url}"], env, quiet=True)

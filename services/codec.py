@@ -48,22 +48,24 @@ def _worth_compressing(view: memoryview) -> bool:
     return len(lz4.frame.compress(sample, store_size=False)) < WORTH * sample.nbytes
 
 
+def _strip(node, arrays: list):
+    """The tree with each array moved to arrays and replaced by {"__nd__": its index} (a module function:
+    see _fill)."""
+    if isinstance(node, np.ndarray):
+        arrays.append(np.ascontiguousarray(node))
+        return {"__nd__": len(arrays) - 1}
+    if isinstance(node, dict):
+        return {str(k): _strip(v, arrays) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_strip(v, arrays) for v in node]
+    if isinstance(node, np.generic):
+        return node.item()
+    return node
+
+
 def encode(tree) -> bytes:
     arrays: list[np.ndarray] = []
-
-    def strip(node):
-        if isinstance(node, np.ndarray):
-            arrays.append(np.ascontiguousarray(node))
-            return {"__nd__": len(arrays) - 1}
-        if isinstance(node, dict):
-            return {str(k): strip(v) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return [strip(v) for v in node]
-        if isinstance(node, np.generic):
-            return node.item()
-        return node
-
-    skeleton = strip(tree)
+    skeleton = _strip(tree, arrays)
     specs, segments, digest = [], [], xxhash.xxh3_64()
     for a in arrays:
         if a.dtype.str not in ALLOWED_DTYPES:
@@ -118,21 +120,24 @@ def decode(payload: bytes):
     if digest.intdigest() != expected:
         raise CodecError("array block fails its checksum")
 
-    def fill(node, depth: int):
-        if depth > MAX_DEPTH:
-            raise CodecError(f"tree nests deeper than {MAX_DEPTH} levels")
-        if isinstance(node, dict):
-            if set(node) == {"__nd__"}:
-                index = node["__nd__"]
-                if not _is_int(index) or not 0 <= index < len(arrays):
-                    raise CodecError(f"array reference {index!r} out of range")
-                return arrays[index]
-            return {k: fill(v, depth + 1) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fill(v, depth + 1) for v in node]
-        return node
+    return _fill(tree, arrays, 0)
 
-    return fill(tree, 0)
+
+def _fill(node, arrays: list, depth: int):
+    """The tree with each {"__nd__": i} replaced by arrays[i]. A module function, not a closure: a recursive
+    closure is a reference cycle that would keep every payload alive until the garbage collector runs."""
+    if depth > MAX_DEPTH:
+        raise CodecError(f"tree nests deeper than {MAX_DEPTH} levels")
+    if isinstance(node, dict):
+        if set(node) == {"__nd__"}:
+            index = node["__nd__"]
+            if not _is_int(index) or not 0 <= index < len(arrays):
+                raise CodecError(f"array reference {index!r} out of range")
+            return arrays[index]
+        return {k: _fill(v, arrays, depth + 1) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, arrays, depth + 1) for v in node]
+    return node
 
 
 def _is_int(x) -> bool:

@@ -48,6 +48,12 @@ CASES = [
      C.INVALID_ARGUMENT, "at least 1"),
     ("launcher", "Launch", L.LaunchRequest(config="cartpole", overrides=["a=1"] * 1000), C.INVALID_ARGUMENT,
      "at most"),
+    ("launcher", "Launch", L.LaunchRequest(config="cartpole", overrides=[
+        "rollout_config.worker_config.video_output_dir=${oc.env:REDIS_URL}"]), C.INVALID_ARGUMENT, "interpolations"),
+    ("launcher", "Launch", L.LaunchRequest(config="cartpole", overrides=["trainer_name=ImpalaTrainer"]),
+     C.INVALID_ARGUMENT, "only PPOTrainer"),
+    ("launcher", "Launch", L.LaunchRequest(config="cartpole", overrides=["x=" + "a" * (5 << 20)]),
+     C.RESOURCE_EXHAUSTED, "larger than max"),
     ("launcher", "GetSession", L.GetSessionRequest(session_id="abc123"), C.NOT_FOUND, "abc123"),
     ("launcher", "GetSession", L.GetSessionRequest(session_id="n" * 5000), C.INVALID_ARGUMENT, "hex"),
     ("launcher", "StopSession", L.StopSessionRequest(session_id="abc123"), C.NOT_FOUND, "abc123"),

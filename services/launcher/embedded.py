@@ -68,19 +68,23 @@ class ChildProcess:
         self.finish(time.monotonic() + grace)
 
 
-def spawn_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
+def spawn_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, dict]:
     """A Ray head on free loopback ports (never Redis's 6379), without the dashboard, starting; returns it
-    and its address for RAY_ADDRESS. Its raylet and workers share its session, so stopping it stops them.
-    wait_ray_head() waits until it is up."""
+    and what a process needs in its environment to join it: RAY_ADDRESS, and a token of this head only (a
+    ~/.ray/auth_token left by another Ray, which Ray would otherwise pick up on one side and not the other,
+    cannot lock anyone out, and nobody without the token can join). Its raylet and workers share its
+    session, so stopping it stops them. wait_ray_head() waits until it is up."""
     port = free_port()
+    join = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = ChildProcess("ray", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                                 f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                                 f"--num-cpus={num_cpus}", f"--ray-client-server-port={free_port()}",
                                 "--disable-usage-stats"],
                         # No drain on SIGTERM: Ray 2.60 waits for a drain (made for Serve) before stopping.
-                        dict(env, RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"),
+                        dict(env, RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                             RAY_AUTH_MODE=join["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=join["RAY_AUTH_TOKEN"]),
                         ready_line="Ray runtime started", quiet=True)
-    return head, f"127.0.0.1:{port}"
+    return head, join
 
 
 def wait_ray_head(head: ChildProcess) -> None:
@@ -89,15 +93,15 @@ def wait_ray_head(head: ChildProcess) -> None:
         raise RuntimeError("Ray head did not start:\n" + "".join(head.lines[-20:]))
 
 
-def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, str]:
-    head, address = spawn_ray_head(num_cpus, env)
+def start_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, dict]:
+    head, join = spawn_ray_head(num_cpus, env)
     wait_ray_head(head)
-    return head, address
+    return head, join
 
 
 class Embedded:
-    """Everything a session needs, started locally. `redis_url` and `ray_address` are set once start()
-    returns. supervise() restarts a service process that died, as `restart: unless-stopped` does
+    """Everything a session needs, started locally. `redis_url` and `ray_env` (what joins its Ray head) are
+    set once start() returns. supervise() restarts a service process that died, as `restart: unless-stopped` does
     for the compose containers: with a doubling backoff and at most MAX_RESTARTS restarts per service."""
 
     MAX_RESTARTS = 5
@@ -110,7 +114,7 @@ class Embedded:
         self.children: list[ChildProcess] = []
         self.reaper: Reaper | None = None
         self.redis_url = os.environ.get("REDIS_URL") or ""
-        self.ray_address = ""
+        self.ray_env: dict = {}
         self.restarts: dict[str, int] = {"rollout": 0, "trainer": 0}
         self._dead_since: dict[str, float] = {}
 
@@ -128,15 +132,11 @@ class Embedded:
             self.redis = RedisServer(password=secrets.token_urlsafe(24))
             self.redis_url = self.redis.url
             self.reaper.watch(self.redis.process.pid)
-        env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-                   # The Ray head and everything that joins it share a token of this run only: a
-                   # ~/.ray/auth_token left by another Ray (which Ray would otherwise pick up on one side
-                   # and not the other) cannot lock the services out, and nobody else can join.
-                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
         # The head and both services start together: each spends seconds importing; the services join Ray
         # only when a session starts.
-        head, self.ray_address = spawn_ray_head(self.num_cpus, env)
-        env["RAY_ADDRESS"] = self.ray_address
+        head, self.ray_env = spawn_ray_head(self.num_cpus, env)
+        env.update(self.ray_env)
         self._add(head)
         services = []
         for kind in ("rollout", "trainer"):

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 READ_BYTES = 64 << 20     # decoded bytes one read of the stream may bring in (a batch of fragments)
 READ_MAX = 256            # entries one read may bring in
-HOT_BYTES = 512 << 20     # decoded fragments kept between a read and the next sample; the rest is re-read
+HOT_BYTES = 256 << 20     # decoded fragments kept between a read and the next sample; the rest is re-read
 WAIT_REPORT_SECONDS = 2.0  # how often a fill that waits for fragments says so
 
 
@@ -96,7 +96,7 @@ class Replay:
         while True:
             if should_stop():
                 return False
-            batch = self._batch()
+            batch = max(1, min(self._batch(), self.capacity - taken))
             entries = self.consumer.read(batch, block_ms=block_ms)
             self._add(entries, version)
             taken += len(entries)
@@ -126,8 +126,11 @@ class Replay:
                 f"corrupt since the last usable one")
 
     def _batch(self) -> int:
-        """Entries per read: READ_BYTES worth of fragments of the size seen last, at most READ_MAX."""
-        return max(1, min(READ_MAX, READ_BYTES // max(self.entry_bytes, 1)))
+        """Entries per read: READ_BYTES worth of fragments of the size seen last (one until a size is known),
+        at most READ_MAX."""
+        if not self.entry_bytes:
+            return 1
+        return max(1, min(READ_MAX, READ_BYTES // self.entry_bytes))
 
     def _add(self, entries: list[tuple[bytes, dict]], version: int) -> None:
         corrupt, stale = [], []

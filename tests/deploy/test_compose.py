@@ -89,7 +89,7 @@ def localise(service: dict, redis_url: str, ports: dict) -> tuple[list[str], dic
 def topology():
     spec = yaml.safe_load(COMPOSE.read_text())["services"]
     redis = RedisServer(appendonly=True, password=env_file()["REDIS_PASSWORD"])
-    head, ray_address = start_ray_head(4, dict(os.environ))
+    head, ray_env = start_ray_head(4, dict(os.environ))
     procs = {}
     try:
         # depends_on order: trainer and rollout after redis, the launcher after both are healthy.
@@ -97,7 +97,7 @@ def topology():
             for replica in range(replicas):
                 ports = {}
                 command, env = localise(spec[name], redis.url, ports)
-                env["RAY_ADDRESS"] = ray_address  # one shared Ray head instead of one per container: 2 cores
+                env.update(ray_env)  # one shared Ray head instead of one per container: 2 cores
                 child = ChildProcess(f"{name}-{replica}", command, env, quiet=True)
                 port = ports[("--port", spec[name]["command"][spec[name]["command"].index("--port") + 1])]
                 procs[f"{name}-{replica}"] = (child, f"127.0.0.1:{port}")
@@ -108,7 +108,7 @@ def topology():
                 check = MSO + spec[name]["healthcheck"]["test"][2:]  # ["CMD", "mso", "health", "HOST:PORT"]
                 check[-1] = address
                 assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0
-        yield {**procs, "redis_url": redis.url, "ray_address": ray_address}
+        yield {**procs, "redis_url": redis.url, "ray_env": ray_env}
     finally:
         for child, _address in reversed(list(procs.values())):  # replicas first, as compose stops them
             child.stop(grace=20)
@@ -174,7 +174,8 @@ def test_mso_autolaunch_starts_training_with_no_call(topology):
                            ["nodes"]) == 2, 30, "the killed replica's heartbeat to expire")
     ports = {}
     command, env = localise(spec, topology["redis_url"], ports)
-    env.update(MSO_AUTOLAUNCH="cartpole", RAY_ADDRESS=topology["ray_address"],
+    env.update(topology["ray_env"])
+    env.update(MSO_AUTOLAUNCH="cartpole",
                MSO_AUTOLAUNCH_OVERRIDES="train_config.num_iterations=100000 rollout_config.worker_config.num_envs=2")
     launcher = ChildProcess("launcher-auto", command, env, quiet=True)
     address = f"127.0.0.1:{next(iter(ports.values()))}"

@@ -2,6 +2,7 @@
 trainer whatever the number of launchers, and `mso status` agreeing with grpcurl."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -114,11 +115,19 @@ def cluster_actors(stack):
     """The named actors on the stack's Ray cluster, seen from a driver of the test's own."""
     import ray
 
-    ray.init(address=stack["ray"], namespace="online", configure_logging=False, log_to_driver=False)
+    saved = {k: os.environ.get(k) for k in stack["ray_env"]}
+    os.environ.update(stack["ray_env"])  # the head's address and its token
+    ray.init(address=stack["ray_env"]["RAY_ADDRESS"], namespace="online", configure_logging=False,
+             log_to_driver=False)
     try:
         yield lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     finally:
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def warm_set(names, rollout_node, trainer_node):

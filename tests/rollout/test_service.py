@@ -36,8 +36,8 @@ def start_node(redis_url, env, metrics_port=0):
 @pytest.fixture(scope="module")
 def cluster():
     redis = RedisServer()
-    head, ray_address = start_ray_head(4, dict(os.environ))
-    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    head, ray_env = start_ray_head(4, dict(os.environ))
+    env = dict(os.environ, **ray_env)
     metrics_port = free_port()
     node, address = start_node(redis.url, env, metrics_port)
     try:
@@ -143,3 +143,44 @@ def test_watch_episodes_streams_finished_episodes(cluster):
         with pytest.raises(grpc.RpcError) as err:
             next(iter(stub.WatchEpisodes(rollout_pb2.WatchEpisodesRequest(session_id="abc123"), timeout=10)))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def worker_processes(ray_head_pid):
+    found = []
+    for p in psutil.Process(ray_head_pid).children(recursive=True):
+        try:
+            if "RolloutWorker" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+def test_a_worker_whose_process_dies_is_replaced_and_reported(cluster):
+    """A RolloutWorker killed with kill -9 (an OOM kill, a segfault in a simulator binding): the node keeps
+    answering GetStatus, says which worker died, replaces it, and keeps producing."""
+    client = cluster["client"]
+    sid = session.create(client, load(CONFIG))
+    with channel(cluster["address"]) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120)
+        try:
+            consumer = FragmentConsumer(client, sid, "test")
+            wait_until(lambda: consumer.read(100, block_ms=100), 60, "the first fragments")
+            (victim,) = worker_processes(cluster["ray_head"])
+            victim.kill()
+
+            def replaced():
+                st = status(cluster["address"])  # never fails, whatever state its workers are in
+                return st.worker_restarts == 1 and [(w.state, w.restarts) for w in st.worker_status] == \
+                    [("running", 1)] and st
+            st = wait_until(replaced, 60, "the dead worker to be replaced")
+            assert st.workers == 1 and st.worker_status[0].index == 1  # a replacement gets a new number
+            new_slot = f"{st.node_id}-w1-"
+            wait_until(lambda: any(f["slot"].startswith(new_slot) for _i, f in consumer.read(100, block_ms=100)),
+                       60, "fragments from the replacement")
+            wait_until(lambda: "dead workers replaced" in {n["node_id"]: n["fault"] for n in
+                                                           session.list_nodes(client)}.get(st.node_id, ""), 10,
+                       "the node's heartbeat to tell of the replacement (GetSession shows it)")
+        finally:
+            stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=120)

@@ -126,3 +126,59 @@ def test_a_new_consumer_reclaims_what_a_dead_one_read_but_never_retired(redis_cl
     successor.retire([i for i, _ in got], "consumed")
     counts = ledger(redis_client, "s1")
     assert counts["consumed"] == 3 and counts["pending"] == 0
+
+
+def hostile(specs, tree, body=b""):
+    """An entry built by hand, as a foreign or hostile writer of the stream would."""
+    import struct
+
+    import xxhash
+
+    header = msgpack.packb({"tree": tree, "arrays": specs, "xxh3": xxhash.xxh3_64_intdigest(body)})
+    return MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def deep(levels):
+    tree = {"__nd__": 0}
+    for _ in range(levels):
+        tree = [tree]
+    return tree
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (hostile([["<f4", [2**32, 2**32], 0, False]], {"__nd__": 0}), "exceed|expected"),  # wraps to 0 in int64
+    (hostile([["<f4", [2**62, 4], 0, False]], {"__nd__": 0}), "exceed"),
+    (hostile([["<f4", [1.5], 6, False]], {"__nd__": 0}, b"\0" * 6), "bad array shape"),
+    (hostile([["<f4", [-2, -2], 16, False]], {"__nd__": 0}, b"\0" * 16), "bad array shape"),
+    (hostile([["<f4", [True], 4, False]], {"__nd__": 0}, b"\0" * 4), "bad array shape"),
+    (hostile([["<f4", [1], 4, "yes"]], {"__nd__": 0}, b"\0" * 4), "stored size|bad array spec"),
+    (hostile([["<f4", [1], 4]], {"__nd__": 0}, b"\0" * 4), "bad array spec"),
+    (hostile([["<f4", [1], 4, False]], deep(1000), b"\0" * 4), "deeper|unreadable header"),
+    (hostile([["<f4", [1], 4, False]], deep(40), b"\0" * 4), "deeper"),
+    (hostile([["<f4", [1], 4, False]], {"__nd__": True}, b"\0" * 4), "out of range"),
+])
+def test_hostile_headers_are_rejected_before_anything_is_allocated(payload, reason):
+    with pytest.raises(CodecError, match=reason):
+        decode(payload)
+
+
+def test_a_decompression_bomb_is_refused_without_inflating_it():
+    """An entry of 276 KB whose lz4 block inflates to 64 MiB claims a 16-byte array: decode must stop at the
+    size the header implies, never allocate the rest. Measured as the peak RSS of a fresh interpreter."""
+    import lz4.frame
+    import subprocess
+    import sys
+
+    bomb = lz4.frame.compress(b"\0" * (64 << 20))
+    payload = hostile([["|u1", [16], len(bomb), True]], {"__nd__": 0}, bomb)
+    script = (
+        "import resource, sys\n"
+        "from mso.codec import CodecError, decode\n"
+        "payload = sys.stdin.buffer.read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    decode(payload)\nexcept CodecError as exc:\n    print(exc, file=sys.stderr)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    out = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, timeout=60)
+    grew_kib = int(out.stdout.decode().strip())
+    assert b"does not decompress to exactly 16 bytes" in out.stderr, out.stderr
+    assert grew_kib < 16 * 1024, f"decoding the bomb grew the process by {grew_kib} KiB"

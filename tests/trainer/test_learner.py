@@ -1,21 +1,62 @@
 """The learner outside the services: on a CPU, use_amp is refused with a warning, not a crash; an update
-on real fragments moves the parameters and reports finite metrics."""
+on real fragments moves the parameters and reports finite metrics; a Stop takes effect at the next
+iteration even with a backlog; a value warm-up does not make every fragment stale; a restarted trainer of a
+resumed session goes on from the session's newest weights; a trainer with nothing usable says so, then fails."""
 
 import logging
 import math
+import threading
 
+import numpy as np
+import pytest
 import torch
 
+from mso import keys, weights
 from mso.config import load
+from mso.queue import FragmentProducer, ledger
+from mso.redis_server import connect
+from mso.trainer import checkpoints
+from mso.trainer.lease import Lease
 from mso.trainer.learner import Learner
+from mso.trainer.replay import Stalled
+from tests.conftest import wait_until
 from tests.trainer import ddp_rank
 
 
+def make_spec(redis_server, tmp_path, sid, *overrides):
+    cfg = load("cartpole", [f"rollout_config.fragment_length={ddp_rank.L}", "train_config.context_length=4",
+                            "train_config.epochs_per_iteration=2", "rollout_config.max_pending_fragments=10000",
+                            *overrides])
+    return {"session_id": sid, "redis_url": redis_server.url, "config_name": "cartpole",
+            "source_hash": cfg.source_hash, "config_yaml": cfg.to_yaml(), "node_id": "t", "config_source": cfg.source,
+            "log_dir": str(tmp_path)}
+
+
+def produce(client, sid, iterations, version=0):
+    """Fragments for `iterations` cartpole iterations (8 each), chosen by model `version`."""
+    producer = FragmentProducer(client, sid, max_pending=10_000)
+    for _ in range(iterations):
+        for f in ddp_rank.fragments(8, sid):
+            f["version_first"], f["model_version"] = version, np.full(ddp_rank.L, version, np.int64)
+            producer.push(f, env_steps=ddp_rank.L)
+
+
+def run_in_thread(learner):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = learner.run()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def test_use_amp_on_a_cpu_warns_and_trains_in_full_precision(redis_server, tmp_path, caplog):
-    cfg = load("cartpole", ["train_config.use_amp=true", f"rollout_config.fragment_length={ddp_rank.L}",
-                            "train_config.context_length=4"])
-    spec = {"session_id": "amp1", "redis_url": redis_server.url, "config_name": "cartpole",
-            "source_hash": cfg.source_hash, "config_yaml": cfg.to_yaml(), "node_id": "t", "config_source": cfg.source, "log_dir": str(tmp_path)}
+    spec = make_spec(redis_server, tmp_path, "amp1", "train_config.use_amp=true")
     with caplog.at_level(logging.WARNING, logger="mso.trainer.learner"):
         learner = Learner(spec)
     assert "use_amp=true needs CUDA" in caplog.text
@@ -25,3 +66,70 @@ def test_use_amp_on_a_cpu_warns_and_trains_in_full_precision(redis_server, tmp_p
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
     assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
+
+
+def test_a_stop_takes_effect_at_the_next_iteration_with_a_backlog(redis_server, tmp_path):
+    client = connect(redis_server.url)
+    spec = make_spec(redis_server, tmp_path, "stop1", "train_config.num_iterations=1000",
+                     "rollout_config.replay_buffer_config.max_staleness=1000")
+    produce(client, "stop1", iterations=40)  # the stream is never dry: a Stop must not wait for it to be
+    learner = Learner(spec)
+    thread, outcome = run_in_thread(learner)
+    trainer = keys.SessionKeys("stop1").trainer
+    wait_until(lambda: int(client.hget(trainer, "iteration") or 0) >= 2, 60, "two iterations")
+    client.hset(trainer, "stop", "1")
+    asked_at = int(client.hget(trainer, "iteration"))
+    thread.join(60)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    assert outcome["result"]["stopped"] and outcome["result"]["iterations"] <= asked_at + 1
+    counts = ledger(client, "stop1")
+    assert counts["produced"] == counts["consumed"] + counts.get("dropped_stale", 0) + counts["pending"]
+
+
+def test_a_value_warm_up_does_not_make_every_fragment_stale(redis_server, tmp_path):
+    # Rollouts act with version 0 until a version is published; the version moves only when one is, so the
+    # learner's own warm-up cannot outrun them (max_staleness is 1 in cartpole).
+    client = connect(redis_server.url)
+    spec = make_spec(redis_server, tmp_path, "warm1", "train_config.num_iterations=4", "train_config.vf_warmup=2")
+    produce(client, "warm1", iterations=4, version=0)
+    learner = Learner(spec)
+    thread, outcome = run_in_thread(learner)
+    thread.join(60)
+    assert not thread.is_alive(), "the learner stalled: every fragment went stale during the warm-up"
+    assert outcome.get("result") == {"iterations": 4, "stopped": False}, outcome
+    assert learner.version == 2 and weights.latest_pointer(client, "warm1")["version"] == 2
+    assert ledger(client, "warm1").get("dropped_stale", 0) == 0
+
+
+def test_a_restarted_trainer_of_a_resumed_session_goes_on_from_its_newest_weights(redis_server, tmp_path):
+    client = connect(redis_server.url)
+    torch.manual_seed(0)
+    old = load("cartpole").policy_generator()
+    ckpt = checkpoints.save(tmp_path / "ck", 3, old, torch.optim.AdamW(old.parameters()), {"model_version": 3, "rho": 0})
+    newest = load("cartpole").policy_generator()
+    weights.publish(client, "resumed1", 10, newest.state_dict())  # the session's first trainer got this far
+    client.hset(keys.SessionKeys("resumed1").trainer, "iteration", 10)
+    learner = Learner(make_spec(redis_server, tmp_path, "resumed1", f"train_config.resume={ckpt}"))
+    assert learner.version == 10 and learner.start_iteration == 10
+    assert weights.latest_pointer(client, "resumed1")["version"] == 10  # no lower version published
+    assert all(torch.equal(v, newest.state_dict()[k]) for k, v in learner.policy.state_dict().items())
+
+
+def test_a_trainer_with_nothing_usable_says_so_then_fails_naming_why(redis_server, tmp_path):
+    client = connect(redis_server.url)
+    learner = Learner(make_spec(redis_server, tmp_path, "stall1", "train_config.stall_timeout=4"))
+    thread, outcome = run_in_thread(learner)
+    said = wait_until(lambda: client.hget(keys.SessionKeys("stall1").trainer, "waiting"), 30, "the waiting notice")
+    assert b"no usable fragment for" in said
+    thread.join(30)
+    assert isinstance(outcome.get("error"), Stalled) and "no usable fragment for" in str(outcome["error"])
+
+
+def test_a_learner_stops_when_another_trainer_node_holds_the_lease(redis_server, tmp_path):
+    client = connect(redis_server.url)
+    produce(client, "lease1", iterations=2)
+    Lease(client, "lease1", "someone-else").take()
+    learner = Learner(make_spec(redis_server, tmp_path, "lease1"))
+    with pytest.raises(RuntimeError, match="trainer node someone-else took over session lease1"):
+        learner.run()
+    assert weights.latest_pointer(client, "lease1")["version"] == 0  # it published nothing after version 0

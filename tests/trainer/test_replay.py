@@ -129,3 +129,106 @@ def test_partial_chunks_that_wait_while_nothing_arrives_are_closed_not_waited_fo
     deadline = time.monotonic() + 10
     assert replay.fill(4, 0, lambda: time.monotonic() > deadline)
     assert sorted(len(c.ids) for c in replay.chunks) == [2, 2]
+
+
+def broken(field, value):
+    f = fragment(slot=f"bad-{field}")
+    f[field] = value
+    return f
+
+
+BAD = [
+    broken("seq", 1.5), broken("seq", -1), broken("seq", "3"), broken("version_first", None),
+    broken("contiguous", 1), broken("slot", 7), broken("reward", np.zeros(L + 1, np.float32)),
+    broken("reward", np.full(L, np.nan, np.float32)), broken("logp", np.zeros(L, np.float64)),
+    broken("first", np.zeros(L, np.int8)), broken("obs", {"x": np.zeros((L + 1, 2), np.float32)}),
+    broken("obs", {"x": np.float32(1)}), broken("obs", {"x": "text"}), broken("action", []),
+    broken("next_obs", {"x": np.zeros(3, np.float32)}),
+    broken("in_state", [np.zeros((1, 4), np.float32)]),  # another model's recurrent state
+    {k: v for k, v in fragment(slot="short").items() if k != "model_version"},
+    ["not", "a", "dict"],
+]
+
+
+def test_every_malformed_or_foreign_fragment_is_counted_and_skipped(redis_client):
+    """Crafted or foreign fragments (another session, another model's state, wrong shapes or types) never
+    reach the learner and never fail the trainer: each is dropped as corrupt and the ledger balances."""
+    push(redis_client, [fragment(slot="good1"), *BAD, fragment(slot="good2")])
+    replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(), state_signature=())
+    assert replay.fill(2, 0, never_stop)
+    picked, frags = replay.sample(2, 0)
+    replay.used(picked)
+    assert sorted(f["slot"] for f in frags) == ["good1", "good2"]
+    counts = ledger(redis_client, "s1")
+    assert counts["dropped_corrupt"] == len(BAD) and counts["consumed"] == 2 and balanced(redis_client)
+
+
+def test_fragments_whose_layout_differs_from_the_first_are_dropped(redis_client):
+    other = fragment(slot="other")
+    other["obs"] = {"x": np.zeros((L, 3), np.float32)}  # another env: 3 features instead of 2
+    other["next_obs"] = {"x": np.zeros(3, np.float32)}
+    push(redis_client, [fragment(slot="a"), other, fragment(slot="b")])
+    replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb())
+    assert replay.fill(2, 0, never_stop)
+    counts = ledger(redis_client, "s1")
+    assert counts["dropped_corrupt"] == 1 and balanced(redis_client)
+
+
+def test_a_replay_that_gets_nothing_usable_says_so_then_fails_naming_why(redis_client):
+    push(redis_client, [fragment(slot=f"s{i}", version=0) for i in range(3)])
+    said = []
+    replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_staleness=1), stall_timeout=3.0,
+                    on_wait=lambda seconds, why: said.append(why))
+    import pytest
+
+    from mso.trainer.replay import Stalled
+
+    with pytest.raises(Stalled, match=r"no usable fragment for \d+s .*3 dropped as stale"):
+        replay.fill(1, version=5, should_stop=never_stop)  # every fragment is 5 versions old
+    assert said and "3 dropped as stale" in said[-1]
+    assert ledger(redis_client, "s1")["dropped_stale"] == 3 and balanced(redis_client)
+
+
+def test_trainer_memory_stays_flat_however_many_fragments_are_pending(redis_server, tmp_path):
+    """1 GiB of VPT-sized fragments (21 MB each, incompressible frames) waits in the stream; a rank's replay
+    that takes all of them (its capacity allows) must not hold them all decoded. Peak RSS of a fresh process."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys
+import numpy as np
+from omegaconf import OmegaConf
+from mso.codec import encode
+from mso.queue import FragmentConsumer, ledger
+from mso.redis_server import connect
+from mso.trainer.replay import Replay
+T = 64
+rng = np.random.default_rng(0)
+f = {"session_id": "big", "slot": "a", "seq": 0, "contiguous": True, "version_first": 0,
+     "obs": {"image": rng.integers(0, 255, (T, 256, 256, 5), dtype=np.uint8)}, "action": np.zeros(T, np.int64),
+     "reward": np.zeros(T, np.float32), "first": np.zeros(T, bool), "next_done": np.zeros(T, bool),
+     "next_truncated": np.zeros(T, bool), "truncation_value": np.zeros(T, np.float32), "logp": np.zeros(T, np.float32),
+     "model_version": np.zeros(T, np.int64), "in_state": [], "next_obs": {"image": np.zeros((256, 256, 5), np.uint8)}}
+payload = encode(f)
+client = connect(sys.argv[1])
+n = (1 << 30) // len(payload) + 1
+for i in range(n):  # one at a time: a pipeline would hold them all in this process first
+    client.xadd("mso:s:big:fragments", {"f": payload})
+client.hincrby("mso:s:big:ledger", "produced", n)
+del payload, f
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+replay = Replay(FragmentConsumer(client, "big", "r0"), "big", T, OmegaConf.create(
+    {"max_chunks": 1000, "max_reuse": 1, "max_staleness": 5, "fragments_per_chunk": 1}))
+assert replay.fill(4, 0, lambda: False)
+picked, frags = replay.sample(4, 0)
+held = replay.held()
+print(n, held, len(frags), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script, redis_server.url], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pending, held, sampled, grew_kib = map(int, out.stdout.split())
+    print(f"\n{pending} fragments of 21 MB pending: the replay held {held}, peak RSS grew {grew_kib / 1024:.0f} MiB")
+    assert held == pending and sampled == 4  # it took every one (capacity allows) and sampled whole fragments
+    assert grew_kib < 450 * 1024  # the hot set (256 MiB) and one read (64 MiB), not the 1 GiB pending

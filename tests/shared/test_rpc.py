@@ -1,0 +1,35 @@
+"""The gRPC plumbing every service shares: streams cannot take every server thread, so the calls that
+change things stay serviceable however many watchers connect (token or not)."""
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mso.launcher.launch import Launcher
+from mso.launcher.server import start_server
+from mso.rpc import MAX_STREAMS
+from mso.v1 import launcher_pb2, launcher_pb2_grpc
+
+
+def test_watchers_cannot_starve_the_other_calls(redis_client):
+    server = start_server(Launcher(redis_client), "127.0.0.1:0")
+    ch = grpc.insecure_channel(server.address)
+    try:
+        streams = [health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                   for _ in range(2 * MAX_STREAMS)]
+        outcomes = []
+        for stream in streams:
+            try:
+                next(stream)
+                outcomes.append("open")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+                assert "streams are open on this server" in exc.details()
+        assert outcomes.count("open") == MAX_STREAMS
+        assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == MAX_STREAMS
+        # Every thread a stream may take is taken: a unary call is still answered at once.
+        launcher_pb2_grpc.LauncherServiceStub(ch).ListNodes(launcher_pb2.ListNodesRequest(), timeout=2)
+        for stream in streams:
+            stream.cancel()
+    finally:
+        ch.close()
+        server.stop(grace=0)
