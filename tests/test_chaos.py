@@ -88,15 +88,18 @@ def test_training_survives_a_fault_schedule_and_the_ledger_balances(tmp_path):
         start_new_session=True)
     me = psutil.Process(proc.pid)
     everything: dict[int, psutil.Process] = {}
+    said: list[str] = []
     watcher = None
     try:
         for line in proc.stderr:
+            said.append(line)
             if "running (" in line:
                 break
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+        threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True).start()  # keep the pipe drained
         watcher = Watcher(f"127.0.0.1:{launcher}")
 
         def remember():
+            assert proc.poll() is None, "mso run ended during the schedule:\n" + "".join(said[-40:])
             for p in me.children(recursive=True):
                 everything.setdefault(p.pid, p)
 
@@ -138,8 +141,7 @@ def test_training_survives_a_fault_schedule_and_the_ledger_balances(tmp_path):
             versions.append(version)
             faults[name]()
             progressed(iteration, version, f"the {name} fault")
-        assert proc.wait(300) == 0
-        remember()
+        assert proc.wait(300) == 0, "".join(said[-40:])
     finally:
         if watcher is not None:
             watcher.stop.set()

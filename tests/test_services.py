@@ -103,3 +103,35 @@ def test_save_checkpoint_through_grpcurl_while_training(stack, tmp_path):
         assert json.loads((path / "state.json").read_text())["model_version"] >= 1
     finally:
         grpcurl("-d", "{}", stack["launcher"], "mso.v1.LauncherService/StopSession")
+
+
+def test_the_embedded_redis_refuses_clients_without_its_password(stack):
+    from mso.redis_server import connect
+
+    port = stack["redis"].connection_pool.connection_kwargs["port"]
+    with pytest.raises(ConnectionError, match="requires a password"):
+        connect(f"redis://127.0.0.1:{port}/0", timeout=2)
+
+
+def test_a_session_whose_rollouts_all_stop_shows_the_fault_then_fails_saying_why(stack):
+    """Every rollout node gone: GetSession is not a silent RUNNING; it shows the trainer waiting among its
+    faults, then fails the session after train_config.stall_timeout, naming the cause."""
+    request = json.dumps({"config": "cartpole", "overrides": SHORT_RUN[1:] + [
+        "train_config.num_iterations=100000", "train_config.stall_timeout=10"]})
+    sid = json.loads(grpcurl("-d", request, stack["launcher"], "mso.v1.LauncherService/Launch").stdout)["session_id"]
+    with channel(stack["rollout"]) as ch:
+        rollout_pb2_grpc.RolloutServiceStub(ch).Stop(rollout_pb2.RolloutStopRequest(), timeout=90)
+    with channel(stack["launcher"]) as ch:
+        stub = launcher_pb2_grpc.LauncherServiceStub(ch)
+
+        def get():
+            return stub.GetSession(launcher_pb2.GetSessionRequest(session_id=sid), timeout=10)
+
+        s = wait_until(lambda: (s := get()).phase == launcher_pb2.SESSION_PHASE_RUNNING and
+                       any("no usable fragment for" in f for f in s.faults) and s, 30,
+                       "GetSession to show the trainer waiting")
+        assert any(f.startswith("trainer node") for f in s.faults), list(s.faults)
+        s = wait_until(lambda: (s := get()).phase == launcher_pb2.SESSION_PHASE_FAILED and s, 60, "the session to fail")
+    assert "no usable fragment for" in s.error and "stall_timeout" in s.error
+    ledger = s.progress.ledger  # quiet: no producer, no trainer
+    assert ledger.produced == ledger.consumed + ledger.dropped_stale + ledger.dropped_corrupt + ledger.pending

@@ -187,6 +187,7 @@ def cmd_run(args) -> int:
         from mso import session
 
         P = launcher_pb2.SessionPhase
+        ENDED = {P.Name(p) for p in (P.SESSION_PHASE_FINISHED, P.SESSION_PHASE_FAILED, P.SESSION_PHASE_STOPPED)}
         last_print, best = 0.0, -math.inf
         milestones: dict[str, float] = {}  # mean return -> seconds after `mso run` started
         live = _live(args)
@@ -209,7 +210,7 @@ def cmd_run(args) -> int:
             elif time.monotonic() - last_print >= args.print_interval:
                 print(f"mso: {_format(p)}", flush=True)
                 last_print = time.monotonic()
-            if phase not in (P.Name(P.SESSION_PHASE_RUNNING),):
+            if phase in ENDED:  # not STOPPING: a StopSession still in flight gets its answer
                 break
             time.sleep(0.5)
         if live is not None:
@@ -234,7 +235,7 @@ def cmd_run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abandon the stop half way
         if server is not None:
-            server.stop(grace=0.5)
+            server.stop(grace=0.5 if summary.get("phase") == "INTERRUPTED" else 2.0)
         embedded.stop(grace=4.0 if summary.get("phase") == "INTERRUPTED" else 10.0)
         if args.summary:
             with open(args.summary, "w") as f:

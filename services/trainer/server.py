@@ -105,7 +105,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.session_id, self.last_error, self.state = sid, "", S.SERVICE_STATE_STARTING
             sk = keys.SessionKeys(sid)
             self.client.hdel(sk.trainer, "stop", "waiting")
-            self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING",
+            self.client.hset(sk.trainer, mapping={"state": "SERVICE_STATE_STARTING", "started_at": time.time(),
                                                    "num_iterations": cfg.train_config.num_iterations})
             spec = {"session_id": sid, "redis_url": self.redis_url, "config_name": record["config_name"],
                     "source_hash": record["source_hash"],

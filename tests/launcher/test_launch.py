@@ -54,8 +54,8 @@ def test_a_rollout_node_that_never_produces_fails_the_launch_naming_it(stack):
 def test_the_trainer_starts_only_after_fragments_flow(stack):
     client = stack["redis"]
     sid = Launcher(client).launch("cartpole", SHORT)
-    produced_at_start = int(client.hget(keys.SessionKeys(sid).trainer, "produced_at_start"))
-    assert produced_at_start > 0
+    first_fragment = float(client.hget(keys.SessionKeys(sid).ledger, "first_fragment_at"))
+    assert float(client.hget(keys.SessionKeys(sid).trainer, "started_at")) > first_fragment
     wait_finished(client, sid)
 
 
@@ -115,8 +115,11 @@ def cluster_actors(stack):
     """The named actors on the stack's Ray cluster, seen from a driver of the test's own."""
     import ray
 
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
     saved = {k: os.environ.get(k) for k in stack["ray_env"]}
     os.environ.update(stack["ray_env"])  # the head's address and its token
+    reset_auth_token_state()  # Ray reads the token settings once per process unless told to read them again
     ray.init(address=stack["ray_env"]["RAY_ADDRESS"], namespace="online", configure_logging=False,
              log_to_driver=False)
     try:
@@ -128,6 +131,7 @@ def cluster_actors(stack):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reset_auth_token_state()
 
 
 def warm_set(names, rollout_node, trainer_node):
@@ -167,3 +171,19 @@ def test_a_session_that_needs_other_resources_gets_new_workers_and_frees_the_war
     assert running is not None and worker not in running  # a 2-CPU worker, not the warm 1-CPU one
     assert running - {n for n in running if n.startswith("rollout-worker-")} <= warm
     wait_finished(client, sid)
+
+
+def test_a_launcher_watches_a_running_session_through_malformed_heartbeats(redis_client):
+    """A launcher that starts while a session runs watches it; a malformed heartbeat in the registry (or a
+    Redis hiccup) must not end the watch, or the session would stay RUNNING forever."""
+    from mso.config import load
+
+    sid = session.create(redis_client, load("cartpole"))
+    session.update(redis_client, sid, phase="SESSION_PHASE_RUNNING")
+    redis_client.set(keys.node("junk"), b"\xc1\xc1")
+    redis_client.sadd(keys.NODES, "junk")
+    launcher = Launcher(redis_client)
+    launcher.adopt()
+    redis_client.hset(keys.SessionKeys(sid).trainer, "state", "SERVICE_STATE_FINISHED")
+    wait_until(lambda: session.read(redis_client, sid)["phase"] == "SESSION_PHASE_FINISHED", 10,
+               "the watch to finish the session")

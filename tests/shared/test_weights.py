@@ -44,3 +44,24 @@ def test_watcher_hands_over_each_new_version_with_its_label(redis_client):
         assert version == 2 and torch.equal(sd["a"], state(2)["a"])
     finally:
         watcher.stop()
+
+
+def test_the_watcher_survives_a_version_it_cannot_load_and_takes_the_next(redis_client):
+    """Bytes that pass the size and checksum but are not safetensors (a foreign writer): the watcher reports
+    it and keeps following; it used to die silently and leave the node on old weights forever."""
+    import msgpack
+    import xxhash
+
+    sk = keys.SessionKeys("s")
+    watcher = weights.WeightWatcher(redis_client, "s", poll_seconds=0.1).start()
+    try:
+        garbage = b"these bytes are not a safetensors file"
+        redis_client.set(sk.weights_chunk(1, 0), garbage)
+        redis_client.set(sk.weights_latest, msgpack.packb({"version": 1, "chunks": 1, "size": len(garbage),
+                                                           "xxh3": xxhash.xxh3_64_intdigest(garbage)}))
+        wait_until(lambda: watcher.last_error, 10, "the watcher to report the unreadable version")
+        weights.publish(redis_client, "s", 2, state(2))
+        version, got = wait_until(watcher.take, 10, "the next good version")
+        assert version == 2 and torch.equal(got["a"], state(2)["a"])
+    finally:
+        watcher.stop()

@@ -21,7 +21,7 @@ def tiny():
 def test_thinning_keeps_multiples_of_keep_interval_and_the_latest(tmp_path):
     model, opt = tiny()
     for iteration in range(5, 55, 5):
-        checkpoints.save(tmp_path, iteration, model, opt, {"model_version": iteration}, "src")
+        checkpoints.save(tmp_path, iteration, model, opt, {"model_version": iteration})
         checkpoints.thin(tmp_path, keep_interval=20)
     assert sorted(int(p.name) for p in tmp_path.iterdir()) == [20, 40, 50]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
