@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 READ_BYTES = 64 << 20     # decoded bytes one read of the stream may bring in (a batch of fragments)
 READ_MAX = 256            # entries one read may bring in
 HOT_BYTES = 256 << 20     # decoded fragments kept between a read and the next sample; the rest is re-read
-WAIT_REPORT_SECONDS = 2.0  # how often a fill that waits for fragments says so
+WAIT_NOTICE_SECONDS = 10.0  # a fill that waits this long (or half the stall timeout) says so, every 2 s
 
 
 class Stalled(RuntimeError):
@@ -73,7 +73,7 @@ class Replay:
         self.hot_bytes = 0
         self.entry_bytes = 0                      # decoded size of the last fragment read
         self.rng = random.Random(seed)
-        self.last_fresh = time.monotonic()        # when a usable fragment last arrived
+        self.last_fresh = 0.0                     # when a usable fragment last arrived
         self.dropped_since = {"dropped_stale": 0, "dropped_corrupt": 0}
 
     @property
@@ -92,7 +92,7 @@ class Replay:
         so memory stays flat however many fragments are pending. Raises Stalled when no usable fragment
         arrived for stall_timeout seconds."""
         self._drop_stale(version)
-        block_ms, taken, reported = None, 0, time.monotonic()
+        block_ms, taken, reported, started = None, 0, 0.0, time.monotonic()
         while True:
             if should_stop():
                 return False
@@ -111,11 +111,12 @@ class Replay:
                     self._close(_Chunk(part.ids, part.version))
             if self.held() >= n:
                 return True
-            waited = time.monotonic() - self.last_fresh
+            waited = time.monotonic() - max(self.last_fresh, started)  # training between fills is no wait
             if self.stall_timeout and waited > self.stall_timeout:
                 raise Stalled(f"no usable fragment for {waited:.0f}s (train_config.stall_timeout): "
                               f"{self._dropped_text()}")
-            if self.on_wait is not None and time.monotonic() - reported >= WAIT_REPORT_SECONDS:
+            notice = min(WAIT_NOTICE_SECONDS, self.stall_timeout / 2) if self.stall_timeout else WAIT_NOTICE_SECONDS
+            if self.on_wait is not None and waited >= notice and time.monotonic() - reported >= 2.0:
                 reported = time.monotonic()
                 self.on_wait(waited, self._dropped_text())
             block_ms = 200

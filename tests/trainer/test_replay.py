@@ -232,3 +232,16 @@ print(n, held, len(frags), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - 
     print(f"\n{pending} fragments of 21 MB pending: the replay held {held}, peak RSS grew {grew_kib / 1024:.0f} MiB")
     assert held == pending and sampled == 4  # it took every one (capacity allows) and sampled whole fragments
     assert grew_kib < 450 * 1024  # the hot set (256 MiB) and one read (64 MiB), not the 1 GiB pending
+
+
+def test_time_spent_training_between_fills_is_not_a_stall(redis_client):
+    """An iteration may train for longer than the stall timeout (VPT); only waiting counts toward it."""
+    import threading
+
+    push(redis_client, [fragment(slot="a")])
+    replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_reuse=1), stall_timeout=1.0)
+    assert replay.fill(1, 0, never_stop)
+    replay.used(replay.sample(1, 0)[0])
+    time.sleep(1.5)  # the update of this iteration: longer than the stall timeout
+    threading.Timer(0.3, push, args=(redis_client, [fragment(slot="b")])).start()  # the next fragment comes soon
+    assert replay.fill(1, 0, never_stop)
