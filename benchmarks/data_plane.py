@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from mso.codec import decode, encode
-from mso.queue import FragmentConsumer, FragmentProducer
-from mso.redis_server import RedisServer, connect
+from services.shared.codec import decode, encode
+from services.shared.queue import FragmentConsumer, FragmentProducer
+from services.shared.redis_server import RedisServer, connect
 
 
 def make_fragment(length: int, rng: np.random.Generator) -> dict:

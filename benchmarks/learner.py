@@ -13,16 +13,16 @@ import time
 import numpy as np
 import torch
 
-from mso.config import load
-from mso.redis_server import RedisServer
-from mso.trainer.learner import Learner
-from mso.trees import stack, tree_map
+from services.shared.config import load
+from services.shared.redis_server import RedisServer
+from services.trainer.learner import Learner
+from services.shared.trees import stack, tree_map
 
 
 def fragments(name: str, cfg, n: int, rng: np.random.Generator) -> list[dict]:
     """n fragments shaped like the config's (CartPole vectors or Crafter frames), with a recurrent in_state
     from the policy's initial_state."""
-    from mso.config import import_module
+    from services.shared.config import import_module
 
     length = cfg.rollout_config.fragment_length
     policy = import_module(name).policy_generator()

@@ -20,7 +20,7 @@ from benchmarks import plain_ppo
 def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
-        subprocess.run([sys.executable, "-m", "mso.launcher.cli", "run", "cartpole", "--until-return=475",
+        subprocess.run([sys.executable, "-m", "services.cli", "run", "cartpole", "--until-return=475",
                         "--port=0", "--quiet", f"--summary={summary}"], check=True, timeout=600,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s = json.loads(summary.read_text())

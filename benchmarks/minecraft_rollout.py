@@ -13,11 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from mso import session
-from mso.config import ConfigSource, load
-from mso.queue import FragmentConsumer, ledger
-from mso.redis_server import RedisServer, connect
-from mso.rollout.worker import RolloutLoop
+from services.shared import session
+from services.shared.config import ConfigSource, load
+from services.shared.queue import FragmentConsumer, ledger
+from services.shared.redis_server import RedisServer, connect
+from services.rollout.worker import RolloutLoop
 
 CONFIG = str(Path(__file__).with_name("minecraft_standin_config.py"))
 # Nodes run only config modules an operator allowed: this folder's stand-in is one.

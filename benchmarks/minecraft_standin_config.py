@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mso.policy import CategoricalHead, StatelessPolicy, ValueHead
+from services.shared.policy import CategoricalHead, StatelessPolicy, ValueHead
 
 STEP_SECONDS = 0.05
 

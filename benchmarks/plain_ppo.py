@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mso.config import load
+from services.shared.config import load
 
 
 def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict:

@@ -17,13 +17,13 @@ import time
 import gymnasium as gym
 import torch
 
-from mso import session
-from mso.config import load
-from mso.launcher.embedded import ChildProcess, start_ray_head
-from mso.queue import FragmentConsumer, ledger
-from mso.redis_server import RedisServer, connect, free_port
-from mso.rpc import channel, wait_serving
-from mso.v1 import rollout_pb2, rollout_pb2_grpc
+from services.shared import session
+from services.shared.config import load
+from services.launcher.embedded import ChildProcess, start_ray_head
+from services.shared.queue import FragmentConsumer, ledger
+from services.shared.redis_server import RedisServer, connect, free_port
+from services.shared.rpc import channel, wait_serving
+from services.shared.protos import rollout_pb2, rollout_pb2_grpc
 
 
 def raw_vector_env(num_envs: int, seconds: float) -> float:
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     head, ray_env = start_ray_head(4, dict(os.environ))
     env = dict(os.environ, **ray_env)
     port = free_port()
-    node = ChildProcess("rollout", [sys.executable, "-m", "mso.launcher.cli", "rollout", "serve", "--host=127.0.0.1",
+    node = ChildProcess("rollout", [sys.executable, "-m", "services.cli", "rollout", "serve", "--host=127.0.0.1",
                                     f"--port={port}", f"--redis-url={redis.url}"], env, quiet=True)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=60)

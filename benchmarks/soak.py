@@ -17,13 +17,13 @@ from collections import defaultdict
 
 import psutil
 
-from mso.redis_server import free_port
+from services.shared.redis_server import free_port
 
 
 def kind(p: psutil.Process) -> str:
     cmd = " ".join(p.cmdline())
     for name in ("rollout serve", "trainer serve", "redis-server", "raylet", "gcs_server", "forkserver",
-                 "RolloutWorker", "RolloutManager", "LearnerActor", "ray::", "mso.launcher.cli run"):
+                 "RolloutWorker", "RolloutManager", "LearnerActor", "ray::", "services.cli run"):
         if name in cmd or name in p.name():
             return name
     return p.name()
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--interval", type=float, default=30)
     args = parser.parse_args(argv)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mso.launcher.cli", "run", "cartpole",
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "cartpole",
                              "train_config.num_iterations=10000000", f"rollout_config.worker_config.num_envs={args.envs}",
                              f"rollout_config.worker_config.batch_size={args.envs}", f"--port={port}", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save
 
 from benchmarks.weight_broadcast import raw_set_get
-from mso import codec, minestudio, weights
-from mso.redis_server import RedisServer, connect
+from services.shared import codec, minestudio, weights
+from services.shared.redis_server import RedisServer, connect
 
 VPT_2X = dict(attention_heads=16, attention_mask_style="clipped_causal", attention_memory_size=256,
               diff_mlp_embedding=False, hidsize=2048, img_shape=[128, 128, 3], impala_chans=[16, 32, 32],

@@ -13,8 +13,8 @@ import time
 import torch
 from safetensors.torch import save
 
-from mso import weights
-from mso.redis_server import RedisServer, connect
+from services.shared import weights
+from services.shared.redis_server import RedisServer, connect
 
 
 def state_dict(params: int) -> dict[str, torch.Tensor]:

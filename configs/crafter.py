@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mso.policy import CategoricalHead, ValueHead
+from services.shared.policy import CategoricalHead, ValueHead
 
 
 class CrafterEnv(gym.Env):

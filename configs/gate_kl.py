@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mso.minestudio import INSTALL, load_vpt_policy
+from services.shared.minestudio import INSTALL, load_vpt_policy
 
 ENGINE_JAR = Path("engine", "build", "libs", "mcprec-6.13.jar")  # what MinecraftSim's check_engine looks for
 GPUS = 1.0 if torch.cuda.is_available() else 0.0

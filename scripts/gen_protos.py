@@ -1,4 +1,8 @@
-"""Regenerate the committed gRPC code in services/v1/ from protos/mso/v1/*.proto.
+"""Regenerate the committed gRPC code in services/shared/protos/ from protos/mso/v1/*.proto.
+
+The protos' package is `mso.v1` (the wire contract: grpcurl says mso.v1.LauncherService), so protoc writes
+modules that import each other as `mso.v1.*`; their import path here is `services.shared.protos`, the folder
+they live in, and the imports are rewritten to it.
 
 `python scripts/gen_protos.py --check` regenerates into a temporary folder and exits non-zero when the
 committed files differ, naming them.
@@ -6,6 +10,7 @@ committed files differ, naming them.
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -15,7 +20,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-TARGET = ROOT / "services" / "v1"
+TARGET = ROOT / "services" / "shared" / "protos"
+PACKAGE = "services.shared.protos"
 
 
 def generate(out: Path) -> list[Path]:
@@ -26,6 +32,10 @@ def generate(out: Path) -> list[Path]:
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
     generated = out / "mso" / "v1"
+    for f in generated.iterdir():
+        text = f.read_text()
+        text = re.sub(r"\b(from|import) mso\.v1\b", rf"\1 {PACKAGE}", text)
+        f.write_text(re.sub(r"'mso\.v1\.(\w+_pb2)'", rf"'{PACKAGE}.\1'", text))
     (generated / "__init__.py").write_text('"""Generated gRPC code for protos/mso/v1 (scripts/gen_protos.py)."""\n')
     return sorted(generated.iterdir())
 

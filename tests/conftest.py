@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mso import session
-from mso.launcher.embedded import ChildProcess, Embedded
-from mso.redis_server import RedisServer, connect, free_port
-from mso.rpc import wait_serving
+from services.shared import session
+from services.launcher.embedded import ChildProcess, Embedded
+from services.shared.redis_server import RedisServer, connect, free_port
+from services.shared.rpc import wait_serving
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 # Nodes run only the config modules an operator allowed (names read from Redis pass the same allow-list as a
@@ -62,7 +62,7 @@ def stack():
     embedded = Embedded(num_cpus=4, quiet=True)
     embedded.start()
     port = free_port()
-    launcher = ChildProcess("launcher", [sys.executable, "-m", "mso.launcher.cli", "launcher", "serve",
+    launcher = ChildProcess("launcher", [sys.executable, "-m", "services.cli", "launcher", "serve",
                                          "--host=127.0.0.1", f"--port={port}", f"--redis-url={embedded.redis_url}"],
                             dict(os.environ), quiet=True)
     try:

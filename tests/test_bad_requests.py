@@ -7,8 +7,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mso.rpc import channel
-from mso.v1 import launcher_pb2, launcher_pb2_grpc, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared.rpc import channel
+from services.shared.protos import launcher_pb2, launcher_pb2_grpc, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 C = grpc.StatusCode
 R, T, L = rollout_pb2, trainer_pb2, launcher_pb2

@@ -17,9 +17,9 @@ import time
 import grpc
 import psutil
 
-from mso.redis_server import RedisServer, free_port
-from mso.rpc import channel
-from mso.v1 import launcher_pb2, launcher_pb2_grpc
+from services.shared.redis_server import RedisServer, free_port
+from services.shared.rpc import channel
+from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 from tests.conftest import wait_until
 
 STALL = 60  # train_config.stall_timeout of the run
@@ -81,7 +81,7 @@ def test_training_survives_a_fault_schedule_and_the_ledger_balances(tmp_path):
     launcher = free_port()
     summary = tmp_path / "summary.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mso.launcher.cli", "run", "cartpole", "train_config.num_iterations=400",
+        [sys.executable, "-m", "services.cli", "run", "cartpole", "train_config.num_iterations=400",
          f"train_config.stall_timeout={STALL}", "rollout_config.worker_config.envs_per_process=1",
          f"--port={launcher}", "--quiet", f"--summary={summary}"],
         env=dict(os.environ, REDIS_URL=redis.url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

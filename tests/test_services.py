@@ -7,8 +7,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mso.rpc import channel
-from mso.v1 import launcher_pb2, launcher_pb2_grpc, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared.rpc import channel
+from services.shared.protos import launcher_pb2, launcher_pb2_grpc, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import grpcurl, wait_until
 
 SHORT_RUN = ["train_config.num_iterations=3", "rollout_config.worker_config.num_envs=2",
@@ -71,8 +71,8 @@ def test_launch_through_grpcurl_runs_a_session_to_the_end(stack):
 
 
 def test_rollout_start_status_stop_directly(stack):
-    from mso import session
-    from mso.config import load
+    from services.shared import session
+    from services.shared.config import load
 
     sid = session.create(stack["redis"], load("cartpole", SHORT_RUN))
     with channel(stack["rollout"]) as ch:
@@ -106,7 +106,7 @@ def test_save_checkpoint_through_grpcurl_while_training(stack, tmp_path):
 
 
 def test_the_embedded_redis_refuses_clients_without_its_password(stack):
-    from mso.redis_server import connect
+    from services.shared.redis_server import connect
 
     port = stack["redis"].connection_pool.connection_kwargs["port"]
     with pytest.raises(ConnectionError, match="requires a password"):

@@ -14,9 +14,9 @@ import sys
 import threading
 import time
 
-from mso.launcher.reaper import signal_sessions
-from mso.redis_server import RedisServer, free_port
-from mso.rpc import wait_serving
+from services.launcher.reaper import signal_sessions
+from services.shared.redis_server import RedisServer, free_port
+from services.shared.rpc import wait_serving
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Embedded:
         services = []
         for kind in ("rollout", "trainer"):
             port = free_port()
-            child = ChildProcess(kind, [sys.executable, "-m", "mso.launcher.cli", kind, "serve", "--host=127.0.0.1",
+            child = ChildProcess(kind, [sys.executable, "-m", "services.cli", kind, "serve", "--host=127.0.0.1",
                                         f"--port={port}"], env, quiet=self.quiet)  # REDIS_URL: not in `ps`
             self._add(child)
             services.append((child, f"127.0.0.1:{port}"))
@@ -208,7 +208,7 @@ class Reaper:
     without calling done()."""
 
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-m", "mso.launcher.reaper"], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "services.launcher.reaper"], stdin=subprocess.PIPE,
                                         stdout=subprocess.DEVNULL, start_new_session=True, text=True)
 
     def watch(self, sid: int) -> None:

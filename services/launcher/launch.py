@@ -14,11 +14,11 @@ import grpc
 import msgpack
 import redis
 
-from mso import config, keys, session
-from mso.queue import ledger
-from mso.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
-from mso.session import HEARTBEAT_TTL
-from mso.v1 import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared import config, keys, session
+from services.shared.queue import ledger
+from services.shared.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
+from services.shared.session import HEARTBEAT_TTL
+from services.shared.protos import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 P = launcher_pb2.SessionPhase

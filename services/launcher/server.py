@@ -6,11 +6,11 @@ import math
 
 import grpc
 
-from mso import session
-from mso.config import ConfigError, check_remote_name, check_remote_overrides
-from mso.launcher.launch import Launcher, LaunchError, SessionBusy
-from mso.rpc import Server, require_session_id
-from mso.v1 import common_pb2, launcher_pb2, launcher_pb2_grpc
+from services.shared import session
+from services.shared.config import ConfigError, check_remote_name, check_remote_overrides
+from services.launcher.launch import Launcher, LaunchError, SessionBusy
+from services.shared.rpc import Server, require_session_id
+from services.shared.protos import common_pb2, launcher_pb2, launcher_pb2_grpc
 
 S = common_pb2.ServiceState
 MAX_OVERRIDES = 256

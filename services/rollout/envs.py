@@ -26,8 +26,8 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from mso.config import ConfigSource
-from mso.rollout.video import VideoWriter, frame_of
+from services.shared.config import ConfigSource
+from services.rollout.video import VideoWriter, frame_of
 
 log = logging.getLogger(__name__)
 # A Ray worker process has threads, so forking it directly could copy held locks. A forkserver is a fresh,
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # milliseconds instead of spending seconds importing torch again.
 _ctx = mp.get_context("forkserver")
 BUILD_ATTEMPTS = 3  # an env that cannot be built and reset this many times in a row is reported, not retried
-_ctx.set_forkserver_preload(["numpy", "torch", "gymnasium", "mso.config", "mso.rollout.video"])
+_ctx.set_forkserver_preload(["numpy", "torch", "gymnasium", "services.shared.config", "services.rollout.video"])
 
 
 class _Episode:

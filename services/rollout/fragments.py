@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mso.trees import stack
+from services.shared.trees import stack
 
 
 @dataclass

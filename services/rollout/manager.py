@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from mso.config import ConfigSource, from_yaml
-from mso.rollout.worker import RolloutWorker
+from services.shared.config import ConfigSource, from_yaml
+from services.rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 STATUS_TIMEOUT = 5.0

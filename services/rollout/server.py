@@ -13,10 +13,10 @@ import msgpack
 import ray
 import redis
 
-from mso import keys, ray_runtime, session
-from mso.config import ConfigError, ConfigSource
-from mso.rpc import Server, require_session_id
-from mso.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
+from services.shared import keys, ray_runtime, session
+from services.shared.config import ConfigError, ConfigSource
+from services.shared.rpc import Server, require_session_id
+from services.shared.protos import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
@@ -81,7 +81,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             self.state, self.session_id, self.last_error = S.SERVICE_STATE_STARTING, sid, ""
             spare = None
             try:
-                from mso.rollout.manager import worker_resources
+                from services.rollout.manager import worker_resources
 
                 ray_runtime.ensure()
                 self.manager = self.warm_manager.take({}) or self._new_manager({})
@@ -194,13 +194,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _new_manager(self, _resources: dict):
-        from mso.rollout.manager import RolloutManager
+        from services.rollout.manager import RolloutManager
 
         return RolloutManager.options(name=f"rollout-manager-{self.node_id}-{uuid.uuid4().hex[:6]}").remote(
             self.node_id)
 
     def _new_worker(self, resources: dict):
-        from mso.rollout.manager import new_worker
+        from services.rollout.manager import new_worker
 
         return new_worker(self.node_id, resources)
 
@@ -278,7 +278,7 @@ class RolloutMetrics:
 
 
 def serve(address: str, redis_url: str, advertise: str | None = None, metrics_port: int = 0) -> None:
-    from mso.redis_server import connect
+    from services.shared.redis_server import connect
 
     client = connect(redis_url)
     node_id = "rollout-" + uuid.uuid4().hex[:8]

@@ -22,15 +22,15 @@ import numpy as np
 import ray
 import torch
 
-from mso import keys
-from mso.config import ConfigSource, from_yaml
-from mso.minestudio import adapt
-from mso.queue import FragmentProducer
-from mso.redis_server import connect
-from mso.rollout.envs import EnvGroup, EnvProcess
-from mso.rollout.fragments import FragmentCutter, Step
-from mso.trees import stack, tree_map
-from mso.weights import WeightWatcher
+from services.shared import keys
+from services.shared.config import ConfigSource, from_yaml
+from services.shared.minestudio import adapt
+from services.shared.queue import FragmentProducer
+from services.shared.redis_server import connect
+from services.rollout.envs import EnvGroup, EnvProcess
+from services.rollout.fragments import FragmentCutter, Step
+from services.shared.trees import stack, tree_map
+from services.shared.weights import WeightWatcher
 
 log = logging.getLogger(__name__)
 

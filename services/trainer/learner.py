@@ -19,19 +19,19 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mso import keys, session, weights
-from mso.config import import_verified, from_yaml
-from mso.fragment import signature
-from mso.minestudio import adapt
-from mso.queue import FragmentConsumer, ledger
-from mso.redis_server import connect
-from mso.trainer import checkpoints
-from mso.trainer.gae import chains, gae
-from mso.trainer.lease import holder
-from mso.trainer.logs import IterationLog
-from mso.trainer.ppo import Chunk, chunk_loss
-from mso.trainer.replay import Replay
-from mso.trees import stack, tree_map
+from services.shared import keys, session, weights
+from services.shared.config import import_verified, from_yaml
+from services.shared.fragment import signature
+from services.shared.minestudio import adapt
+from services.shared.queue import FragmentConsumer, ledger
+from services.shared.redis_server import connect
+from services.trainer import checkpoints
+from services.trainer.gae import chains, gae
+from services.trainer.lease import holder
+from services.trainer.logs import IterationLog
+from services.trainer.ppo import Chunk, chunk_loss
+from services.trainer.replay import Replay
+from services.shared.trees import stack, tree_map
 
 log = logging.getLogger(__name__)
 CPU_EVAL_STEPS = 128  # time steps per re-evaluation forward pass on a CPU (benchmarks/learner.py, crafter)

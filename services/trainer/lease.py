@@ -10,7 +10,7 @@ import threading
 
 import redis
 
-from mso import keys
+from services.shared import keys
 
 log = logging.getLogger(__name__)
 

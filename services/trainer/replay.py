@@ -21,10 +21,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from mso import keys
-from mso.codec import CodecError, decode
-from mso.fragment import Checker
-from mso.queue import FragmentConsumer, log_corrupt
+from services.shared import keys
+from services.shared.codec import CodecError, decode
+from services.shared.fragment import Checker
+from services.shared.queue import FragmentConsumer, log_corrupt
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import msgpack
 import ray
 import redis
 
-from mso import keys, ray_runtime, session
-from mso.config import ConfigError
-from mso.queue import ledger
-from mso.rpc import Server, require_session_id
-from mso.trainer.lease import Lease, LeaseHeld
-from mso.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from services.shared import keys, ray_runtime, session
+from services.shared.config import ConfigError
+from services.shared.queue import ledger
+from services.shared.rpc import Server, require_session_id
+from services.trainer.lease import Lease, LeaseHeld
+from services.shared.protos import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
@@ -30,7 +30,7 @@ SAVE_TIMEOUT = 300.0
 
 def start_learner_actor(node_id: str, resources: dict):
     """A single-rank learner actor, warming up (its imports) as soon as its process runs."""
-    from mso.trainer.learner import LearnerActor
+    from services.trainer.learner import LearnerActor
 
     actor = LearnerActor.options(**resources, name=f"learner-{node_id}-{uuid.uuid4().hex[:6]}").remote()
     actor.warm.remote()
@@ -39,7 +39,7 @@ def start_learner_actor(node_id: str, resources: dict):
 
 def run_learner(spec: dict, cfg, warm: ray_runtime.WarmActor) -> dict:
     """Run the learner to completion (blocking) with as many ranks as train_config.num_workers."""
-    from mso.trainer.learner import train_loop
+    from services.trainer.learner import train_loop
 
     tc = cfg.train_config
     if tc.num_workers == 1:
@@ -235,7 +235,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 
 def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
-    from mso.redis_server import connect
+    from services.shared.redis_server import connect
 
     client = connect(redis_url)
     node_id = "trainer-" + uuid.uuid4().hex[:8]

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mso.launcher.embedded import ChildProcess, start_ray_head
-from mso.redis_server import RedisServer, free_port
-from mso.rpc import wait_serving
+from services.launcher.embedded import ChildProcess, start_ray_head
+from services.shared.redis_server import RedisServer, free_port
+from services.shared.rpc import wait_serving
 from tests.conftest import grpcurl, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "deploy" / "mso.env.example"
-MSO = [sys.executable, "-m", "mso.launcher.cli"]
+MSO = [sys.executable, "-m", "services.cli"]
 
 
 def test_compose_file_validates_against_the_compose_spec():
@@ -164,8 +164,8 @@ def test_health_command_fails_for_a_dead_port():
 
 def test_mso_autolaunch_starts_training_with_no_call(topology):
     """The compose launcher service's command with MSO_AUTOLAUNCH set launches on its own."""
-    from mso.rpc import channel
-    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+    from services.shared.rpc import channel
+    from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
     spec = yaml.safe_load(COMPOSE.read_text())["services"]["launcher"]
     first = topology["launcher-0"][1]

@@ -1,6 +1,6 @@
 """A config module whose env_generator raises: a stand-in for a simulator that cannot be built here."""
 
-from mso.configs.cartpole import online_dict, policy_generator  # noqa: F401
+from configs.cartpole import online_dict, policy_generator  # noqa: F401
 
 
 def env_generator():

@@ -2,7 +2,7 @@
 
 import time
 
-from mso.configs.cartpole import online_dict, policy_generator  # noqa: F401
+from configs.cartpole import online_dict, policy_generator  # noqa: F401
 
 
 def env_generator():

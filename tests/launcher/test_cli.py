@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from mso.redis_server import free_port
+from services.shared.redis_server import free_port
 
 
 @pytest.mark.parametrize("service", ["rollout", "trainer", "launcher"])
 def test_serve_without_redis_exits_with_a_clear_error(service):
     url = f"redis://127.0.0.1:{free_port()}/0"
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "mso.launcher.cli", service, "serve", "--port=0",
+    out = subprocess.run([sys.executable, "-m", "services.cli", service, "serve", "--port=0",
                           f"--redis-url={url}", "--redis-timeout=2"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert f"Redis at {url} is not reachable after 2s" in out.stderr
@@ -26,7 +26,7 @@ def test_mso_bench_runs_every_measure_and_writes_the_table(tmp_path):
     import json
 
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "bench", "--quick", f"--json={out}"],
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--quick", f"--json={out}"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mso import keys, session
-from mso.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
-from mso.rpc import channel
-from mso.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared import keys, session
+from services.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
+from services.shared.rpc import channel
+from services.shared.protos import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import grpcurl, wait_until
 
 HANGING = str(Path(__file__).with_name("hanging_config.py"))
@@ -88,7 +88,7 @@ def test_mso_status_and_grpcurl_get_session_agree(stack):
     sid = Launcher(client).launch("cartpole", SHORT)
     wait_finished(client, sid)
     via_grpcurl = json.loads(grpcurl("-d", "{}", stack["launcher"], "mso.v1.LauncherService/GetSession").stdout)
-    out = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "status", f"--launcher={stack['launcher']}"],
+    out = subprocess.run([sys.executable, "-m", "services.cli", "status", f"--launcher={stack['launcher']}"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     via_cli = json.loads(out.stdout)
@@ -176,7 +176,7 @@ def test_a_session_that_needs_other_resources_gets_new_workers_and_frees_the_war
 def test_a_launcher_watches_a_running_session_through_malformed_heartbeats(redis_client):
     """A launcher that starts while a session runs watches it; a malformed heartbeat in the registry (or a
     Redis hiccup) must not end the watch, or the session would stay RUNNING forever."""
-    from mso.config import load
+    from services.shared.config import load
 
     sid = session.create(redis_client, load("cartpole"))
     session.update(redis_client, sid, phase="SESSION_PHASE_RUNNING")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import wait_until
 
-MSO = [sys.executable, "-m", "mso.launcher.cli"]
+MSO = [sys.executable, "-m", "services.cli"]
 
 
 def run(args, tmp_path, timeout):
@@ -127,9 +127,9 @@ def test_kill_9_leaves_no_process_and_no_ray_behind():
 def test_supervision_restarts_dead_services_and_training_goes_on():
     import grpc  # noqa: F401  (RpcError in wait conditions)
 
-    from mso.redis_server import free_port
-    from mso.rpc import channel
-    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+    from services.shared.redis_server import free_port
+    from services.shared.rpc import channel
+    from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
     port = free_port()
     proc = subprocess.Popen(MSO + ["run", "cartpole", "train_config.num_iterations=100000", f"--port={port}",

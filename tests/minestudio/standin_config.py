@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mso.minestudio import vpt_module
+from services.shared.minestudio import vpt_module
 
 EPISODE_LENGTH = 12   # longer than a fragment (8): episodes start inside fragments
 NO_CAMERA_MOVE = 60   # MineStudio's camera index for no movement (11x11 mu-law bins)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mso import minestudio
+from services.shared import minestudio
 from tests.minestudio.standin_config import TINY_VPT
 
 
@@ -28,9 +28,9 @@ def frames(b, t, seed=1):
 
 
 def test_vpt_imports_without_the_model_zoo_and_the_core_without_minestudio():
-    code = ("import sys; import mso.rollout.worker, mso.trainer.learner, mso.launcher.cli; "
+    code = ("import sys; import services.rollout.worker, services.trainer.learner, services.cli; "
             "assert not [m for m in sys.modules if m.startswith('minestudio')], 'core imported minestudio'; "
-            "from mso.minestudio import vpt_module; vpt_module(); "
+            "from services.shared.minestudio import vpt_module; vpt_module(); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'timm', 'transformers'}), "
             "sorted(m for m in sys.modules if m.startswith('minestudio.models.') and 'vpt' not in m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

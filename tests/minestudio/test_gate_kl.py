@@ -3,8 +3,8 @@ simulator engine, a VPT model) is an error naming it, never MinecraftSim's stdin
 
 import pytest
 
-from mso import minestudio
-from mso.config import load
+from services.shared import minestudio
+from services.shared.config import load
 
 
 def test_gate_kl_resolves_with_the_reference_values():
@@ -14,7 +14,7 @@ def test_gate_kl_resolves_with_the_reference_values():
 
 
 def test_a_missing_engine_is_an_error_naming_where_it_was_looked_for(monkeypatch, tmp_path):
-    from mso.configs import gate_kl
+    from configs import gate_kl
 
     monkeypatch.setenv("MINESTUDIO_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match=f"engine at {tmp_path}/engine/build/libs/mcprec-6.13.jar"):
@@ -22,7 +22,7 @@ def test_a_missing_engine_is_an_error_naming_where_it_was_looked_for(monkeypatch
 
 
 def test_the_vpt_comes_from_mso_vpt_model(monkeypatch, tmp_path, tiny_model_file):
-    from mso.configs import gate_kl
+    from configs import gate_kl
 
     monkeypatch.delenv("MSO_VPT_MODEL", raising=False)
     with pytest.raises(RuntimeError, match="set MSO_VPT_MODEL"):

@@ -6,8 +6,8 @@ measured by benchmarks/vpt_scale.py."""
 import numpy as np
 import torch
 
-from mso import minestudio, weights
-from mso.queue import FragmentConsumer, FragmentProducer
+from services.shared import minestudio, weights
+from services.shared.queue import FragmentConsumer, FragmentProducer
 from tests.minestudio.standin_config import TINY_VPT
 
 

@@ -7,12 +7,12 @@ import av
 import msgpack
 import numpy as np
 
-from mso import keys, session
-from mso.codec import decode
-from mso.config import load
-from mso.queue import FragmentConsumer
-from mso.rpc import channel
-from mso.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared import keys, session
+from services.shared.codec import decode
+from services.shared.config import load
+from services.shared.queue import FragmentConsumer
+from services.shared.rpc import channel
+from services.shared.protos import common_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import wait_until
 from tests.minestudio.standin_config import TINY_VPT
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mso.policy import CategoricalHead, ValueHead
+from services.shared.policy import CategoricalHead, ValueHead
 
 EPISODE_LENGTH = 5
 N_ACTIONS = 4

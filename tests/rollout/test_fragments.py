@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mso.rollout.fragments import FragmentCutter, Step
+from services.rollout.fragments import FragmentCutter, Step
 
 
 def step(t, done_before=False, state=None, version=0):

@@ -11,14 +11,14 @@ import grpc
 import psutil
 import pytest
 
-from mso import session
-from mso.config import load
-from mso.launcher.embedded import ChildProcess, start_ray_head
-from mso.queue import FragmentConsumer
-from mso.redis_server import RedisServer, connect, free_port
-from mso.rpc import channel, wait_serving
-from mso.session import HEARTBEAT_TTL
-from mso.v1 import rollout_pb2, rollout_pb2_grpc
+from services.shared import session
+from services.shared.config import load
+from services.launcher.embedded import ChildProcess, start_ray_head
+from services.shared.queue import FragmentConsumer
+from services.shared.redis_server import RedisServer, connect, free_port
+from services.shared.rpc import channel, wait_serving
+from services.shared.session import HEARTBEAT_TTL
+from services.shared.protos import rollout_pb2, rollout_pb2_grpc
 from tests.conftest import wait_until
 
 CONFIG = str(Path(__file__).with_name("scenario_config.py"))
@@ -26,7 +26,7 @@ CONFIG = str(Path(__file__).with_name("scenario_config.py"))
 
 def start_node(redis_url, env, metrics_port=0):
     port = free_port()
-    node = ChildProcess("rollout", [sys.executable, "-m", "mso.launcher.cli", "rollout", "serve", "--host=127.0.0.1",
+    node = ChildProcess("rollout", [sys.executable, "-m", "services.cli", "rollout", "serve", "--host=127.0.0.1",
                                     f"--port={port}", f"--redis-url={redis_url}", f"--metrics-port={metrics_port}"],
                         env, quiet=True)
     wait_serving(f"127.0.0.1:{port}", timeout=60)

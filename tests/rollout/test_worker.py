@@ -12,10 +12,10 @@ import psutil
 import pytest
 import torch
 
-from mso import session, weights
-from mso.config import ConfigSource, load
-from mso.queue import FragmentConsumer
-from mso.rollout.worker import RolloutLoop
+from services.shared import session, weights
+from services.shared.config import ConfigSource, load
+from services.shared.queue import FragmentConsumer
+from services.rollout.worker import RolloutLoop
 from tests.conftest import wait_until
 from tests.rollout import scenario_config as scenario
 
@@ -180,7 +180,7 @@ def test_videos_are_recorded_when_a_version_divisible_by_the_interval_arrives(re
 
 
 def test_rollouts_survive_a_redis_restart_with_aof(tmp_path):
-    from mso.redis_server import RedisServer, connect
+    from services.shared.redis_server import RedisServer, connect
 
     redis = RedisServer(appendonly=True, data_dir=str(tmp_path))
     try:

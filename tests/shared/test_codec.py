@@ -4,10 +4,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from mso import keys
-from mso.codec import MAGIC, CodecError, decode, encode
-from mso.queue import FragmentConsumer, FragmentProducer, ledger
-from mso.rollout.fragments import FragmentCutter, Step
+from services.shared import keys
+from services.shared.codec import MAGIC, CodecError, decode, encode
+from services.shared.queue import FragmentConsumer, FragmentProducer, ledger
+from services.rollout.fragments import FragmentCutter, Step
 
 
 def make_fragment(length=8, session_id="s1"):
@@ -100,7 +100,7 @@ def test_corrupt_queue_entry_is_counted_and_skipped_not_fatal(redis_client):
 
 
 def test_producer_blocks_while_stream_is_full(redis_client):
-    from mso.queue import Backpressure
+    from services.shared.queue import Backpressure
 
     producer = FragmentProducer(redis_client, "s1", max_pending=2)
     for _ in range(2):
@@ -173,7 +173,7 @@ def test_a_decompression_bomb_is_refused_without_inflating_it():
     payload = hostile([["|u1", [16], len(bomb), True]], {"__nd__": 0}, bomb)
     script = (
         "import resource, sys\n"
-        "from mso.codec import CodecError, decode\n"
+        "from services.shared.codec import CodecError, decode\n"
         "payload = sys.stdin.buffer.read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n    decode(payload)\nexcept CodecError as exc:\n    print(exc, file=sys.stderr)\n"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mso.config import ConfigError, load
+from services.shared.config import ConfigError, load
 
 
 def test_builtin_with_overrides():
@@ -48,16 +48,16 @@ def test_a_module_with_the_reference_key_set_loads_unchanged():
 
 
 def test_dotted_module_path_loads():
-    assert load("mso.configs.cartpole").cfg.rollout_config.fragment_length == 32
+    assert load("configs.cartpole").cfg.rollout_config.fragment_length == 32
 
 
 def test_config_command_prints_yaml_or_the_error():
     import subprocess
     import sys
 
-    ok = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "config", "cartpole",
+    ok = subprocess.run([sys.executable, "-m", "services.cli", "config", "cartpole",
                          "train_config.learning_rate=0.5"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "learning_rate: 0.5" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "config", "cartpole", "train_config.lr=1"],
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "config", "cartpole", "train_config.lr=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key train_config.lr" in bad.stderr

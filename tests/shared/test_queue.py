@@ -4,8 +4,8 @@ taken by another consumer. Every ledger is asserted as an equation at a quiet mo
 
 import threading
 
-from mso import keys, session
-from mso.queue import Backpressure, FragmentConsumer, FragmentProducer, ledger
+from services.shared import keys, session
+from services.shared.queue import Backpressure, FragmentConsumer, FragmentProducer, ledger
 from tests.shared.test_codec import make_fragment
 
 

@@ -4,10 +4,10 @@ change things stay serviceable however many watchers connect (token or not)."""
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mso.launcher.launch import Launcher
-from mso.launcher.server import start_server
-from mso.rpc import MAX_STREAMS
-from mso.v1 import launcher_pb2, launcher_pb2_grpc
+from services.launcher.launch import Launcher
+from services.launcher.server import start_server
+from services.shared.rpc import MAX_STREAMS
+from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
 
 def test_watchers_cannot_starve_the_other_calls(redis_client):

@@ -12,15 +12,15 @@ import grpc
 import numpy as np
 import pytest
 
-from mso import auth, queue
-from mso.launcher.launch import Launcher
-from mso.launcher.server import start_server
-from mso.redis_server import RedisServer, TLSFiles, connect, redact
-from mso.rpc import channel
-from mso.v1 import launcher_pb2, launcher_pb2_grpc, rollout_pb2, trainer_pb2
+from services.shared import auth, queue
+from services.launcher.launch import Launcher
+from services.launcher.server import start_server
+from services.shared.redis_server import RedisServer, TLSFiles, connect, redact
+from services.shared.rpc import channel
+from services.shared.protos import launcher_pb2, launcher_pb2_grpc, rollout_pb2, trainer_pb2
 from tests.conftest import grpcurl
 
-MSO = [sys.executable, "-m", "mso.launcher.cli"]
+MSO = [sys.executable, "-m", "services.cli"]
 TOKEN = "s3cret-token"
 SECURITY_ENV = auth.SERVER_TLS_ENV + auth.CLIENT_TLS_ENV + (auth.TOKEN_ENV,)
 
@@ -182,7 +182,7 @@ def test_token_guards_mutating_calls_and_leaves_reads_open(env, launcher_at):
 def test_every_mutating_rpc_needs_the_token_and_every_read_is_open():
     """The rule is by name (Get*/List*/Watch* and health/reflection are open), so a new RPC is guarded
     unless it is named as a read; this pins today's split."""
-    from mso.v1 import launcher_pb2 as lp
+    from services.shared.protos import launcher_pb2 as lp
 
     methods = {f"/{s.full_name}/{m.name}" for module in (lp, rollout_pb2, trainer_pb2)
                for s in module.DESCRIPTOR.services_by_name.values() for m in s.methods}

@@ -3,8 +3,8 @@ its name passes the allow-list and its bytes are the ones the session was launch
 
 import pytest
 
-from mso import keys, session
-from mso.config import ConfigError, SourceMismatch, from_yaml, load
+from services.shared import keys, session
+from services.shared.config import ConfigError, SourceMismatch, from_yaml, load
 
 
 def test_a_node_joins_with_the_resolved_config(redis_client):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mso import keys, weights
+from services.shared import keys, weights
 from tests.conftest import wait_until
 
 

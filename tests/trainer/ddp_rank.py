@@ -29,7 +29,7 @@ def fragments(n: int, session_id: str) -> list[dict]:
 
 def run(rank: int, world: int, port: int, spec: dict, all_fragments: int, out: str) -> None:
     """Update once on this rank's share of the fragments; rank 0 writes the parameters to out."""
-    from mso.trainer.learner import Learner
+    from services.trainer.learner import Learner
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from mso.trainer import checkpoints
+from services.trainer import checkpoints
 
 
 def tiny():
@@ -47,7 +47,7 @@ def test_a_checkpoint_restores_model_optimizer_and_state(tmp_path):
 def test_mso_run_resumes_at_the_same_iteration_and_version(tmp_path):
     def run(*overrides):
         summary = tmp_path / "summary.json"
-        proc = subprocess.run([sys.executable, "-m", "mso.launcher.cli", "run", "cartpole", f"train_config.save_path={tmp_path}",
+        proc = subprocess.run([sys.executable, "-m", "services.cli", "run", "cartpole", f"train_config.save_path={tmp_path}",
                                *overrides, "--port=0", "--quiet", f"--summary={summary}"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mso.config import load
+from services.shared.config import load
 from tests.trainer import ddp_rank
 
 OVERRIDES = ["train_config.use_normalized_vf=true", "train_config.clip_vloss=true", "train_config.epochs_per_iteration=3",
@@ -54,7 +54,7 @@ def test_two_ranks_update_like_one_rank_on_the_same_data(redis_server, tmp_path)
 
 
 def ddp_rank_initial_state():
-    from mso.configs import cartpole
+    from configs import cartpole
 
     torch.manual_seed(load("cartpole").cfg.seed)
     return {k: v.detach().clone() for k, v in cartpole.policy_generator().state_dict().items()}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mso.trainer.gae import chains, gae
+from services.trainer.gae import chains, gae
 
 
 def direct_gae(r, v, done, bootstrap, gamma, lam):

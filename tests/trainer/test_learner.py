@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from mso import keys, weights
-from mso.config import load
-from mso.queue import FragmentProducer, ledger
-from mso.redis_server import connect
-from mso.trainer import checkpoints
-from mso.trainer.lease import Lease
-from mso.trainer.learner import Learner
-from mso.trainer.replay import Stalled
+from services.shared import keys, weights
+from services.shared.config import load
+from services.shared.queue import FragmentProducer, ledger
+from services.shared.redis_server import connect
+from services.trainer import checkpoints
+from services.trainer.lease import Lease
+from services.trainer.learner import Learner
+from services.trainer.replay import Stalled
 from tests.conftest import wait_until
 from tests.trainer import ddp_rank
 
@@ -57,7 +57,7 @@ def run_in_thread(learner):
 
 def test_use_amp_on_a_cpu_warns_and_trains_in_full_precision(redis_server, tmp_path, caplog):
     spec = make_spec(redis_server, tmp_path, "amp1", "train_config.use_amp=true")
-    with caplog.at_level(logging.WARNING, logger="mso.trainer.learner"):
+    with caplog.at_level(logging.WARNING, logger="services.trainer.learner"):
         learner = Learner(spec)
     assert "use_amp=true needs CUDA" in caplog.text
     assert not learner.amp and learner.device.type == "cpu"

@@ -4,12 +4,12 @@ and a second node's Start is refused naming the holder; a lease given back or ex
 import grpc
 import pytest
 
-from mso import session
-from mso.config import load
-from mso.rpc import Server, channel
-from mso.trainer.lease import Lease, LeaseHeld, holder
-from mso.trainer.server import TrainerServicer
-from mso.v1 import trainer_pb2, trainer_pb2_grpc
+from services.shared import session
+from services.shared.config import load
+from services.shared.rpc import Server, channel
+from services.trainer.lease import Lease, LeaseHeld, holder
+from services.trainer.server import TrainerServicer
+from services.shared.protos import trainer_pb2, trainer_pb2_grpc
 from tests.conftest import wait_until
 
 

@@ -5,10 +5,10 @@ import msgpack
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mso import keys
-from mso.config import validate
-from mso.rollout.video import VideoWriter
-from mso.trainer.logs import IterationLog
+from services.shared import keys
+from services.shared.config import validate
+from services.rollout.video import VideoWriter
+from services.trainer.logs import IterationLog
 
 
 def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monkeypatch):

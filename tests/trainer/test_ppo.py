@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mso.config import validate
-from mso.policy import CategoricalHead, StatelessPolicy, ValueHead
-from mso.trainer.ppo import Chunk, chunk_loss
+from services.shared.config import validate
+from services.shared.policy import CategoricalHead, StatelessPolicy, ValueHead
+from services.trainer.ppo import Chunk, chunk_loss
 
 
 class TablePolicy(StatelessPolicy):

@@ -6,8 +6,8 @@ import time
 import numpy as np
 from omegaconf import OmegaConf
 
-from mso.queue import FragmentConsumer, FragmentProducer, ledger
-from mso.trainer.replay import Replay
+from services.shared.queue import FragmentConsumer, FragmentProducer, ledger
+from services.trainer.replay import Replay
 
 L = 4
 
@@ -181,7 +181,7 @@ def test_a_replay_that_gets_nothing_usable_says_so_then_fails_naming_why(redis_c
                     on_wait=lambda seconds, why: said.append(why))
     import pytest
 
-    from mso.trainer.replay import Stalled
+    from services.trainer.replay import Stalled
 
     with pytest.raises(Stalled, match=r"no usable fragment for \d+s .*3 dropped as stale"):
         replay.fill(1, version=5, should_stop=never_stop)  # every fragment is 5 versions old
@@ -199,10 +199,10 @@ def test_trainer_memory_stays_flat_however_many_fragments_are_pending(redis_serv
 import resource, sys
 import numpy as np
 from omegaconf import OmegaConf
-from mso.codec import encode
-from mso.queue import FragmentConsumer, ledger
-from mso.redis_server import connect
-from mso.trainer.replay import Replay
+from services.shared.codec import encode
+from services.shared.queue import FragmentConsumer, ledger
+from services.shared.redis_server import connect
+from services.trainer.replay import Replay
 T = 64
 rng = np.random.default_rng(0)
 f = {"session_id": "big", "slot": "a", "seq": 0, "contiguous": True, "version_first": 0,

@@ -1,5 +1,5 @@
 """gRPC plumbing every service shares: a server with health, reflection, raised size limits, a graceful
-SIGTERM stop and the TLS and token settings of mso.auth; client channels with the same limits and
+SIGTERM stop and the TLS and token settings of services.shared.auth; client channels with the same limits and
 settings; the deadline every client call carries."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mso import auth
-from mso.session import valid_id
+from services.shared import auth
+from services.shared.session import valid_id
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ START_TIMEOUT = 120.0
 
 class Server:
     """A gRPC server on one port: the service's own API, grpc.health.v1 and server reflection; TLS when
-    MSO_TLS_CERT is set, and the token check on mutating calls when MSO_TOKEN is set (see mso.auth)."""
+    MSO_TLS_CERT is set, and the token check on mutating calls when MSO_TOKEN is set (see services.shared.auth)."""
 
     def __init__(self, address: str):
         credentials = auth.server_credentials()

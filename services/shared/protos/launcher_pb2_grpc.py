@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from mso.v1 import launcher_pb2 as mso_dot_v1_dot_launcher__pb2
+from services.shared.protos import launcher_pb2 as mso_dot_v1_dot_launcher__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from mso.v1 import common_pb2 as mso_dot_v1_dot_common__pb2
+from services.shared.protos import common_pb2 as mso_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mso/v1/rollout.proto\x12\x06mso.v1\x1a\x13mso/v1/common.proto\")\n\x13RolloutStartRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12RolloutStopRequest\"\x16\n\x14RolloutStatusRequest\"#\n\x0cScaleRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\"*\n\x14WatchEpisodesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb5\x01\n\x07\x45pisode\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65pisode_return\x18\x02 \x01(\x01\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x19\n\x11\x64iscounted_return\x18\x05 \x01(\x01\x12\x0c\n\x04slot\x18\x06 \x01(\t\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x11\n\ttruncated\x18\x08 \x01(\x08\x12\r\n\x05video\x18\t \x01(\t\"\xca\x03\n\rRolloutStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mso.v1.ServiceState\x12\x0f\n\x07workers\x18\x04 \x01(\x05\x12\x11\n\tlive_envs\x18\x05 \x01(\x05\x12\x11\n\tenv_steps\x18\x06 \x01(\x03\x12\x1c\n\x14\x65nv_steps_per_second\x18\x07 \x01(\x01\x12\x18\n\x10\x66ragments_pushed\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\x03\x12\x14\n\x0c\x65nv_restarts\x18\n \x01(\x03\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x14\n\x0c\x62ytes_pushed\x18\x0c \x01(\x03\x12\x10\n\x08\x65pisodes\x18\r \x01(\x03\x12\x14\n\x0c\x65nv_timeouts\x18\x0e \x01(\x03\x12\x15\n\rsteps_dropped\x18\x0f \x01(\x03\x12\x14\n\x0cinference_ms\x18\x10 \x01(\x01\x12\x0e\n\x06videos\x18\x11 \x01(\x03\x12\x17\n\x0fworker_restarts\x18\x12 \x01(\x03\x12+\n\rworker_status\x18\x13 \x03(\x0b\x32\x14.mso.v1.WorkerStatus\"x\n\x0cWorkerStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tenv_steps\x18\x03 \x01(\x03\x12\x11\n\tlive_envs\x18\x04 \x01(\x05\x12\x10\n\x08restarts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t2\xc2\x02\n\x0eRolloutService\x12;\n\x05Start\x12\x1b.mso.v1.RolloutStartRequest\x1a\x15.mso.v1.RolloutStatus\x12\x39\n\x04Stop\x12\x1a.mso.v1.RolloutStopRequest\x1a\x15.mso.v1.RolloutStatus\x12@\n\tGetStatus\x12\x1c.mso.v1.RolloutStatusRequest\x1a\x15.mso.v1.RolloutStatus\x12\x34\n\x05Scale\x12\x14.mso.v1.ScaleRequest\x1a\x15.mso.v1.RolloutStatus\x12@\n\rWatchEpisodes\x12\x1c.mso.v1.WatchEpisodesRequest\x1a\x0f.mso.v1.Episode0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mso.v1.rollout_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.shared.protos.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROLLOUTSTARTREQUEST']._serialized_start=53

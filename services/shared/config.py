@@ -19,7 +19,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-BUILTIN_PACKAGE = "mso.configs"
+BUILTIN_PACKAGE = "configs"
 CONFIG_PATH_ENV = "MSO_CONFIG_PATH"  # extra folders searched for config modules (os.pathsep separated)
 MODULES_ENV = "MSO_CONFIG_MODULES"   # dotted module prefixes a remote Launch may name (comma separated)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mso.codec import CodecError
+from services.shared.codec import CodecError
 
 PER_STEP = {"reward": np.float32, "truncation_value": np.float32, "logp": np.float32, "first": np.bool_,
             "next_done": np.bool_, "next_truncated": np.bool_, "model_version": np.int64}

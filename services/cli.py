@@ -6,7 +6,7 @@
   mso launch --launcher HOST:PORT CONFIG [key=value ...] / mso status --launcher HOST:PORT
   mso bench [--quick]                    the benchmarks' table of ratios (benchmarks/README.md)
 
-TLS and the shared token: the --tls-* flags set the MSO_TLS_* variables of mso.auth; the token is read
+TLS and the shared token: the --tls-* flags set the MSO_TLS_* variables of services.shared.auth; the token is read
 only from $MSO_TOKEN (a flag would show it in `ps`).
 """
 
@@ -44,7 +44,7 @@ def _redis_url(args) -> str:
 
 
 def cmd_config(args) -> int:
-    from mso.config import ConfigError, load
+    from services.shared.config import ConfigError, load
 
     name, overrides = _split_config(args)
     try:
@@ -72,7 +72,7 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     address = f"{args.host}:{args.port}"
     url = _redis_url(args)
-    from mso.redis_server import connect
+    from services.shared.redis_server import connect
 
     try:
         connect(url, timeout=args.redis_timeout).close()
@@ -82,16 +82,16 @@ def cmd_serve(args) -> int:
     if args.service == "launcher":
         return _serve_launcher(address, url)
     if args.service == "rollout":
-        from mso.rollout.server import serve
+        from services.rollout.server import serve
 
         serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"), metrics_port=args.metrics_port)
     else:
-        from mso.trainer.server import serve
+        from services.trainer.server import serve
 
         serve(address, url, advertise=os.environ.get("MSO_ADVERTISE_ADDRESS"))
     # The service has stopped its actors and its server; leaving Ray here and exiting at once spares the
     # second or two the interpreter's own teardown (gRPC, torch, Ray's atexit hooks) takes on these machines.
-    from mso import ray_runtime
+    from services.shared import ray_runtime
 
     ray_runtime.shutdown()
     logging.shutdown()
@@ -104,9 +104,9 @@ def _serve_launcher(address: str, url: str) -> int:
     import shlex
     import threading
 
-    from mso.launcher.launch import Launcher
-    from mso.launcher.server import start_server
-    from mso.redis_server import connect
+    from services.launcher.launch import Launcher
+    from services.launcher.server import start_server
+    from services.shared.redis_server import connect
 
     launcher = Launcher(connect(url))
     server = start_server(launcher, address)
@@ -147,12 +147,12 @@ def _terminated(signum, _frame):
 
 
 def cmd_run(args) -> int:
-    from mso.config import ConfigError, allow_locally, load
-    from mso.launcher.embedded import Embedded
-    from mso.launcher.launch import Launcher, LaunchError
-    from mso.launcher.server import start_server
-    from mso.redis_server import connect, redact
-    from mso.v1 import launcher_pb2
+    from services.shared.config import ConfigError, allow_locally, load
+    from services.launcher.embedded import Embedded
+    from services.launcher.launch import Launcher, LaunchError
+    from services.launcher.server import start_server
+    from services.shared.redis_server import connect, redact
+    from services.shared.protos import launcher_pb2
 
     name, overrides = _split_config(args)
     if os.environ.get("MSO_TLS_CERT") and not os.environ.get("MSO_TLS_CA"):
@@ -184,7 +184,7 @@ def cmd_run(args) -> int:
         sid = launcher.launch(name, overrides)
         summary["session_id"] = sid
         print(f"mso: session {sid} running ({time.monotonic() - started:.1f}s after start)", file=sys.stderr)
-        from mso import session
+        from services.shared import session
 
         P = launcher_pb2.SessionPhase
         ENDED = {P.Name(p) for p in (P.SESSION_PHASE_FINISHED, P.SESSION_PHASE_FAILED, P.SESSION_PHASE_STOPPED)}
@@ -245,7 +245,7 @@ def cmd_run(args) -> int:
 
 def _startup(client, sid: str, started_at: float) -> dict:
     """Seconds from `mso run` to the first fragment in Redis and to the first trainer update."""
-    from mso import keys
+    from services.shared import keys
 
     sk = keys.SessionKeys(sid)
     first_fragment = client.hget(sk.ledger, "first_fragment_at")
@@ -279,7 +279,7 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from mso.rpc import channel
+    from services.shared.rpc import channel
 
     with channel(args.address) as ch:
         try:
@@ -294,8 +294,8 @@ def cmd_health(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from mso.rpc import channel
-    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+    from services.shared.rpc import channel
+    from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
     import grpc
 
@@ -315,8 +315,8 @@ def cmd_status(args) -> int:
     from google.protobuf.json_format import MessageToJson
 
     import grpc
-    from mso.rpc import CALL_TIMEOUT, channel
-    from mso.v1 import launcher_pb2, launcher_pb2_grpc
+    from services.shared.rpc import CALL_TIMEOUT, channel
+    from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
     with channel(args.launcher) as ch:
         try:
@@ -330,7 +330,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-# flag -> the mso.auth environment variable it sets, for this process and the processes it starts
+# flag -> the services.shared.auth environment variable it sets, for this process and the processes it starts
 SERVER_TLS_FLAGS = {"--tls-cert": "MSO_TLS_CERT", "--tls-key": "MSO_TLS_KEY", "--tls-client-ca": "MSO_TLS_CLIENT_CA"}
 CLIENT_TLS_FLAGS = {"--tls-ca": "MSO_TLS_CA", "--tls-client-cert": "MSO_TLS_CLIENT_CERT",
                     "--tls-client-key": "MSO_TLS_CLIENT_KEY", "--tls-server-name": "MSO_TLS_SERVER_NAME"}
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     _apply_tls_args(args)
-    from mso.auth import SecurityConfigError, client_credentials, server_credentials
+    from services.shared.auth import SecurityConfigError, client_credentials, server_credentials
 
     try:  # a bad TLS setting is reported before anything starts
         if hasattr(args, "MSO_TLS_CERT"):

@@ -15,8 +15,8 @@ import time
 
 import redis
 
-from mso import keys
-from mso.codec import CodecError, decode, encode
+from services.shared import keys
+from services.shared.codec import CodecError, decode, encode
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import uuid
 import msgpack
 import redis
 
-from mso import keys
-from mso.config import LoadedConfig, from_yaml, import_verified
+from services.shared import keys
+from services.shared.config import LoadedConfig, from_yaml, import_verified
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0

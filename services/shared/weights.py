@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mso import keys
+from services.shared import keys
 
 log = logging.getLogger(__name__)
 
