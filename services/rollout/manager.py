@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from services.shared.config import ConfigSource, from_yaml
+from services.shared.session import Joined
 from services.rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,10 @@ class RolloutManager:
         self._last = (time.monotonic(), 0)
         self._rate = 0.0
 
-    def start(self, session_id: str, redis_url: str, source: ConfigSource, config_yaml: str, spare=None) -> int:
+    def start(self, joined: Joined, redis_url: str, spare=None) -> int:
         """Start the session's workers; `spare`, a worker the service started ahead, becomes the first."""
-        self.args = (session_id, redis_url, source, config_yaml, self.node_id)
-        self.rc = from_yaml(config_yaml).rollout_config
+        self.args = (joined, redis_url, self.node_id)
+        self.rc = joined.cfg.rollout_config
         return self.scale(self.rc.num_rollout_workers, spare)
 
     def scale(self, num_workers: int, spare=None) -> int:

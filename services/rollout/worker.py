@@ -23,7 +23,7 @@ import ray
 import torch
 
 from services.shared import keys
-from services.shared.config import ConfigSource, from_yaml
+from services.shared.session import Joined
 from services.shared.minestudio import adapt
 from services.shared.queue import FragmentProducer
 from services.shared.redis_server import connect
@@ -82,9 +82,9 @@ def values(policy, latents: dict, use_normalized_vf: bool) -> np.ndarray:
 class RolloutLoop:
     """Steps one worker's envs until stop is set. `stats` is read by status calls from other threads."""
 
-    def __init__(self, worker_index: int, session_id: str, redis_url: str, source: ConfigSource, cfg, node_id: str):
-        self.index, self.session_id, self.redis_url = worker_index, session_id, redis_url
-        self.source, self.cfg, self.node_id = source, cfg, node_id
+    def __init__(self, worker_index: int, joined: Joined, redis_url: str, node_id: str):
+        self.index, self.session_id, self.redis_url = worker_index, joined.session_id, redis_url
+        self.source, self.cfg, self.node_id = joined.source, joined.cfg, node_id
         self.stats = {"env_steps": 0, "fragments_pushed": 0, "bytes_pushed": 0, "episodes": 0,
                       "env_restarts": 0, "env_timeouts": 0, "steps_dropped": 0, "model_version": 0,
                       "live_envs": 0, "inference_ms": 0.0, "videos": 0, "malformed_obs": 0, "last_error": "",
@@ -337,9 +337,8 @@ class RolloutWorker:
         self.loop: RolloutLoop | None = None
         self.thread: threading.Thread | None = None
 
-    def start(self, worker_index: int, session_id: str, redis_url: str, source: ConfigSource, config_yaml: str,
-              node_id: str) -> bool:
-        self.loop = RolloutLoop(worker_index, session_id, redis_url, source, from_yaml(config_yaml), node_id)
+    def start(self, worker_index: int, joined: Joined, redis_url: str, node_id: str) -> bool:
+        self.loop = RolloutLoop(worker_index, joined, redis_url, node_id)
         self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
         self.thread.start()
         return True

@@ -15,7 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.shared import auth
-from services.shared.session import valid_id
+from services.shared.config import ConfigError
+from services.shared.session import SessionError, SessionNotFound, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,19 @@ def wait_serving(address: str, timeout: float) -> None:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise TimeoutError(f"{address} is not SERVING: {reply.status}")
+
+
+def abort_for(context: grpc.ServicerContext, exc: Exception) -> None:
+    """Abort the call with the status an error of a node's manager means: an unknown session NOT_FOUND; a call
+    in the wrong state, or a session this node cannot run (another trainer holds it, its config differs or
+    does not load here) FAILED_PRECONDITION; anything else INTERNAL. The message is the error's."""
+    if isinstance(exc, SessionNotFound):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(exc, (SessionError, ConfigError)):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        code = grpc.StatusCode.INTERNAL
+    context.abort(code, str(exc))
 
 
 def require_session_id(context: grpc.ServicerContext, session_id: str) -> None:

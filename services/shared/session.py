@@ -1,8 +1,9 @@
-"""The session record and the node registry in Redis.
+"""The session record and the node registry in Redis: the one owner of both records.
 
-A session record holds the resolved config (YAML), the config module's name and the hash of its source;
-a node that joins imports the module itself and refuses to join when its source differs. Each service node
-keeps a heartbeat key that expires when the node dies, which is how the launcher lists live nodes.
+A session record holds the resolved config (YAML), the config module's name, the hash of its bytes and its
+source, the phase and why it failed. A node that joins runs its own copy of the module, and only when that
+copy's bytes hash the same (config.import_verified). Each service node keeps a heartbeat record that expires
+when the node dies, which is how the launcher lists live nodes and what is wrong with each.
 """
 
 from __future__ import annotations
@@ -12,23 +13,31 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import asdict, dataclass
 
 import msgpack
 import redis
 
 from services.shared import keys
-from services.shared.config import LoadedConfig, from_yaml, import_verified
+from services.shared.config import ConfigSource, LoadedConfig, from_yaml
+from services.shared.schema import OnlineConfig
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
 HEARTBEAT_TTL = 10
+SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 class SessionError(LookupError):
-    """An unknown session, or a node that cannot join it; the message says which and why."""
+    """A session that cannot be used as asked; the message says which and why."""
 
 
-SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
+class SessionNotFound(SessionError):
+    """No record of this session in Redis."""
+
+
+class WrongState(SessionError):
+    """A call that does not fit what a node is doing (it runs another session, or none)."""
 
 
 def valid_id(session_id: str) -> bool:
@@ -36,20 +45,42 @@ def valid_id(session_id: str) -> bool:
     return bool(SESSION_ID.fullmatch(session_id))
 
 
+@dataclass
+class Record:
+    """A session as Redis keeps it (the hash at keys.SessionKeys(id).record)."""
+    session_id: str
+    config_name: str          # how the launch named the config module
+    config_yaml: str          # the resolved config (config.to_yaml)
+    source_hash: str          # SHA-256 of the module's bytes
+    source: str               # the module's source text, as launched (never executed from here)
+    phase: str                # a launcher_pb2.SessionPhase name
+    error: str = ""           # why it failed
+    created: float = 0.0
+    restarts: int = 0         # service processes restarted by `mso run`'s supervision
+
+
 def create(client: redis.Redis, loaded: LoadedConfig) -> str:
     session_id = uuid.uuid4().hex[:12]
-    client.hset(keys.SessionKeys(session_id).record, mapping={
-        "config_name": loaded.name, "config_yaml": loaded.to_yaml(), "source_hash": loaded.source_hash,
-        "source": loaded.source, "created": time.time(), "phase": "SESSION_PHASE_STARTING_ROLLOUTS", "error": ""})
+    record = Record(session_id=session_id, config_name=loaded.name, config_yaml=loaded.to_yaml(),
+                    source_hash=loaded.source_hash, source=loaded.source, phase="SESSION_PHASE_STARTING_ROLLOUTS",
+                    created=time.time())
+    client.hset(keys.SessionKeys(session_id).record, mapping={k: str(v) for k, v in asdict(record).items()})
     client.set(keys.CURRENT_SESSION, session_id)
     return session_id
 
 
-def read(client: redis.Redis, session_id: str) -> dict[str, str]:
-    record = client.hgetall(keys.SessionKeys(session_id).record)
-    if not record:
-        raise SessionError(f"no session {session_id!r} in Redis")
-    return {k.decode(): v.decode() for k, v in record.items()}
+def read(client: redis.Redis, session_id: str) -> Record:
+    raw = client.hgetall(keys.SessionKeys(session_id).record)
+    if not raw:
+        raise SessionNotFound(f"no session {session_id!r} in Redis")
+    fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+    try:
+        return Record(session_id=session_id, config_name=fields["config_name"], config_yaml=fields["config_yaml"],
+                      source_hash=fields["source_hash"], source=fields.get("source", ""), phase=fields["phase"],
+                      error=fields.get("error", ""), created=float(fields.get("created", 0)),
+                      restarts=int(fields.get("restarts", 0)))
+    except (KeyError, ValueError) as exc:
+        raise SessionError(f"the record of session {session_id!r} is malformed: {exc!r}") from None
 
 
 def current(client: redis.Redis) -> str | None:
@@ -57,17 +88,46 @@ def current(client: redis.Redis) -> str | None:
     return sid.decode() if sid else None
 
 
-def update(client: redis.Redis, session_id: str, **fields) -> None:
-    client.hset(keys.SessionKeys(session_id).record, mapping={k: str(v) for k, v in fields.items()})
+def update(client: redis.Redis, session_id: str, *, phase: str | None = None, error: str | None = None,
+           restarts: int | None = None) -> None:
+    fields = {"phase": phase, "error": error, "restarts": restarts}
+    client.hset(keys.SessionKeys(session_id).record, mapping={k: str(v) for k, v in fields.items() if v is not None})
 
 
-def join(client: redis.Redis, session_id: str):
-    """(record, resolved config) for a node joining session_id, once this node's copy of the config module
-    passed the allow-list and its bytes matched the session's source hash (config.import_verified); raises
-    config.ConfigError (SourceMismatch when the copy differs) otherwise."""
+@dataclass(frozen=True)
+class Joined:
+    """A session as a node that joins it knows it: read and checked once, then handed as it is to the node's
+    actors and processes (Ray carries it between our own processes; nothing is parsed again)."""
+    session_id: str
+    cfg: OnlineConfig
+    source: ConfigSource      # the config module to run: its name and the SHA-256 of the bytes launched
+    source_text: str          # the module's source as launched (kept in checkpoints as text)
+
+
+def join(client: redis.Redis, session_id: str) -> Joined:
+    """What a node needs to join session_id, once its copy of the config module passed the allow-list and its
+    bytes matched the session's (config.import_verified). Raises SessionNotFound, or config.ConfigError
+    (SourceMismatch when this node's copy differs)."""
     record = read(client, session_id)
-    import_verified(record["config_name"], record["source_hash"])
-    return record, from_yaml(record["config_yaml"])
+    source = ConfigSource(record.config_name, record.source_hash)
+    source.load()
+    return Joined(session_id, from_yaml(record.config_yaml), source, record.source)
+
+
+@dataclass
+class Node:
+    """A service node's heartbeat record (keys.node(node_id)), refreshed while the node lives."""
+    node_id: str
+    kind: str                 # "rollout" or "trainer"
+    address: str              # host:port of its gRPC server
+    state: str                # a common_pb2.ServiceState name
+    time: float               # when it last beat
+    session_id: str = ""      # the session it serves, if any
+    fault: str = ""           # what is wrong with it right now, if anything
+
+    def serving(self, session_id: str) -> bool:
+        """Whether it is starting or running session_id."""
+        return self.session_id == session_id and self.state in ("SERVICE_STATE_STARTING", "SERVICE_STATE_RUNNING")
 
 
 class Heartbeat:
@@ -87,10 +147,9 @@ class Heartbeat:
 
     def beat(self) -> None:
         state, session_id, fault = self.report()
-        entry = {"node_id": self.node_id, "kind": self.kind, "address": self.address, "state": state,
-                 "session_id": session_id, "fault": fault, "time": time.time()}
+        entry = Node(self.node_id, self.kind, self.address, state, time.time(), session_id, fault)
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(keys.node(self.node_id), msgpack.packb(entry), ex=HEARTBEAT_TTL)
+        pipe.set(keys.node(self.node_id), msgpack.packb(asdict(entry)), ex=HEARTBEAT_TTL)
         pipe.sadd(keys.NODES, self.node_id)
         pipe.execute()
 
@@ -113,10 +172,7 @@ class Heartbeat:
             pass
 
 
-NODE_FIELDS = {"node_id": str, "kind": str, "address": str, "state": str, "time": (int, float)}
-
-
-def list_nodes(client: redis.Redis) -> list[dict]:
+def list_nodes(client: redis.Redis) -> list[Node]:
     """The live nodes' heartbeat records; an unreadable one is skipped (and logged), never fatal."""
     ids = sorted(i.decode(errors="replace") for i in client.smembers(keys.NODES))
     nodes = []
@@ -126,13 +182,13 @@ def list_nodes(client: redis.Redis) -> list[dict]:
             continue
         try:
             entry = msgpack.unpackb(raw)
-            bad = [k for k, t in NODE_FIELDS.items() if not isinstance(entry.get(k), t)]
+            node = Node(**entry)
+            if not all(isinstance(getattr(node, k), str) for k in ("node_id", "kind", "address", "state",
+                                                                  "session_id", "fault")) \
+                    or not isinstance(node.time, (int, float)):
+                raise TypeError("a field of the wrong type")
         except Exception as exc:
-            entry, bad = None, [f"unreadable ({type(exc).__name__})"]
-        if bad:
-            log.warning("ignoring the malformed heartbeat of %r: %s", node_id[:80], ", ".join(bad))
+            log.warning("ignoring the malformed heartbeat of %r: %s", node_id[:80], exc)
             continue
-        entry.setdefault("session_id", "")
-        entry.setdefault("fault", "")
-        nodes.append(entry)
+        nodes.append(node)
     return nodes

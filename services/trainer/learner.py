@@ -12,15 +12,12 @@ import logging
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from services.shared import keys, session, weights
-from services.shared.config import import_verified, from_yaml
+from services.shared import keys, session, trainer_status, weights
 from services.shared.fragment import signature
 from services.shared.minestudio import adapt
 from services.shared.queue import FragmentConsumer, ledger
@@ -28,6 +25,7 @@ from services.shared.redis_server import connect
 from services.trainer import checkpoints
 from services.trainer.gae import chains, gae
 from services.trainer.lease import holder
+from services.trainer.spec import LearnerSpec
 from services.trainer.logs import IterationLog
 from services.trainer.ppo import Chunk, chunk_loss
 from services.trainer.replay import Replay
@@ -38,16 +36,16 @@ CPU_EVAL_STEPS = 128  # time steps per re-evaluation forward pass on a CPU (benc
 
 
 class Learner:
-    def __init__(self, spec: dict):
+    def __init__(self, spec: LearnerSpec):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.session_id = spec["session_id"]
+        self.session_id = spec.joined.session_id
         self.keys = keys.SessionKeys(self.session_id)
-        self.cfg = from_yaml(spec["config_yaml"])
-        self.tc = OmegaConf.to_object(self.cfg.train_config)  # a plain dataclass: DictConfig lookups are slow
+        self.cfg = spec.joined.cfg
+        self.tc = self.cfg.train_config
         self.length = self.cfg.rollout_config.fragment_length
-        self.client = connect(spec["redis_url"])
-        module = import_verified(spec["config_name"], spec["source_hash"])
+        self.client = connect(spec.redis_url)
+        module = spec.joined.source.load()
         torch.manual_seed(self.cfg.seed)  # the same initial weights as every rollout node: version 0
         self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
         # Ray (and Ray Train) give a rank with num_gpus_per_worker > 0 its own GPU as cuda:0.
@@ -65,7 +63,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay,
                                            eps=self.tc.adam_eps, fused=True)
-        self.node_id = spec["node_id"]
+        self.node_id = spec.node_id
         self.consumer = FragmentConsumer(self.client, self.session_id, f"{self.node_id}-rank{self.rank}")
         # What a dead trainer had read but not retired; a live rank's entries are never taken.
         reclaimed = self.consumer.reclaim({n["node_id"] for n in session.list_nodes(self.client)})
@@ -81,8 +79,7 @@ class Learner:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.version, self.start_iteration = 0, 0
         self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id
-        self.config_source = spec.get("config_source", "")
-        self.config = (spec["config_name"], spec["source_hash"])
+        self.source, self.source_text = spec.joined.source, spec.joined.source_text
         pointer = weights.latest_pointer(self.client, self.session_id)
         resumed = None
         if pointer is not None:
@@ -91,7 +88,7 @@ class Learner:
             # up. The checkpoint a session was resumed from is older than that.
             self.policy.load_state_dict(weights.fetch(self.client, self.session_id, pointer))
             self.version = pointer["version"]
-            self.start_iteration = int(self.client.hget(self.keys.trainer, "iteration") or 0)
+            self.start_iteration = trainer_status.read(self.client, self.session_id).iteration
         elif self.tc.resume:
             # resume=PATH or resume=latest: model, optimizer, rho, iteration and version of a checkpoint.
             path = checkpoints.latest(Path(self.tc.save_path or "checkpoints")) if self.tc.resume == "latest" \
@@ -107,14 +104,14 @@ class Learner:
             weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
         self.logs, self._lags = None, np.zeros(0)
         if self.rank == 0:
-            self.logs = IterationLog(self.client, self.keys, Path(spec.get("log_dir") or "runs"), self.session_id,
+            self.logs = IterationLog(self.client, self.keys, Path(spec.log_dir or "runs"), self.session_id,
                                      self.cfg)
 
     # -- the outer loop --------------------------------------------------------------------------------
     def run(self) -> dict:
         tc = self.tc
         self._status(state="SERVICE_STATE_RUNNING", iteration=self.start_iteration)
-        stop = lambda: self.client.hget(self.keys.trainer, "stop") == b"1"  # noqa: E731
+        stop = lambda: trainer_status.stop_requested(self.client, self.session_id)  # noqa: E731
         for iteration in range(self.start_iteration, tc.num_iterations):
             # Every rank takes the same branch: a Stop takes effect at the next iteration on all of them, and
             # a lease another node holds now stops them all (exactly one trainer trains a session).
@@ -148,7 +145,7 @@ class Learner:
                 steps = self.world * len(fragments) * self.length * tc.epochs_per_iteration
                 metrics["samples_per_second"] = steps / max(time.monotonic() - start, 1e-9)
                 metrics["learner_samples_per_second"] = steps / max(time.monotonic() - start - waited, 1e-9)
-                asked = self.client.hget(self.keys.trainer, "save_now") == b"1"
+                asked = trainer_status.checkpoint_requested(self.client, self.session_id)
                 if asked or (tc.save_interval and (iteration + 1) % tc.save_interval == 0):
                     self._checkpoint(iteration + 1)
                 self._status(state="SERVICE_STATE_RUNNING", iteration=iteration + 1, metrics=metrics)
@@ -330,34 +327,34 @@ class Learner:
     def _checkpoint(self, iteration: int) -> None:
         path = checkpoints.save(self.save_dir, iteration, self.policy, self.optimizer,
                                 {"model_version": self.version, "rho": self.rho, "session_id": self.session_id,
-                                 "ledger": ledger(self.client, self.session_id), "config_name": self.config[0],
-                                 "config_sha256": self.config[1], "config_source": self.config_source})
+                                 "ledger": ledger(self.client, self.session_id), "config_name": self.source.name,
+                                 "config_sha256": self.source.sha256, "config_source": self.source_text})
         checkpoints.thin(self.save_dir, self.tc.keep_interval)
-        self.client.hset(self.keys.trainer, mapping={"last_checkpoint": str(path.resolve()), "save_now": "0"})
+        trainer_status.checkpoint_written(self.client, self.session_id, str(path.resolve()))
 
     # -- reporting -------------------------------------------------------------------------------------
     def _waiting(self, seconds: float, why: str) -> None:
         """The replay has been waiting for a usable fragment this long: say so in the status."""
         if self.rank == 0:
-            self.client.hset(self.keys.trainer, "waiting", f"no usable fragment for {seconds:.0f}s: {why}")
+            trainer_status.report(self.client, self.session_id, waiting=f"no usable fragment for {seconds:.0f}s: {why}")
 
     def _status(self, state: str, iteration: int, metrics: dict | None = None) -> None:
         if self.rank != 0:
             return
-        self.client.hdel(self.keys.trainer, "waiting")
-        mapping = {"state": state, "iteration": iteration, "num_iterations": self.tc.num_iterations,
-                   "model_version": self.version, "time": time.time()}
+        values = {"state": state, "iteration": iteration, "num_iterations": self.tc.num_iterations,
+                  "model_version": self.version, "time": time.time(), "waiting": ""}
         if iteration == 1:
-            mapping["first_update_at"] = time.time()
+            values["first_update_at"] = time.time()
         if metrics is not None:
-            mapping["metrics"] = msgpack.packb(metrics)
-        self.client.hset(self.keys.trainer, mapping=mapping)
+            values["metrics"] = metrics
+        trainer_status.report(self.client, self.session_id, **values)
 
 
-def train_loop(spec: dict) -> dict:
-    """Entry point of a rank: Ray Train's train_loop_per_worker, or called by LearnerActor."""
-    torch.set_num_threads(spec.get("torch_threads", 1))
-    return Learner(spec).run()
+def train_loop(config: dict) -> dict:
+    """Entry point of a rank: Ray Train's train_loop_per_worker (config {"spec": LearnerSpec}), or called by
+    LearnerActor."""
+    torch.set_num_threads(1)
+    return Learner(config["spec"]).run()
 
 
 @ray.remote
@@ -370,5 +367,5 @@ class LearnerActor:
         torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
-    def run(self, spec: dict) -> dict:
-        return train_loop(spec)
+    def run(self, spec: LearnerSpec) -> dict:
+        return train_loop({"spec": spec})

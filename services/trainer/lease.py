@@ -11,6 +11,7 @@ import threading
 import redis
 
 from services.shared import keys
+from services.shared.session import WrongState
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ return 0
 """
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(WrongState):
     """Another trainer node holds the session's lease."""
 
 
