@@ -12,23 +12,23 @@ import time
 
 import numpy as np
 
-from services.shared.codec import decode, encode
+from services.shared.codec import decode
+from services.shared.fragment import Fragment
 from services.shared.queue import FragmentConsumer, FragmentProducer
 from services.shared.redis_server import RedisServer, connect
 
 
-def make_fragment(length: int, rng: np.random.Generator) -> dict:
+def make_fragment(length: int, rng: np.random.Generator) -> Fragment:
     """A Minecraft-shaped fragment: 128x128x3 frames (random, so they hardly compress) plus a recurrent
-    state, the fields a rollout worker sends."""
-    return {"session_id": "bench", "slot": "s", "seq": 0, "contiguous": True, "version_first": 0, "version_last": 0,
-            "obs": {"image": rng.integers(0, 255, (length, 128, 128, 3), dtype=np.uint8)},
-            "action": {"buttons": rng.integers(0, 8641, (length, 1)), "camera": rng.integers(0, 121, (length, 1))},
-            "reward": np.zeros(length, np.float32), "first": np.zeros(length, bool),
-            "next_done": np.zeros(length, bool), "next_truncated": np.zeros(length, bool),
-            "logp": np.zeros(length, np.float32), "vpred": np.zeros(length, np.float32),
-            "model_version": np.zeros(length, np.int64), "in_state": [rng.standard_normal((1, 64, 256), np.float32)],
-            "next_obs": {"image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)},
-            "episode_ids": ["e"] * length}
+    state."""
+    z = np.zeros(length, np.float32)
+    return Fragment(session_id="bench", slot="s", seq=0, contiguous=True, version_first=0,
+                    obs={"image": rng.integers(0, 255, (length, 128, 128, 3), dtype=np.uint8)},
+                    action={"buttons": rng.integers(0, 8641, (length, 1)), "camera": rng.integers(0, 121, (length, 1))},
+                    reward=z, first=np.zeros(length, bool), next_done=np.zeros(length, bool),
+                    next_truncated=np.zeros(length, bool), truncation_value=z, logp=z,
+                    model_version=np.zeros(length, np.int64), in_state=[rng.standard_normal((1, 64, 256), np.float32)],
+                    next_obs={"image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)})
 
 
 def run_pair(produce, consume, count: int) -> float:
@@ -44,7 +44,7 @@ def run_pair(produce, consume, count: int) -> float:
 def measure(url: str, fragments: int, frames: int) -> dict:
     rng = np.random.default_rng(0)
     fragment = make_fragment(frames, rng)
-    size = len(encode(fragment))
+    size = len(fragment.encode())
     blob = rng.bytes(size)
     client = connect(url)
 
@@ -76,7 +76,7 @@ def measure(url: str, fragments: int, frames: int) -> dict:
     def mso_produce():
         producer = FragmentProducer(connect(url), "bench", max_pending=64)
         for _ in range(fragments):
-            producer.push(fragment, env_steps=frames)
+            producer.push(fragment)
 
     def mso_consume(n):
         consumer = FragmentConsumer(connect(url), "bench", "c")
@@ -87,8 +87,8 @@ def measure(url: str, fragments: int, frames: int) -> dict:
             got += len(entries)
 
     mso_s = run_pair(mso_produce, mso_consume, fragments)
-    encode_s = min(_timed(lambda: encode(fragment)) for _ in range(3))
-    payload = encode(fragment)
+    encode_s = min(_timed(fragment.encode) for _ in range(3))
+    payload = fragment.encode()
     decode_s = min(_timed(lambda: decode(payload)) for _ in range(3))
     mib = size * fragments / 2 ** 20
     return {"fragment_mib": size / 2 ** 20, "raw_mib_per_s": mib / raw_s, "mso_mib_per_s": mib / mso_s,

@@ -15,11 +15,14 @@ import torch
 
 from services.shared.config import load
 from services.shared.redis_server import RedisServer
+from services.shared.fragment import Fragment
+from services.shared.session import Joined
 from services.trainer.learner import Learner
+from services.trainer.spec import LearnerSpec
 from services.shared.trees import stack, tree_map
 
 
-def fragments(name: str, cfg, n: int, rng: np.random.Generator) -> list[dict]:
+def fragments(name: str, cfg, n: int, rng: np.random.Generator) -> list[Fragment]:
     """n fragments shaped like the config's (CartPole vectors or Crafter frames), with a recurrent in_state
     from the policy's initial_state."""
     from services.shared.config import import_module
@@ -37,27 +40,27 @@ def fragments(name: str, cfg, n: int, rng: np.random.Generator) -> list[dict]:
             next_obs = {"obs": rng.standard_normal(4).astype(np.float32)}
             n_actions = 2
         done = rng.random(length) < 0.02
-        out.append({"session_id": "bench", "slot": f"s{i}", "seq": 0, "contiguous": True, "version_first": 0,
-                    "obs": obs, "action": rng.integers(0, n_actions, length),
-                    "reward": rng.standard_normal(length).astype(np.float32),
-                    "first": np.concatenate([[True], done[:-1]]), "next_done": done,
-                    "next_truncated": np.zeros(length, bool), "truncation_value": np.zeros(length, np.float32),
-                    "logp": np.full(length, -np.log(n_actions), np.float32),
-                    "model_version": np.zeros(length, np.int64),
-                    "in_state": [s.numpy() for s in policy.initial_state(1)], "next_obs": next_obs})
+        out.append(Fragment(session_id="bench", slot=f"s{i}", seq=0, contiguous=True, version_first=0,
+                            obs=obs, action=rng.integers(0, n_actions, length),
+                            reward=rng.standard_normal(length).astype(np.float32),
+                            first=np.concatenate([[True], done[:-1]]), next_done=done,
+                            next_truncated=np.zeros(length, bool), truncation_value=np.zeros(length, np.float32),
+                            logp=np.full(length, -np.log(n_actions), np.float32),
+                            model_version=np.zeros(length, np.int64),
+                            in_state=[s.numpy() for s in policy.initial_state(1)], next_obs=next_obs))
     return out
 
 
-def plain_loop(policy, frags: list[dict], tc, length: int) -> None:
+def plain_loop(policy, frags: list[Fragment], tc, length: int) -> None:
     """The same batches, chunks and epochs as the learner: forward, a policy-gradient + value + entropy loss,
     backward, grad-norm clip, Adam step. No re-evaluation, GAE, ratio, guards or metrics."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.learning_rate)
     to_tensor = lambda leaves: torch.as_tensor(np.stack(leaves))  # noqa: E731
-    obs = stack([f["obs"] for f in frags], to_tensor)
-    action = torch.as_tensor(np.stack([f["action"] for f in frags]))
-    first = torch.as_tensor(np.stack([f["first"] for f in frags]))
-    adv = torch.as_tensor(np.stack([f["reward"] for f in frags]))
-    in_states = [tree_map(torch.as_tensor, f["in_state"]) for f in frags]
+    obs = stack([f.obs for f in frags], to_tensor)
+    action = torch.as_tensor(np.stack([f.action for f in frags]))
+    first = torch.as_tensor(np.stack([f.first for f in frags]))
+    adv = torch.as_tensor(np.stack([f.reward for f in frags]))
+    in_states = [tree_map(torch.as_tensor, f.in_state) for f in frags]
     n, c_len = len(frags), tc.context_length
     policy.train()
     for _ in range(tc.epochs_per_iteration):
@@ -84,19 +87,17 @@ def measure(redis_url: str, name: str, repeats: int) -> dict:
     n = tc.batch_size_per_gpu * tc.batches_per_iteration
     length = cfg.rollout_config.fragment_length
     frags = fragments(name, cfg, n, np.random.default_rng(0))
-    learner = Learner({"session_id": f"bench-{name}", "redis_url": redis_url, "config_name": name,
-                       "source_hash": loaded.source_hash, "config_yaml": loaded.to_yaml(), "node_id": "bench", "config_source": loaded.source,
-                       "log_dir": "/tmp/mso-bench-runs"})
+    learner = Learner(LearnerSpec(Joined.of(f"bench-{name}", loaded), redis_url, "bench", "/tmp/mso-bench-runs"))
     for f in frags:
-        f["session_id"] = learner.session_id
+        f.session_id = learner.session_id
     samples = n * length * tc.epochs_per_iteration
     mso, plain = [], []
     policy = loaded.policy_generator()
-    learner._update(frags, warmup=False)  # warm-up: allocator, first-call costs
+    learner.update(frags, warmup=False)  # warm-up: allocator, first-call costs
     plain_loop(policy, frags, tc, length)
     for _ in range(repeats):  # interleaved, so both see the same machine
         start = time.perf_counter()
-        learner._update(frags, warmup=False)
+        learner.update(frags, warmup=False)
         mso.append(time.perf_counter() - start)
         start = time.perf_counter()
         plain_loop(policy, frags, tc, length)

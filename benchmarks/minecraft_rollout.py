@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from services.shared import session
-from services.shared.config import ConfigSource, load
+from services.shared.config import load
+from services.shared.session import Joined
 from services.shared.queue import FragmentConsumer, ledger
 from services.shared.redis_server import RedisServer, connect
 from services.rollout.worker import RolloutLoop
@@ -30,7 +31,7 @@ def measure(url: str, envs: int, seconds: float) -> dict:
     loaded = load(CONFIG, [f"rollout_config.worker_config.num_envs={envs}",
                            f"rollout_config.worker_config.batch_size={envs}"])
     sid = session.create(client, loaded)
-    loop = RolloutLoop(0, sid, url, ConfigSource(CONFIG, loaded.source_hash), loaded.cfg, "bench")
+    loop = RolloutLoop(0, Joined.of(sid, loaded), url, "bench")
     stop = threading.Event()
 
     def drain():

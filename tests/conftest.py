@@ -69,7 +69,7 @@ def stack():
         wait_serving(f"127.0.0.1:{port}", timeout=60)
         client = connect(embedded.redis_url)
         nodes = wait_until(lambda: len(found := session.list_nodes(client)) == 2 and
-                           {n["kind"]: n["address"] for n in found}, 30, "both nodes registered")
+                           {n.kind: n.address for n in found}, 30, "both nodes registered")
         yield {"launcher": f"127.0.0.1:{port}", "rollout": nodes["rollout"], "trainer": nodes["trainer"],
                "redis": client, "ray_env": embedded.ray_env}
     finally:

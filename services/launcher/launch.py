@@ -1,7 +1,8 @@
-"""Bringing a session up in order and watching it: Redis reachable -> rollout nodes registered -> every
-rollout node Started and producing fragments -> trainer Started and training -> running -> finished.
-Nodes are found through the registry in Redis, so compose replicas and remote nodes need no addresses.
-A failure at any step stops what was started and says which node failed and why."""
+"""The Launcher: brings a session up in order and watches it. Redis reachable -> rollout nodes registered ->
+every rollout node Started and producing fragments -> trainer Started and training -> running -> finished.
+Nodes are found through the registry in Redis, so compose replicas and remote nodes need no addresses. A
+failure at any step stops what was started and says which node failed and why. LauncherService (server.py)
+and `mso run` (run.py) drive sessions only through this class."""
 
 from __future__ import annotations
 
@@ -11,23 +12,29 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-import msgpack
 import redis
 
-from services.shared import config, keys, session
+from services.shared import config, episode, session, trainer_status
+from services.shared.config import LoadedConfig
+from services.shared.protos import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.shared.queue import ledger
 from services.shared.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
-from services.shared.session import HEARTBEAT_TTL
-from services.shared.protos import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared.session import HEARTBEAT_TTL, Node
 
 log = logging.getLogger(__name__)
 P = launcher_pb2.SessionPhase
 LAUNCH_LOCK = "mso:launch-lock"
 LOST_NODE_MEMORY = 60.0  # seconds a node that stopped its heartbeat stays among the session's faults
+RUNNING, FINISHED, FAILED = P.Name(P.SESSION_PHASE_RUNNING), P.Name(P.SESSION_PHASE_FINISHED), P.Name(P.SESSION_PHASE_FAILED)
+ENDED = (FINISHED, FAILED, P.Name(P.SESSION_PHASE_STOPPED))
 
 
 class LaunchError(RuntimeError):
     """A session that could not be brought up; the message names the step, the node and the cause."""
+
+
+class SessionBusy(RuntimeError):
+    """Another session is running."""
 
 
 @dataclass
@@ -63,132 +70,122 @@ class Launcher:
         self._members: dict[str, dict[str, tuple[str, float | None]]] = {}  # session -> node -> (kind, lost at)
 
     # -- launching -------------------------------------------------------------------------------------
-    def launch(self, name: str, overrides: list[str]) -> str:
+    def launch(self, name: str, overrides: list[str], loaded: LoadedConfig | None = None) -> str:
         """Start a session and return its id; raises config.ConfigError for a bad config, LaunchError when
-        a step fails, SessionBusy when another session runs."""
-        loaded = config.load(name, list(overrides))
+        a step fails, SessionBusy when another session runs. `loaded`: the config, when the caller has it."""
+        loaded = loaded or config.load(name, list(overrides))
         # The check-and-create is atomic across launchers (processes, machines), not only threads.
         with self._lock, self.client.lock(LAUNCH_LOCK, timeout=60, blocking_timeout=60):
             running = self.running_session()
             if running is not None:
                 record = session.read(self.client, running)
-                if record["source_hash"] == loaded.source_hash and record["config_yaml"] == loaded.to_yaml():
+                if record.source_hash == loaded.source_hash and record.config_yaml == loaded.to_yaml():
                     return running  # the same launch again: idempotent
-                raise SessionBusy(f"session {running} ({record['config_name']}) is running; stop it first")
+                raise SessionBusy(f"session {running} ({record.config_name}) is running; stop it first")
             sid = session.create(self.client, loaded)
         try:
-            self._bring_up(sid)
+            self._bring_up(sid, loaded.cfg.rollout_config.fragment_length)
         except Exception as exc:
-            session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED), error=str(exc))
+            session.update(self.client, sid, phase=FAILED, error=str(exc))
             self._stop_nodes(sid)
             raise
-        self._watcher = threading.Thread(target=self._watch, args=(sid,), name="session-watch", daemon=True)
-        self._watcher.start()
+        self._watch_in_background(sid, loaded.cfg.train_config.stall_timeout)
         return sid
 
-    def _bring_up(self, sid: str) -> None:
+    def _bring_up(self, sid: str, fragment_length: int) -> None:
         session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_ROLLOUTS))
         rollouts = self._wait_nodes("rollout")
         for node in rollouts:
-            with channel(node["address"]) as ch:
+            with channel(node.address) as ch:
                 try:
                     rollout_pb2_grpc.RolloutServiceStub(ch).Start(
                         rollout_pb2.RolloutStartRequest(session_id=sid), timeout=START_TIMEOUT)
                 except grpc.RpcError as exc:
-                    raise LaunchError(f"rollout node {node['node_id']} at {node['address']} failed to start: "
+                    raise LaunchError(f"rollout node {node.node_id} at {node.address} failed to start: "
                                       f"{exc.details()}") from None
-        length = config.from_yaml(session.read(self.client, sid)["config_yaml"]).rollout_config.fragment_length
 
-        def producing(node) -> bool:
+        def producing(node: Node) -> bool:
             # A fragment pushed, or one cut and waiting: with several nodes the first may fill the stream
             # before the others push anything, and the stream drains only once the trainer runs.
             st = self._rollout_status(node)
             if st.state == common_pb2.SERVICE_STATE_RUNNING and st.live_envs == 0 and st.last_error:
-                raise LaunchError(f"rollout node {node['node_id']} at {node['address']} has no env that runs: "
+                raise LaunchError(f"rollout node {node.node_id} at {node.address} has no env that runs: "
                                   f"{st.last_error}")
-            return st.fragments_pushed > 0 or st.env_steps >= length
+            return st.fragments_pushed > 0 or st.env_steps >= fragment_length
 
         for node in rollouts:
             self._wait(lambda: producing(node), self.timeouts.fragments,
-                       lambda: f"rollout node {node['node_id']} at {node['address']} produced no fragment within "
+                       lambda: f"rollout node {node.node_id} at {node.address} produced no fragment within "
                                f"{self.timeouts.fragments:.0f}s (last error: "
                                f"{self._rollout_status(node).last_error or 'none'})")
         self._wait(lambda: ledger(self.client, sid).get("produced", 0) > 0, self.timeouts.fragments,
                    lambda: f"no fragment reached Redis within {self.timeouts.fragments:.0f}s")
         session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_TRAINER))
         trainer = self._wait_nodes("trainer")[0]
-        with channel(trainer["address"]) as ch:
-            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+        with channel(trainer.address) as ch:
             try:
-                stub.Start(trainer_pb2.TrainerStartRequest(session_id=sid), timeout=START_TIMEOUT)
+                trainer_pb2_grpc.TrainerServiceStub(ch).Start(trainer_pb2.TrainerStartRequest(session_id=sid),
+                                                              timeout=START_TIMEOUT)
             except grpc.RpcError as exc:
-                raise LaunchError(f"trainer node {trainer['node_id']} at {trainer['address']} failed to start: "
+                raise LaunchError(f"trainer node {trainer.node_id} at {trainer.address} failed to start: "
                                   f"{exc.details()}") from None
-        self._wait(lambda: self._trainer_state(sid) in ("SERVICE_STATE_RUNNING", "SERVICE_STATE_FINISHED"),
+        self._wait(lambda: trainer_status.read(self.client, sid).state in ("SERVICE_STATE_RUNNING",
+                                                                           "SERVICE_STATE_FINISHED"),
                    self.timeouts.training,
-                   lambda: f"trainer node {trainer['node_id']} not training within {self.timeouts.training:.0f}s"
-                           f" (state {self._trainer_state(sid)}, error {self._trainer_error(sid)!r})")
-        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_RUNNING))
+                   lambda: f"trainer node {trainer.node_id} not training within {self.timeouts.training:.0f}s"
+                           f" (state {trainer_status.read(self.client, sid).state}, "
+                           f"error {trainer_status.read(self.client, sid).error!r})",
+                   sid)
+        session.update(self.client, sid, phase=RUNNING)
 
-    def _wait_nodes(self, kind: str) -> list[dict]:
-        found: list[dict] = []
+    def _wait_nodes(self, kind: str) -> list[Node]:
+        found: list[Node] = []
 
         def ready():
-            found[:] = [n for n in session.list_nodes(self.client) if n["kind"] == kind]
+            found[:] = [n for n in session.list_nodes(self.client) if n.kind == kind]
             return bool(found)
 
         self._wait(ready, self.timeouts.nodes, lambda: f"no {kind} node registered in Redis within "
                                                        f"{self.timeouts.nodes:.0f}s")
         return list(found)
 
-    def _wait(self, predicate, timeout: float, message) -> None:
+    def _wait(self, predicate, timeout: float, message, sid: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 raise LaunchError(message())
             time.sleep(0.1)
-            failed = self._failed_trainer_error()
-            if failed:
-                raise LaunchError(failed)
+            status = trainer_status.read(self.client, sid) if sid else None
+            if status is not None and status.state == "SERVICE_STATE_FAILED":
+                raise LaunchError(f"trainer failed: {status.error}")
 
-    def _failed_trainer_error(self) -> str:
-        sid = session.current(self.client)
-        if sid and self._trainer_state(sid) == "SERVICE_STATE_FAILED":
-            return f"trainer failed: {self._trainer_error(sid)}"
-        return ""
-
-    def _trainer_state(self, sid: str) -> str:
-        raw = self.client.hget(keys.SessionKeys(sid).trainer, "state")
-        return raw.decode() if raw else ""
-
-    def _trainer_error(self, sid: str) -> str:
-        raw = self.client.hget(keys.SessionKeys(sid).trainer, "error")
-        return raw.decode() if raw else ""
-
-    def _rollout_status(self, node: dict) -> rollout_pb2.RolloutStatus:
+    def _rollout_status(self, node: Node) -> rollout_pb2.RolloutStatus:
         try:
-            with channel(node["address"]) as ch:
+            with channel(node.address) as ch:
                 return rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(),
                                                                          timeout=CALL_TIMEOUT)
         except grpc.RpcError as exc:
             return rollout_pb2.RolloutStatus(last_error=f"unreachable: {exc.code().name}")
 
-    # -- watching and stopping -------------------------------------------------------------------------
+    # -- watching --------------------------------------------------------------------------------------
     def adopt(self) -> None:
         """Watch the running session, if there is one (a launcher that restarted while a session ran)."""
         sid = self.running_session()
-        if sid is not None and session.read(self.client, sid)["phase"] == P.Name(P.SESSION_PHASE_RUNNING):
+        if sid is not None and session.read(self.client, sid).phase == RUNNING:
             log.info("watching session %s, which was running when this launcher started", sid)
-            self._watcher = threading.Thread(target=self._watch, args=(sid,), name="session-watch", daemon=True)
-            self._watcher.start()
+            stall = config.from_yaml(session.read(self.client, sid).config_yaml).train_config.stall_timeout
+            self._watch_in_background(sid, stall)
 
-    def _watch(self, sid: str) -> None:
+    def _watch_in_background(self, sid: str, stall_timeout: float) -> None:
+        self._watcher = threading.Thread(target=self._watch, args=(sid, stall_timeout), name="session-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _watch(self, sid: str, stall_timeout: float) -> None:
         """Until the session ends: finish or fail it as its trainer does, start a trainer when none trains
-        it, and fail it when nothing has trained it for train_config.stall_timeout. An error (Redis away for
-        longer than its clients retry, a malformed record) is logged and the watch goes on: a session nobody
-        watches would stay RUNNING forever."""
-        cfg = config.from_yaml(session.read(self.client, sid)["config_yaml"])
-        stall = cfg.train_config.stall_timeout
+        it, and fail it when nothing has trained it for stall_timeout (train_config's). An error (Redis away
+        for longer than its clients retry, a malformed record) is logged and the watch goes on: a session
+        nobody watches would stay RUNNING forever."""
         last_trained = time.monotonic()
         while True:
             try:
@@ -197,11 +194,10 @@ class Launcher:
                     return
                 if trained:
                     last_trained = time.monotonic()
-                elif stall and time.monotonic() - last_trained > stall:
+                elif stall_timeout and time.monotonic() - last_trained > stall_timeout:
                     reason = (f"no trainer has trained session {sid} for {time.monotonic() - last_trained:.0f}s "
                               f"(train_config.stall_timeout): its node died and no other took over")
-                    self._stop_nodes(sid)
-                    session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED), error=reason)
+                    self._end(sid, FAILED, reason)
                     return
             except Exception:
                 log.exception("watching session %s; going on", sid)
@@ -209,55 +205,112 @@ class Launcher:
 
     def _check(self, sid: str) -> tuple[bool, bool]:
         """One look at a running session: (whether it has ended, whether a trainer node is training it)."""
-        if session.read(self.client, sid)["phase"] != P.Name(P.SESSION_PHASE_RUNNING):
+        if session.read(self.client, sid).phase != RUNNING:
             return True, False
-        state = self._trainer_state(sid)
-        if state == "SERVICE_STATE_FINISHED":
-            self._stop_nodes(sid)
-            session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FINISHED))
+        status = trainer_status.read(self.client, sid)
+        if status.state == "SERVICE_STATE_FINISHED":
+            self._end(sid, FINISHED)
             return True, False
-        if state == "SERVICE_STATE_FAILED":
-            self._stop_nodes(sid)
-            session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_FAILED),
-                           error=f"trainer failed: {self._trainer_error(sid)}")
+        if status.state == "SERVICE_STATE_FAILED":
+            self._end(sid, FAILED, f"trainer failed: {status.error}")
             return True, False
         nodes = session.list_nodes(self.client)
         self._remember(sid, nodes)
-        training = [n for n in nodes if n["kind"] == "trainer" and n["session_id"] == sid and
-                    n["state"] in ("SERVICE_STATE_STARTING", "SERVICE_STATE_RUNNING")]
+        training = [n for n in nodes if n.kind == "trainer" and n.serving(sid)]
         if not training:
             self._start_a_trainer(sid, nodes)
         return False, bool(training)
 
-    def _start_a_trainer(self, sid: str, nodes: list[dict]) -> None:
+    def _start_a_trainer(self, sid: str, nodes: list[Node]) -> None:
         """No trainer node trains the running session (its process was restarted, or it died and another
         replaces it): start an idle one on it. It continues from the session's newest published weights once
         the dead one's lease has expired; until then its Start is refused and tried again."""
         for node in nodes:
-            if node["kind"] != "trainer" or node["state"] not in ("SERVICE_STATE_IDLE", "SERVICE_STATE_FAILED"):
+            if node.kind != "trainer" or node.state not in ("SERVICE_STATE_IDLE", "SERVICE_STATE_FAILED"):
                 continue
             try:
-                with channel(node["address"]) as ch:
+                with channel(node.address) as ch:
                     trainer_pb2_grpc.TrainerServiceStub(ch).Start(trainer_pb2.TrainerStartRequest(session_id=sid),
                                                                   timeout=START_TIMEOUT)
-                log.warning("started idle trainer node %s on running session %s", node["node_id"], sid)
+                log.warning("started idle trainer node %s on running session %s", node.node_id, sid)
                 return
             except grpc.RpcError as exc:
-                log.info("trainer node %s cannot take session %s yet: %s", node["node_id"], sid, exc.details())
+                log.info("trainer node %s cannot take session %s yet: %s", node.node_id, sid, exc.details())
 
-    def _remember(self, sid: str, nodes: list[dict]) -> None:
+    def _remember(self, sid: str, nodes: list[Node]) -> None:
         """Keep which nodes served the session, so one that goes silent shows among its faults."""
         now = time.time()
         seen = self._members.setdefault(sid, {})
-        live = {n["node_id"] for n in nodes}
+        live = {n.node_id for n in nodes}
         for n in nodes:
-            if n["session_id"] == sid:
-                seen[n["node_id"]] = (n["kind"], None)
+            if n.session_id == sid:
+                seen[n.node_id] = (n.kind, None)
         for node_id, (kind, lost) in list(seen.items()):
             if node_id not in live and lost is None:
                 seen[node_id] = (kind, now)
             elif lost is not None and now - lost > LOST_NODE_MEMORY:
                 del seen[node_id]
+
+    # -- what callers drive --------------------------------------------------------------------------------
+    def record(self, sid: str) -> session.Record:
+        return session.read(self.client, sid)
+
+    def phase(self, sid: str) -> str:
+        return self.record(sid).phase
+
+    def stop(self, sid: str) -> None:
+        """StopSession: stop the nodes, then STOPPED."""
+        session.read(self.client, sid)  # raises SessionNotFound for an unknown session
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPING))
+        self._end(sid, P.Name(P.SESSION_PHASE_STOPPED))
+
+    def finish(self, sid: str) -> None:
+        """End a running session as FINISHED now (`mso run --until-return` reached its goal)."""
+        self._end(sid, FINISHED)
+
+    def count_restarts(self, sid: str, restarts: int) -> None:
+        """Service processes restarted by `mso run`'s supervision so far."""
+        session.update(self.client, sid, restarts=restarts)
+
+    def _end(self, sid: str, phase: str, error: str | None = None) -> None:
+        self._stop_nodes(sid)
+        session.update(self.client, sid, phase=phase, error=error)
+
+    def _stop_nodes(self, sid: str) -> None:
+        """Stop the trainer first (it stops consuming), then the rollout nodes; errors are logged only."""
+        for node in sorted(session.list_nodes(self.client), key=lambda n: n.kind != "trainer"):
+            try:
+                with channel(node.address) as ch:
+                    if node.kind == "trainer":
+                        trainer_pb2_grpc.TrainerServiceStub(ch).Stop(trainer_pb2.TrainerStopRequest(), timeout=90)
+                    else:
+                        rollout_pb2_grpc.RolloutServiceStub(ch).Stop(rollout_pb2.RolloutStopRequest(), timeout=90)
+            except grpc.RpcError as exc:
+                log.warning("stopping %s: %s", node.node_id, exc.details())
+
+    def running_session(self) -> str | None:
+        sid = session.current(self.client)
+        if sid is None:
+            return None
+        return None if session.read(self.client, sid).phase in ENDED else sid
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def progress(self, sid: str) -> Progress:
+        counts = ledger(self.client, sid)
+        status = trainer_status.read(self.client, sid)
+        recent = episode.latest(self.client, sid, 20)
+        now, env_steps = time.monotonic(), counts.get("env_steps", 0)
+        then, steps_then, rate = self._rate
+        if now - then >= 1.0:
+            rate = (env_steps - steps_then) / (now - then)
+            self._rate = (now, env_steps, rate)
+        return Progress(iteration=status.iteration, num_iterations=status.num_iterations, env_steps=env_steps,
+                        env_steps_per_second=rate,
+                        mean_return=sum(e.episode_return for e in recent) / len(recent) if recent else float("nan"),
+                        episodes=counts.get("episodes", 0), model_version=status.model_version,
+                        policy_lag=status.metrics.get("policy_lag", 0.0), queue_depth=counts["pending"],
+                        rollout_model_version=recent[0].version if recent else 0,
+                        restarts=session.read(self.client, sid).restarts, ledger=counts)
 
     def faults(self, sid: str) -> list[str]:
         """What is wrong with a running session right now, for GetSession: each node's own fault, nodes that
@@ -265,78 +318,12 @@ class Launcher:
         out = []
         nodes = session.list_nodes(self.client)
         for n in nodes:
-            if n["session_id"] == sid and n["fault"]:
-                out.append(f"{n['kind']} node {n['node_id']}: {n['fault']}")
+            if n.session_id == sid and n.fault:
+                out.append(f"{n.kind} node {n.node_id}: {n.fault}")
         for node_id, (kind, lost) in sorted(self._members.get(sid, {}).items()):
             if lost is not None:
                 out.append(f"{kind} node {node_id}: no heartbeat for {time.time() - lost + HEARTBEAT_TTL:.0f}s "
                            f"(dead, or cut off from Redis)")
-        running = session.read(self.client, sid)["phase"] == P.Name(P.SESSION_PHASE_RUNNING)
-        if running and not any(n["kind"] == "trainer" and n["session_id"] == sid and
-                               n["state"] in ("SERVICE_STATE_STARTING", "SERVICE_STATE_RUNNING") for n in nodes):
+        if self.phase(sid) == RUNNING and not any(n.kind == "trainer" and n.serving(sid) for n in nodes):
             out.append("no trainer node is training the session")
         return out
-
-    def stop(self, sid: str) -> None:
-        session.read(self.client, sid)  # raises SessionError for an unknown session
-        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPING))
-        self._stop_nodes(sid)
-        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPED))
-
-    def _stop_nodes(self, sid: str) -> None:
-        """Stop the trainer first (it stops consuming), then the rollout nodes; errors are logged only."""
-        nodes = session.list_nodes(self.client)
-        for node in sorted(nodes, key=lambda n: n["kind"] != "trainer"):
-            try:
-                with channel(node["address"]) as ch:
-                    if node["kind"] == "trainer":
-                        trainer_pb2_grpc.TrainerServiceStub(ch).Stop(trainer_pb2.TrainerStopRequest(), timeout=90)
-                    else:
-                        rollout_pb2_grpc.RolloutServiceStub(ch).Stop(rollout_pb2.RolloutStopRequest(), timeout=90)
-            except grpc.RpcError as exc:
-                log.warning("stopping %s: %s", node["node_id"], exc.details())
-
-    def running_session(self) -> str | None:
-        sid = session.current(self.client)
-        if sid is None:
-            return None
-        phase = session.read(self.client, sid)["phase"]
-        ended = {P.Name(p) for p in (P.SESSION_PHASE_FINISHED, P.SESSION_PHASE_FAILED, P.SESSION_PHASE_STOPPED)}
-        return None if phase in ended else sid
-
-    # -- reporting -------------------------------------------------------------------------------------
-    def progress(self, sid: str) -> Progress:
-        sk = keys.SessionKeys(sid)
-        counts = ledger(self.client, sid)
-        trainer = {k.decode(): v for k, v in self.client.hgetall(sk.trainer).items()}
-        metrics = _unpack(trainer.get("metrics"), dict) or {}
-        episodes = [e for _id, f in self.client.xrevrange(sk.episodes, count=20)
-                    if isinstance(e := _unpack(f.get(b"e"), dict), dict) and isinstance(e.get("return"), (int, float))]
-        returns = [e["return"] for e in episodes]
-        now, env_steps = time.monotonic(), counts.get("env_steps", 0)
-        then, steps_then, rate = self._rate
-        if now - then >= 1.0:
-            rate = (env_steps - steps_then) / (now - then)
-            self._rate = (now, env_steps, rate)
-        return Progress(iteration=int(trainer.get("iteration", 0)), num_iterations=int(trainer.get("num_iterations", 0)),
-                        env_steps=env_steps, env_steps_per_second=rate,
-                        mean_return=sum(returns) / len(returns) if returns else float("nan"),
-                        episodes=counts.get("episodes", 0), model_version=int(trainer.get("model_version", 0)),
-                        policy_lag=float(metrics.get("policy_lag", 0.0)), queue_depth=counts["pending"],
-                        rollout_model_version=int(episodes[0].get("version", 0)) if episodes else 0,
-                        restarts=int(session.read(self.client, sid).get("restarts", 0)), ledger=counts)
-
-
-def _unpack(raw, kind):
-    """A msgpack record read from Redis, or None when it is missing or not a `kind`."""
-    if raw is None:
-        return None
-    try:
-        value = msgpack.unpackb(raw)
-    except Exception:
-        return None
-    return value if isinstance(value, kind) else None
-
-
-class SessionBusy(RuntimeError):
-    """Another session is running."""

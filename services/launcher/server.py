@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shlex
+import threading
 
 import grpc
 
 from services.shared import session
 from services.shared.config import ConfigError, check_remote_name, check_remote_overrides
 from services.launcher.launch import Launcher, LaunchError, SessionBusy
-from services.shared.rpc import Server, require_session_id
+from services.shared.rpc import Server, abort_for, require_session_id
 from services.shared.protos import common_pb2, launcher_pb2, launcher_pb2_grpc
 
+log = logging.getLogger(__name__)
 S = common_pb2.ServiceState
 MAX_OVERRIDES = 256
 
 
-def node_message(n: dict) -> common_pb2.Node:
-    state = n.get("state", "")
-    return common_pb2.Node(node_id=n["node_id"], kind=n["kind"], address=n["address"],
-                           state=S.Value(state) if state in S.keys() else S.SERVICE_STATE_UNSPECIFIED,
-                           last_heartbeat_unix=n["time"], session_id=str(n["session_id"])[:64],
-                           fault=str(n["fault"])[:1000])
+def node_message(n: session.Node) -> common_pb2.Node:
+    return common_pb2.Node(node_id=n.node_id, kind=n.kind, address=n.address,
+                           state=S.Value(n.state) if n.state in S.keys() else S.SERVICE_STATE_UNSPECIFIED,
+                           last_heartbeat_unix=n.time, session_id=n.session_id[:64], fault=n.fault[:1000])
 
 
 class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
@@ -66,17 +69,17 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
         try:
             session.read(self.launcher.client, sid)
         except session.SessionError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            abort_for(context, exc)
         return sid
 
     def _session(self, sid: str) -> launcher_pb2.Session:
         record = session.read(self.launcher.client, sid)
         p = self.launcher.progress(sid)
-        phase = record["phase"]
+        phase = record.phase
         return launcher_pb2.Session(
-            session_id=sid, config_name=record["config_name"], config_yaml=record["config_yaml"],
+            session_id=sid, config_name=record.config_name, config_yaml=record.config_yaml,
             phase=launcher_pb2.SessionPhase.Value(phase) if phase in launcher_pb2.SessionPhase.keys() else 0,
-            nodes=[node_message(n) for n in session.list_nodes(self.launcher.client)], error=record["error"],
+            nodes=[node_message(n) for n in session.list_nodes(self.launcher.client)], error=record.error,
             faults=self.launcher.faults(sid) if phase == "SESSION_PHASE_RUNNING" else [],
             progress=launcher_pb2.Progress(
                 iteration=p.iteration, num_iterations=p.num_iterations, env_steps=p.env_steps,
@@ -93,3 +96,26 @@ def start_server(launcher: Launcher, address: str) -> Server:
                "mso.v1.LauncherService")
     server.start()
     return server
+
+
+def serve(address: str, redis_url: str) -> None:
+    """`mso launcher serve`: the LauncherService until SIGTERM/SIGINT. It watches the session that runs when
+    it starts (a restarted launcher), and with MSO_AUTOLAUNCH=CONFIG (and MSO_AUTOLAUNCH_OVERRIDES) launches
+    that config at once: `MSO_AUTOLAUNCH=cartpole docker compose up` trains with no further call."""
+    from services.shared.redis_server import connect
+
+    launcher = Launcher(connect(redis_url))
+    server = start_server(launcher, address)
+    launcher.adopt()
+    autolaunch = os.environ.get("MSO_AUTOLAUNCH", "").strip()
+    if autolaunch:
+        overrides = shlex.split(os.environ.get("MSO_AUTOLAUNCH_OVERRIDES", ""))
+
+        def launch():
+            try:
+                log.info("MSO_AUTOLAUNCH: session %s running", launcher.launch(autolaunch, overrides))
+            except Exception as exc:
+                log.error("MSO_AUTOLAUNCH=%s failed: %s", autolaunch, exc)
+
+        threading.Thread(target=launch, name="autolaunch", daemon=True).start()
+    server.wait_for_termination()

@@ -5,14 +5,8 @@ default, MineStudio's layout) isolates a slow or crashing simulator; several per
 round trip per step, which is most of the cost of a fast env like CartPole. An env that raises is rebuilt
 in its process, never fatal; a dead or hung process is respawned by the worker.
 
-Child -> parent, a list with one message per env of the process:
-    (obs, last_reward, last_terminated, last_truncated, finished_episode or None, restarted, final_obs)
-or, when an env cannot be built and reset BUILD_ATTEMPTS times in a row, ("fatal", reason) before exiting.
-`last_*` describe the transition that led to obs (MineStudio's alignment: the last observation of an episode
-is not acted on; its reward and done flags ride on the next episode's first observation). `final_obs` is
-that last observation when the episode was cut by a time limit (truncated, not terminated), so the worker
-can value it and the learner bootstrap from it; None otherwise. `restarted` is True when the env was
-rebuilt after an error, so the worker knows the slot's stream is broken there.
+Child -> parent: a list with one EnvStep per env of the process or, when an env cannot be built and reset
+BUILD_ATTEMPTS times in a row, a Fatal naming why, before exiting.
 Parent -> child: a list of (action, video_path or None), one per env — a path asks to record that env's
 next episode — or None to close.
 """
@@ -26,8 +20,11 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from services.shared.config import ConfigSource
+from typing import NamedTuple
+
 from services.rollout.video import VideoWriter, frame_of
+from services.shared.config import ConfigSource
+from services.shared.episode import Episode
 
 log = logging.getLogger(__name__)
 # A Ray worker process has threads, so forking it directly could copy held locks. A forkserver is a fresh,
@@ -36,6 +33,25 @@ log = logging.getLogger(__name__)
 _ctx = mp.get_context("forkserver")
 BUILD_ATTEMPTS = 3  # an env that cannot be built and reset this many times in a row is reported, not retried
 _ctx.set_forkserver_preload(["numpy", "torch", "gymnasium", "services.shared.config", "services.rollout.video"])
+
+
+class EnvStep(NamedTuple):
+    """What an env answers for one step. `last_*` describe the transition that led to obs (MineStudio's
+    alignment: the last observation of an episode is not acted on; its reward and done flags ride on the next
+    episode's first observation)."""
+    obs: object
+    last_reward: float
+    last_terminated: bool
+    last_truncated: bool
+    finished: Episode | None    # the episode that transition ended, if it ended one
+    restarted: bool             # the env was rebuilt after an error: the slot's stream is broken here
+    final_obs: object = None    # the episode's last observation when a time limit cut it (truncated, not
+                                # terminated), so the worker can value it and the learner bootstrap from it
+
+
+class Fatal(NamedTuple):
+    """An env process's answer when its env cannot be built at all (a broken config, not a crash)."""
+    reason: str
 
 
 class _Episode:
@@ -51,11 +67,12 @@ class _Episode:
         self.ret += reward
         self.length += 1
 
-    def finish(self, truncated: bool, task, stats) -> dict:
-        return {"return": self.ret, "discounted_return": self.disc_ret, "length": self.length,
-                "truncated": bool(truncated), "task": task if isinstance(task, str) else None,
-                "video": self.video.close() if self.video else None,
-                "stats": {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}}
+    def finish(self, truncated: bool, task, stats) -> Episode:
+        """The episode's record (the worker adds its version, slot and worker)."""
+        return Episode(episode_return=self.ret, discounted_return=self.disc_ret, length=self.length,
+                       truncated=bool(truncated), task=task if isinstance(task, str) else "",
+                       video=(self.video.close() or "") if self.video else "",
+                       stats={str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {})
 
 
 def reseeded(seeds: list[int]) -> list[int]:
@@ -63,7 +80,7 @@ def reseeded(seeds: list[int]) -> list[int]:
     return [s + 1000003 for s in seeds]
 
 
-class _Fatal(Exception):
+class _CannotBuild(Exception):
     """An env that cannot be built: reported to the worker, not retried forever."""
 
 
@@ -75,7 +92,7 @@ class _Runner:
         self.restart_interval, self.fps = restart_interval, fps
         self.env, self.episode, self.video_path, self.built = None, None, None, 0.0
 
-    def start(self, carried=(0.0, True, False, None, None), restarted: bool = False) -> tuple:
+    def start(self, carried=(0.0, True, False, None, None), restarted: bool = False) -> EnvStep:
         """Build and reset the env; the message of its first observation. `carried` is (reward, terminated,
         truncated, finished, final_obs) of the step that ended the previous env's last episode."""
         failures = 0
@@ -90,7 +107,7 @@ class _Runner:
                 self.close()
                 failures += 1
                 if failures >= BUILD_ATTEMPTS:
-                    raise _Fatal(f"config {self.config_name}: building and resetting its env failed {failures} "
+                    raise _CannotBuild(f"config {self.config_name}: building and resetting its env failed {failures} "
                                  f"times: {type(exc).__name__}: {exc}") from None
                 log.error("building env failed, retrying:\n%s", traceback.format_exc())
                 time.sleep(0.2 * 2 ** failures)
@@ -98,7 +115,7 @@ class _Runner:
         self._new_episode()
         return self._emit(obs, *carried[:4], restarted, carried[4])
 
-    def step(self, action, video_path: str | None) -> tuple:
+    def step(self, action, video_path: str | None) -> EnvStep:
         self.video_path = video_path or self.video_path
         try:
             obs, reward, terminated, truncated, info = self.env.step(action)
@@ -115,7 +132,7 @@ class _Runner:
                 obs, _info = self.env.reset()
                 self._new_episode()
             return self._emit(obs, reward, terminated, truncated, finished, False, final_obs)
-        except _Fatal:
+        except _CannotBuild:
             raise
         except Exception:
             log.error("env crashed, rebuilding it:\n%s", traceback.format_exc())
@@ -126,10 +143,10 @@ class _Runner:
         self.episode = _Episode(self.discount, VideoWriter(self.video_path, self.fps) if self.video_path else None)
         self.video_path = None
 
-    def _emit(self, obs, reward, terminated, truncated, finished, restarted, final_obs) -> tuple:
+    def _emit(self, obs, reward, terminated, truncated, finished, restarted, final_obs) -> EnvStep:
         if self.episode.video is not None and (frame := frame_of(obs, self.env)) is not None:
             self.episode.video.write(frame)
-        return (obs, float(reward), bool(terminated), bool(truncated), finished, restarted, final_obs)
+        return EnvStep(obs, float(reward), bool(terminated), bool(truncated), finished, restarted, final_obs)
 
     def close(self) -> None:
         if self.env is not None:
@@ -152,8 +169,8 @@ def _env_main(conn: Connection, environ: dict, source: ConfigSource, seeds: list
         while True:
             reply = envs.recv()
             conn.send(reply)
-            if isinstance(reply, tuple):
-                return  # ("fatal", reason): reported, and this process ends
+            if isinstance(reply, Fatal):
+                return  # reported, and this process ends
             message = conn.recv()
             if message is None:
                 return
@@ -239,12 +256,12 @@ class EnvGroup:
                 try:  # once: a module's globals live as long as the process, across env rebuilds
                     self.module = self.source.load()
                 except Exception as exc:
-                    raise _Fatal(f"config {self.source.name}: importing it failed: {type(exc).__name__}: "
+                    raise _CannotBuild(f"config {self.source.name}: importing it failed: {type(exc).__name__}: "
                                  f"{exc}") from None
             self.runners = [_Runner(self.source.name, self.module, seed, *self.settings) for seed in self.seeds]
             self.reply = [r.start() for r in self.runners]
-        except _Fatal as exc:
-            self.reply = ("fatal", str(exc))
+        except _CannotBuild as exc:
+            self.reply = Fatal(str(exc))
 
     def recv(self):
         reply, self.reply = self.reply, None
@@ -253,8 +270,8 @@ class EnvGroup:
     def send(self, actions: list[tuple]) -> None:
         try:
             self.reply = [r.step(action, video) for r, (action, video) in zip(self.runners, actions)]
-        except _Fatal as exc:
-            self.reply = ("fatal", str(exc))
+        except _CannotBuild as exc:
+            self.reply = Fatal(str(exc))
 
     def restart(self) -> None:
         self.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.shared.fragment import Fragment
 from services.shared.trees import stack
 
 
@@ -22,12 +23,10 @@ class Step:
     state: list | None          # recurrent state before o_t (kept only for a fragment's step 0)
     action: object              # tree of arrays: a_t
     logp: float                 # behaviour log pi(a_t | o_t)
-    vpred: float                # behaviour V(o_t), denormalised
     last_reward: float
     last_terminated: bool
     last_truncated: bool
     version: int                # model version that chose a_t
-    episode_id: str
     last_truncation_value: float = 0.0  # V(final obs) of the episode a time limit just cut (0 otherwise)
 
 
@@ -53,7 +52,7 @@ class FragmentCutter:
         """Whether the next step will start a fragment (then its in-state must be recorded)."""
         return len(self.buffer) in (0, self.length)
 
-    def add(self, step: Step) -> dict | None:
+    def add(self, step: Step) -> Fragment | None:
         self.buffer.append(step)
         if len(self.buffer) <= self.length:
             return None
@@ -62,30 +61,19 @@ class FragmentCutter:
         self.buffer = [nxt]
         return fragment
 
-    def _build(self, steps: list[Step], nxt: Step) -> dict:
+    def _build(self, steps: list[Step], nxt: Step) -> Fragment:
         following = steps[1:] + [nxt]
         versions = np.array([s.version for s in steps], dtype=np.int64)
-        fragment = {
-            "session_id": self.session_id,
-            "slot": self.slot_id,
-            "seq": self.seq,
-            "contiguous": self.contiguous,
-            "version_first": int(versions[0]),
-            "version_last": int(versions[-1]),
-            "obs": stack([s.obs for s in steps]),
-            "action": stack([s.action for s in steps]),
-            "reward": np.array([s.last_reward for s in following], dtype=np.float32),
-            "first": np.array([s.last_terminated or s.last_truncated for s in steps], dtype=bool),
-            "next_done": np.array([s.last_terminated or s.last_truncated for s in following], dtype=bool),
-            "next_truncated": np.array([s.last_truncated for s in following], dtype=bool),
-            "truncation_value": np.array([s.last_truncation_value for s in following], dtype=np.float32),
-            "logp": np.array([s.logp for s in steps], dtype=np.float32),
-            "vpred": np.array([s.vpred for s in steps], dtype=np.float32),
-            "model_version": versions,
-            "in_state": steps[0].state,
-            "next_obs": nxt.obs,
-            "episode_ids": [s.episode_id for s in steps],
-        }
+        fragment = Fragment(
+            session_id=self.session_id, slot=self.slot_id, seq=self.seq, contiguous=self.contiguous,
+            version_first=int(versions[0]), obs=stack([s.obs for s in steps]), action=stack([s.action for s in steps]),
+            next_obs=nxt.obs, in_state=steps[0].state,
+            reward=np.array([s.last_reward for s in following], dtype=np.float32),
+            first=np.array([s.last_terminated or s.last_truncated for s in steps], dtype=bool),
+            next_done=np.array([s.last_terminated or s.last_truncated for s in following], dtype=bool),
+            next_truncated=np.array([s.last_truncated for s in following], dtype=bool),
+            truncation_value=np.array([s.last_truncation_value for s in following], dtype=np.float32),
+            logp=np.array([s.logp for s in steps], dtype=np.float32), model_version=versions)
         self.seq += 1
         self.contiguous = True
         return fragment

@@ -14,21 +14,22 @@ import queue
 import threading
 import time
 import traceback
-import uuid
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 
-import msgpack
 import numpy as np
 import ray
 import torch
 
-from services.shared import keys
-from services.shared.session import Joined
+from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal
+from services.rollout.fragments import FragmentCutter, Step
+from services.shared import episode
+from services.shared.episode import Episode
+from services.shared.fragment import Fragment, signature
 from services.shared.minestudio import adapt
 from services.shared.queue import FragmentProducer
 from services.shared.redis_server import connect
-from services.rollout.envs import EnvGroup, EnvProcess
-from services.rollout.fragments import FragmentCutter, Step
+from services.shared.session import Joined
 from services.shared.trees import stack, tree_map
 from services.shared.weights import WeightWatcher
 
@@ -37,20 +38,7 @@ log = logging.getLogger(__name__)
 # Seconds to wait for a fuller batch once one observation is ready. Every env in the batch waits this long
 # for its action: at 5 ms, 8 Minecraft-paced envs (50 ms steps) reached 0.89 of their own speed, at 1 ms 0.93.
 BATCH_DEADLINE = 0.001
-EPISODES_KEPT = 10_000  # entries the episode stream keeps
 SEND_BATCH = 64         # queued items the sender takes at once
-
-
-def signature(tree):
-    """The structure, dtypes and shapes of an observation, to refuse one that cannot be batched."""
-    if isinstance(tree, np.ndarray):
-        return (tree.dtype, tree.shape)
-    if isinstance(tree, dict):
-        return tuple(sorted((k, signature(v)) for k, v in tree.items()))
-    if isinstance(tree, (list, tuple)):
-        return tuple(signature(v) for v in tree)
-    a = np.asarray(tree)
-    return (a.dtype, a.shape)
 
 
 def check_weights(policy: torch.nn.Module, state: dict) -> None:
@@ -79,8 +67,23 @@ def values(policy, latents: dict, use_normalized_vf: bool) -> np.ndarray:
     return v.reshape(-1).cpu().numpy()
 
 
+@dataclass
+class _Slot:
+    """One env slot of a worker: where its steps go (its fragment cutter), the recurrent state its next
+    action starts from, its env's answer while that waits for an action, and the video to ask it for."""
+    index: int                  # its number in the worker
+    id: str                     # {node}-w{worker}-e{env}: unique in the session
+    process: int                # the env process (or in-thread group) that steps it
+    cutter: FragmentCutter
+    state: object
+    waiting: EnvStep | None = None
+    video: str | None = None    # a path: record this env's next episode there
+
+
 class RolloutLoop:
-    """Steps one worker's envs until stop is set. `stats` is read by status calls from other threads."""
+    """Steps one worker's envs until stop is set: collect the envs' answers into a batch, take new weights
+    if a version arrived, act on the batch (inference, fragments cut, actions sent). `stats` is read by
+    status calls from other threads."""
 
     def __init__(self, worker_index: int, joined: Joined, redis_url: str, node_id: str):
         self.index, self.session_id, self.redis_url = worker_index, joined.session_id, redis_url
@@ -99,201 +102,206 @@ class RolloutLoop:
             log.error("rollout worker %d failed:\n%s", self.index, self.stats["last_error"])
 
     def _run(self) -> None:
-        rc, wc, tc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config, self.cfg.train_config
+        rc, wc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config
         client = connect(self.redis_url)
-        self.keys = keys.SessionKeys(self.session_id)
         module = self.source.load()
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
-        policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
-        policy.eval()
-        max_staleness = rc.replay_buffer_config.max_staleness
-        use_normalized_vf = tc.use_normalized_vf  # read per step: an OmegaConf lookup costs microseconds
-        version = 0
+        self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
+        self.policy.eval()
+        self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
-
         producer = FragmentProducer(client, self.session_id, rc.max_pending_fragments)
-        outbox: queue.Queue = queue.Queue(maxsize=rc.to_send_queue_size)
-        sender = threading.Thread(target=self._send_loop, args=(producer, client, outbox), name="sender",
-                                  daemon=True)
+        self.outbox: queue.Queue = queue.Queue(maxsize=rc.to_send_queue_size)
+        sender = threading.Thread(target=self._send_loop, args=(producer, client), name="sender", daemon=True)
         sender.start()
-
-        seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
-        k = wc.envs_per_process
-        if k == 0:  # every env in this thread: no process, no pipe
-            procs = [EnvGroup(list(range(wc.num_envs)), self.source, [seed + i for i in range(wc.num_envs)],
-                              tc.discount, wc.restart_interval, wc.video_fps)]
-        else:
-            procs = [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.source,
-                                [seed + i for i in range(first, min(first + k, wc.num_envs))], tc.discount,
-                                wc.restart_interval, wc.video_fps, wc.env_timeout, wc.env_start_timeout)
-                     for first in range(0, wc.num_envs, k)]
-        owner = {i: p for p, proc in enumerate(procs) for i in proc.slots}  # slot -> index of its process
-        slot_ids = [f"{self.node_id}-w{self.index}-e{i}" for i in range(wc.num_envs)]
-        cutters = [FragmentCutter(self.session_id, slot_ids[i], rc.fragment_length) for i in range(wc.num_envs)]
-        states = [policy.initial_state(1) for _ in range(wc.num_envs)]
-        episode_ids = [uuid.uuid4().hex for _ in range(wc.num_envs)]
-        videos: dict[int, str] = {}      # slot -> path to send with its next action
-        pending: dict[int, tuple] = {}   # slot -> message waiting for an action
-        obs_signature = None             # structure, dtypes and shapes of the first observation seen
-        broken: set[int] = set()         # processes whose env cannot be built: reported, not respawned
-        target = min(wc.batch_size, wc.num_envs)
-        deadline = 0.0
-
-        def restart(p: int, why: str) -> None:
-            """Respawn env process p; every slot it steps loses its partial fragment."""
-            log.warning("env process %d (envs %s) of worker %d: %s; restarting it", p, procs[p].slots, self.index, why)
-            self.stats["env_restarts"] += 1
-            for i in procs[p].slots:
-                self.stats["steps_dropped"] += cutters[i].drop()
-                pending.pop(i, None)
-                states[i] = policy.initial_state(1)
-            procs[p].restart()
-
+        self.procs = self._start_envs(wc)
+        slot_id = f"{self.node_id}-w{self.index}-e{{}}".format
+        self.slots = [_Slot(i, slot_id(i), p, FragmentCutter(self.session_id, slot_id(i), rc.fragment_length),
+                            self.policy.initial_state(1)) for p, proc in enumerate(self.procs) for i in proc.slots]
+        self.broken: set[int] = set()   # processes whose env cannot be built: reported, not respawned
+        self.obs_signature = None       # structure, dtypes and shapes of the first observation seen
         self.stats["live_envs"] = wc.num_envs
         try:
             while not self.stop_event.is_set():
-                idle = [p for p in range(len(procs)) if procs[p].slots[0] not in pending and p not in broken]
-                if len(broken) == len(procs):
+                if len(self.broken) == len(self.procs):
                     self.stats["fatal"] = True
                     break  # nothing can run; last_error says why
-                if idle and len(pending) < target:
-                    ready = [p for p in idle if procs[p].conn is None]  # in-thread envs have answered already
-                    waiting = {procs[p].conn: p for p in idle if procs[p].conn is not None}
-                    timeout = 0.0 if ready else max(0.0, deadline - time.monotonic()) if pending else 0.5
-                    if waiting:
-                        ready += [waiting[conn] for conn in wait(list(waiting), timeout=timeout)]
-                    for p in ready:
-                        try:
-                            messages = procs[p].recv()
-                        except (EOFError, OSError):
-                            restart(p, "env process died")
-                            continue
-                        if isinstance(messages, tuple):  # ("fatal", reason): its env cannot be built at all
-                            self.stats["last_error"] = f"env {procs[p].slots[0]}: {messages[1]}"
-                            log.error(self.stats["last_error"])
-                            broken.add(p)
-                            self.stats["live_envs"] -= len(procs[p].slots)
-                            continue
-                        for i, message in zip(procs[p].slots, messages):
-                            if message[5]:  # the env rebuilt itself after an exception
-                                self.stats["env_restarts"] += 1
-                                self.stats["steps_dropped"] += cutters[i].drop()
-                            if message[6] is not None and signature(message[6]) != signature(message[0]):
-                                self.stats["malformed_obs"] += 1  # not bootstrapped: the cut counts as an end
-                                message = message[:6] + (None,)
-                            pending[i] = message
-                        shapes = {signature(pending[i][0]) for i in procs[p].slots}
-                        obs_signature = obs_signature or next(iter(shapes))
-                        if shapes != {obs_signature}:
-                            self.stats["malformed_obs"] += 1
-                            restart(p, f"malformed observation {shapes - {obs_signature}}, expected {obs_signature}")
-                    now = time.monotonic()
-                    for p in [p for p in idle if procs[p].slots[0] not in pending and p not in broken]:
-                        if now > procs[p].deadline:
-                            self.stats["env_timeouts"] += 1
-                            restart(p, "no answer within worker_config.env_timeout / env_start_timeout")
-                    if not pending:
-                        continue
-                    if len(pending) < target:
-                        if deadline == 0.0:
-                            deadline = time.monotonic() + BATCH_DEADLINE
-                        if time.monotonic() < deadline:
-                            continue
-                deadline = 0.0
-
-                ready = watcher.take()
-                if ready is not None:
-                    try:
-                        check_weights(policy, ready[1])
-                        policy.load_state_dict(ready[1])
-                        version = ready[0]
-                        self.stats["model_version"] = version
-                        if tc.record_video_interval and version % tc.record_video_interval == 0:
-                            for i in range(min(wc.videos_per_worker, wc.num_envs)):
-                                videos[i] = os.path.join(wc.video_output_dir, self.session_id,
-                                                         f"v{version:06d}-{slot_ids[i]}.mp4")
-                    except ValueError as exc:
-                        self.stats["last_error"] = f"kept version {version}: cannot load version {ready[0]}: {exc}"
-                        log.error(self.stats["last_error"])
-
-                batch = sorted(pending)
-                msgs = [pending.pop(i) for i in batch]
-                cut_values = self._truncation_values(policy, [m[6] for m in msgs], [states[i] for i in batch],
-                                                     use_normalized_vf)
-                for i, msg in zip(batch, msgs):
-                    if msg[2] or msg[3]:  # a new episode: fresh recurrent state
-                        states[i] = policy.initial_state(1)
-                        episode_ids[i] = uuid.uuid4().hex
-                    if msg[4] is not None:
-                        self._episode(outbox, msg[4], version, slot_ids[i])
-                started = time.perf_counter()
-                with torch.inference_mode():
-                    latents, state_out = one_step(policy, [m[0] for m in msgs], [states[i] for i in batch],
-                                                  [bool(m[2] or m[3]) for m in msgs])
-                    action = policy.pi_head.sample(latents["pi_logits"])
-                    logp = policy.pi_head.logprob(action, latents["pi_logits"]).reshape(-1).cpu().numpy()
-                    vpred = values(policy, latents, use_normalized_vf)
-                    new_states = policy.split_state(state_out, len(batch))
-                actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
-                self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + \
-                    0.1 * 1000 * (time.perf_counter() - started)
-                chosen: dict[int, tuple] = {}  # slot -> (action, video path) to send to its process
-                for j, i in enumerate(batch):
-                    obs_i, last_reward, terminated, truncated = msgs[j][:4]
-                    act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
-                    cutter = cutters[i]
-                    if cutter.buffer and version - cutter.buffer[0].version > max_staleness:
-                        self.stats["steps_dropped"] += cutter.drop()
-                    state_np = tree_map(lambda t: t.detach().cpu().numpy(), states[i]) if cutter.needs_state() else None
-                    fragment = cutter.add(Step(obs_i, state_np, act, float(logp[j]), float(vpred[j]),
-                                               float(last_reward), bool(terminated), bool(truncated), version,
-                                               episode_ids[i], last_truncation_value=cut_values[j]))
-                    states[i] = new_states[j]
-                    chosen[i] = (act, videos.pop(i, None))
-                    if fragment is not None:
-                        outbox.put(("fragment", fragment))  # blocks while the sender is behind: backpressure
-                for p in sorted({owner[i] for i in batch}):
-                    try:
-                        procs[p].send([chosen.pop(i) for i in procs[p].slots])
-                    except (BrokenPipeError, OSError):
-                        restart(p, "env process died")
-                self.stats["env_steps"] += len(batch)
+                batch = self._collect(min(wc.batch_size, wc.num_envs))
+                if batch:
+                    self._take_weights(watcher)
+                    self._act(batch)
         finally:
-            outbox.put(None)
+            self.outbox.put(None)
             sender.join(timeout=10)
             watcher.stop()
-            for proc in procs:
+            for proc in self.procs:
                 proc.close(timeout=2)
             self.stats["live_envs"] = 0
 
-    @staticmethod
-    def _truncation_values(policy, final_obs: list, states: list, use_normalized_vf: bool) -> list[float]:
-        """V(final obs) for each env whose episode a time limit just cut, from the recurrent state that
-        observation continues (the behaviour policy's value: the learner never sees that observation), so
-        GAE can bootstrap the cut instead of treating it as a real end; 0.0 for the others."""
-        out = [0.0] * len(final_obs)
-        cut = [j for j, o in enumerate(final_obs) if o is not None]
-        if not cut:
-            return out
+    def _start_envs(self, wc) -> list:
+        """The env processes (or, with envs_per_process 0, one group stepped in this thread)."""
+        seed = (self.cfg.seed * 100_003 + self.index * 1009 + os.getpid()) % (2 ** 31)
+        discount, k = self.cfg.train_config.discount, wc.envs_per_process
+        if k == 0:  # every env in this thread: no process, no pipe
+            return [EnvGroup(list(range(wc.num_envs)), self.source, [seed + i for i in range(wc.num_envs)], discount,
+                             wc.restart_interval, wc.video_fps)]
+        return [EnvProcess(list(range(first, min(first + k, wc.num_envs))), self.source,
+                           [seed + i for i in range(first, min(first + k, wc.num_envs))], discount,
+                           wc.restart_interval, wc.video_fps, wc.env_timeout, wc.env_start_timeout)
+                for first in range(0, wc.num_envs, k)]
+
+    # -- collect: the envs' answers, until a batch is ready ---------------------------------------------
+    def _collect(self, target: int) -> list[_Slot]:
+        """Wait on the env pipes until `target` slots have an answer, or BATCH_DEADLINE after the first one
+        (a slow or restarting env never holds the others back); returns the batch, or [] on a stop."""
+        deadline = 0.0
+        while not self.stop_event.is_set():
+            waiting = [s for s in self.slots if s.waiting is not None]
+            idle = [p for p in range(len(self.procs)) if p not in self.broken and
+                    self.slots_of(p)[0].waiting is None]
+            if len(waiting) >= target or (waiting and not idle):
+                return waiting
+            if waiting and deadline and time.monotonic() >= deadline:
+                return waiting
+            if len(self.broken) == len(self.procs):
+                return []
+            ready = [p for p in idle if self.procs[p].conn is None]  # in-thread envs have answered already
+            conns = {self.procs[p].conn: p for p in idle if self.procs[p].conn is not None}
+            timeout = 0.0 if ready else max(0.0, deadline - time.monotonic()) if waiting else 0.5
+            if conns:
+                ready += [conns[conn] for conn in wait(list(conns), timeout=timeout)]
+            for p in ready:
+                self._receive(p)
+            now = time.monotonic()
+            for p in idle:
+                if p not in self.broken and self.slots_of(p)[0].waiting is None and now > self.procs[p].deadline:
+                    self.stats["env_timeouts"] += 1
+                    self._restart(p, "no answer within worker_config.env_timeout / env_start_timeout")
+            if any(s.waiting is not None for s in self.slots) and not deadline:
+                deadline = time.monotonic() + BATCH_DEADLINE
+        return []
+
+    def slots_of(self, p: int) -> list[_Slot]:
+        return [self.slots[i] for i in self.procs[p].slots]
+
+    def _receive(self, p: int) -> None:
+        """Take env process p's answer for each of its slots; a dead process, an env that cannot be built and
+        a malformed observation are handled here."""
+        try:
+            answer = self.procs[p].recv()
+        except (EOFError, OSError):
+            self._restart(p, "env process died")
+            return
+        if isinstance(answer, Fatal):  # its env cannot be built at all
+            self.stats["last_error"] = f"env {self.procs[p].slots[0]}: {answer.reason}"
+            log.error(self.stats["last_error"])
+            self.broken.add(p)
+            self.stats["live_envs"] -= len(self.procs[p].slots)
+            return
+        for slot, step in zip(self.slots_of(p), answer):
+            if step.restarted:  # the env rebuilt itself after an exception
+                self.stats["env_restarts"] += 1
+                self.stats["steps_dropped"] += slot.cutter.drop()
+            if step.final_obs is not None and signature(step.final_obs) != signature(step.obs):
+                self.stats["malformed_obs"] += 1  # not bootstrapped: the cut counts as an end
+                step = step._replace(final_obs=None)
+            slot.waiting = step
+        shapes = {signature(s.waiting.obs) for s in self.slots_of(p)}
+        self.obs_signature = self.obs_signature or next(iter(shapes))
+        if shapes != {self.obs_signature}:
+            self.stats["malformed_obs"] += 1
+            self._restart(p, f"malformed observation {shapes - {self.obs_signature}}, expected {self.obs_signature}")
+
+    def _restart(self, p: int, why: str) -> None:
+        """Respawn env process p; every slot it steps loses its partial fragment."""
+        log.warning("env process %d (envs %s) of worker %d: %s; restarting it", p, self.procs[p].slots, self.index,
+                    why)
+        self.stats["env_restarts"] += 1
+        for slot in self.slots_of(p):
+            self.stats["steps_dropped"] += slot.cutter.drop()
+            slot.waiting, slot.state = None, self.policy.initial_state(1)
+        self.procs[p].restart()
+
+    # -- take weights: a new version between two batches ------------------------------------------------
+    def _take_weights(self, watcher: WeightWatcher) -> None:
+        ready = watcher.take()
+        if watcher.last_error != self.watcher_error:  # a new trouble of the watcher (Redis away, a bad version)
+            self.watcher_error = self.stats["last_error"] = watcher.last_error
+        if ready is None:
+            return
+        version, state = ready
+        try:
+            check_weights(self.policy, state)
+        except ValueError as exc:
+            self.stats["last_error"] = f"kept version {self.version}: cannot load version {version}: {exc}"
+            log.error(self.stats["last_error"])
+            return
+        self.policy.load_state_dict(state)
+        self.version = self.stats["model_version"] = version
+        tc, wc = self.cfg.train_config, self.cfg.rollout_config.worker_config
+        if tc.record_video_interval and version % tc.record_video_interval == 0:
+            for slot in self.slots[:wc.videos_per_worker]:
+                slot.video = os.path.join(wc.video_output_dir, self.session_id, f"v{version:06d}-{slot.id}.mp4")
+
+    # -- act: inference on the batch, fragments cut, actions sent ----------------------------------------
+    def _act(self, batch: list[_Slot]) -> None:
+        policy, use_normalized_vf = self.policy, self.cfg.train_config.use_normalized_vf
+        steps = [slot.waiting for slot in batch]
+        for slot in batch:
+            slot.waiting = None
+        cut_values = truncation_values(policy, [s.final_obs for s in steps], [slot.state for slot in batch],
+                                       use_normalized_vf)
+        for slot, step in zip(batch, steps):
+            if step.last_terminated or step.last_truncated:  # a new episode: fresh recurrent state
+                slot.state = policy.initial_state(1)
+            if step.finished is not None:
+                self._episode(step.finished, slot.id)
+        started = time.perf_counter()
         with torch.inference_mode():
-            latents, _ = one_step(policy, [final_obs[j] for j in cut], [states[j] for j in cut], [False] * len(cut))
-            for j, x in zip(cut, values(policy, latents, use_normalized_vf).tolist()):
-                out[j] = x
-        return out
+            latents, state_out = one_step(policy, [s.obs for s in steps], [slot.state for slot in batch],
+                                          [s.last_terminated or s.last_truncated for s in steps])
+            action = policy.pi_head.sample(latents["pi_logits"])
+            logp = policy.pi_head.logprob(action, latents["pi_logits"]).reshape(-1).cpu().numpy()
+            new_states = policy.split_state(state_out, len(batch))
+        actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
+        self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + 0.1 * 1000 * (time.perf_counter() - started)
+        max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
+        chosen: dict[int, tuple] = {}  # slot index -> (action, video path) to send to its process
+        for j, (slot, step) in enumerate(zip(batch, steps)):
+            act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
+            cutter = slot.cutter
+            if cutter.buffer and self.version - cutter.buffer[0].version > max_staleness:
+                self.stats["steps_dropped"] += cutter.drop()
+            state_np = tree_map(lambda t: t.detach().cpu().numpy(), slot.state) if cutter.needs_state() else None
+            fragment = cutter.add(Step(step.obs, state_np, act, float(logp[j]), step.last_reward,
+                                       step.last_terminated, step.last_truncated, self.version,
+                                       last_truncation_value=cut_values[j]))
+            slot.state = new_states[j]
+            chosen[slot.index] = (act, slot.video)
+            slot.video = None
+            if fragment is not None:
+                self.outbox.put(("fragment", fragment))  # blocks while the sender is behind: backpressure
+        for p in sorted({slot.process for slot in batch}):
+            try:
+                self.procs[p].send([chosen.pop(i) for i in self.procs[p].slots])
+            except (BrokenPipeError, OSError):
+                self._restart(p, "env process died")
+        self.stats["env_steps"] += len(batch)
 
-    def _episode(self, outbox: queue.Queue, episode: dict, version: int, slot_id: str) -> None:
+    def _episode(self, finished: Episode, slot_id: str) -> None:
         self.stats["episodes"] += 1
-        self.stats["videos"] += episode["video"] is not None
-        outbox.put(("episode", {**episode, "version": version, "slot": slot_id, "worker": self.index}))
+        self.stats["videos"] += bool(finished.video)
+        self.outbox.put(("episode", replace(finished, version=self.version, slot=slot_id, worker=self.index)))
 
-    def _send_loop(self, producer: FragmentProducer, client, outbox: queue.Queue) -> None:
-        """Pushes fragments and episode records off the stepping thread; the records queued together share
-        one round trip (short CartPole episodes end a thousand times a second)."""
+    # -- send: fragments and episode records, off the stepping thread ------------------------------------
+    def _send_loop(self, producer: FragmentProducer, client) -> None:
+        """Pushes fragments and episode records; the records queued together share one round trip (short
+        CartPole episodes end a thousand times a second)."""
         while True:
-            items = [outbox.get()]
+            items = [self.outbox.get()]
             while items[-1] is not None and len(items) < SEND_BATCH:
                 try:
-                    items.append(outbox.get_nowait())
+                    items.append(self.outbox.get_nowait())
                 except queue.Empty:
                     break
             self._write_episodes(client, [record for kind, record in filter(None, items) if kind == "episode"])
@@ -303,29 +311,42 @@ class RolloutLoop:
             if items[-1] is None:
                 return
 
-    def _write_episodes(self, client, records: list[dict]) -> None:
+    def _write_episodes(self, client, records: list[Episode]) -> None:
         if not records:
             return
         try:
             pipe = client.pipeline(transaction=False)
-            for record in records:
-                pipe.xadd(self.keys.episodes, {b"e": msgpack.packb(record)}, maxlen=EPISODES_KEPT, approximate=True)
-            pipe.hincrby(self.keys.ledger, "episodes", len(records))
+            episode.append(pipe, self.session_id, records)
             pipe.execute()
         except Exception as exc:
             self.stats["last_error"] = f"cannot write episode statistics: {exc}"
             log.error(self.stats["last_error"])
 
-    def _push(self, producer: FragmentProducer, fragment: dict) -> None:
+    def _push(self, producer: FragmentProducer, fragment: Fragment) -> None:
         try:
             # Stopping while the stream is full: the fragment is never produced, the ledger stays exact.
-            size = producer.push(fragment, env_steps=len(fragment["reward"]), should_stop=self.stop_event.is_set)
+            size = producer.push(fragment, should_stop=self.stop_event.is_set)
             if size:
                 self.stats["bytes_pushed"] += size
                 self.stats["fragments_pushed"] += 1
         except Exception as exc:
             self.stats["last_error"] = f"cannot push fragment: {exc}"
             log.error(self.stats["last_error"])
+
+
+def truncation_values(policy, final_obs: list, states: list, use_normalized_vf: bool) -> list[float]:
+    """V(final obs) for each env whose episode a time limit just cut, from the recurrent state that
+    observation continues (the behaviour policy's value: the learner never sees that observation), so GAE can
+    bootstrap the cut instead of treating it as a real end; 0.0 for the others."""
+    out = [0.0] * len(final_obs)
+    cut = [j for j, o in enumerate(final_obs) if o is not None]
+    if not cut:
+        return out
+    with torch.inference_mode():
+        latents, _ = one_step(policy, [final_obs[j] for j in cut], [states[j] for j in cut], [False] * len(cut))
+        for j, x in zip(cut, values(policy, latents, use_normalized_vf).tolist()):
+            out[j] = x
+    return out
 
 
 @ray.remote

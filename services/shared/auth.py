@@ -145,3 +145,34 @@ def with_token(channel: grpc.Channel) -> grpc.Channel:
     """channel, sending MSO_TOKEN with every call when it is set."""
     value = token()
     return grpc.intercept_channel(channel, _TokenMetadata(value)) if value else channel
+
+
+# The command line's TLS flags: each sets the variable above, for this process and the processes it starts.
+SERVER_TLS_FLAGS = {"--tls-cert": "MSO_TLS_CERT", "--tls-key": "MSO_TLS_KEY", "--tls-client-ca": "MSO_TLS_CLIENT_CA"}
+CLIENT_TLS_FLAGS = {"--tls-ca": "MSO_TLS_CA", "--tls-client-cert": "MSO_TLS_CLIENT_CERT",
+                    "--tls-client-key": "MSO_TLS_CLIENT_KEY", "--tls-server-name": "MSO_TLS_SERVER_NAME"}
+TLS_HELP = {"--tls-cert": "serve TLS with this PEM certificate (chain)", "--tls-key": "the PEM key of --tls-cert",
+            "--tls-client-ca": "require client certificates signed by this CA (mTLS)",
+            "--tls-ca": "connect with TLS, trusting servers signed by this CA",
+            "--tls-client-cert": "client certificate to present (mTLS)", "--tls-client-key": "its PEM key",
+            "--tls-server-name": "name expected in server certificates instead of the dialled host"}
+
+
+def add_tls_arguments(parser, server: bool, client: bool) -> None:
+    """The --tls-* flags of a command that serves (server) and/or calls (client) gRPC."""
+    flags = (SERVER_TLS_FLAGS if server else {}) | (CLIENT_TLS_FLAGS if client else {})
+    for flag, var in flags.items():
+        parser.add_argument(flag, dest=var, default=None, metavar="NAME" if flag == "--tls-server-name" else "PATH",
+                            help=f"{TLS_HELP[flag]} (${var})")
+
+
+def apply_tls_arguments(args) -> None:
+    """Flags win over the environment, and reach child processes through it. SecurityConfigError (naming the
+    variable) when a setting cannot be used, checked before anything starts."""
+    for var in (*SERVER_TLS_FLAGS.values(), *CLIENT_TLS_FLAGS.values()):
+        if getattr(args, var, None):
+            os.environ[var] = getattr(args, var)
+    if hasattr(args, "MSO_TLS_CERT"):
+        server_credentials()
+    if hasattr(args, "MSO_TLS_CA"):
+        client_credentials()

@@ -1,27 +1,45 @@
 """The fragment: `fragment_length` consecutive steps of one env slot, the record that crosses from a rollout
-worker to the trainer through the Redis stream (rollout/fragments.py cuts it, the codec carries it).
+worker to the trainer through the Redis stream. The one owner of its fields (Fragment), its encoding (the
+codec's: a msgpack header and raw arrays, never pickle) and its validation (Checker): rollout/fragments.py
+builds it, queue.py carries it, the trainer's replay checks it and the learner reads it.
 
-Its fields (L = fragment_length; a tree is nested dicts and lists of arrays):
-    session_id str, slot str, seq int >= 0 (per slot), contiguous bool (false after a stream break),
-    version_first int >= 0, version_last int
-    obs, action          trees of (L, ...) arrays: o_t and the behaviour policy's a_t
-    next_obs             tree of (...) arrays: o_L, which bootstraps the last step
-    in_state             tree of arrays: the recurrent state before o_0
-    reward, truncation_value, logp, vpred   (L,) float32
-    first, next_done, next_truncated        (L,) bool
-    model_version        (L,) int64: the version that chose each action
-    episode_ids          L strings
-
-check() is what a trainer runs on every decoded entry before it is trusted: anything read from Redis may be
+A Checker is what a trainer runs on every decoded entry before it is trusted: anything read from Redis may be
 foreign (another session, another model) or crafted, and must become a counted drop, never a crash.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import numpy as np
 
-from services.shared.codec import CodecError
+from services.shared.codec import CodecError, encode
 
+
+@dataclass
+class Fragment:
+    """L = fragment_length steps; a tree is nested dicts and lists of arrays."""
+    session_id: str
+    slot: str                   # the env slot: node, worker and env
+    seq: int                    # its number among the slot's fragments, from 0
+    contiguous: bool            # false after a break of the slot's stream (an env restart): GAE must not chain
+    version_first: int          # the model version that chose step 0 (staleness is measured from it)
+    obs: object                 # tree of (L, ...) arrays: o_t
+    action: object              # tree of (L, ...) arrays: the behaviour policy's a_t
+    next_obs: object            # tree of (...) arrays: o_L, which bootstraps the last step
+    in_state: object            # tree of arrays: the recurrent state before o_0
+    reward: np.ndarray          # (L,) float32: r_t, the reward of a_t
+    first: np.ndarray           # (L,) bool: o_t starts an episode
+    next_done: np.ndarray       # (L,) bool: the episode ended after a_t
+    next_truncated: np.ndarray  # (L,) bool: ... by a time limit
+    truncation_value: np.ndarray  # (L,) float32: V(final obs) where a time limit cut the episode, else 0
+    logp: np.ndarray            # (L,) float32: log mu(a_t | o_t) of the behaviour policy
+    model_version: np.ndarray   # (L,) int64: the version that chose each action
+
+    def encode(self) -> bytes:
+        return encode({f.name: getattr(self, f.name) for f in fields(self)})
+
+FIELDS = [f.name for f in fields(Fragment)]
 PER_STEP = {"reward": np.float32, "truncation_value": np.float32, "logp": np.float32, "first": np.bool_,
             "next_done": np.bool_, "next_truncated": np.bool_, "model_version": np.int64}
 FINITE = ("reward", "truncation_value", "logp")
@@ -69,12 +87,11 @@ class Checker:
         self.state_signature = state_signature
         self.layout = None  # per-step signatures of obs, action; next_obs; in_state of the first accepted
 
-    def check(self, fragment) -> None:
-        """Raise CodecError naming the first thing wrong with fragment."""
+    def check(self, fragment) -> Fragment:
+        """The Fragment a decoded entry holds, or CodecError naming the first thing wrong with it."""
         if not isinstance(fragment, dict):
             raise CodecError(f"fragment is a {type(fragment).__name__}, not a dict")
-        missing = [f for f in ("session_id", "slot", "seq", "contiguous", "version_first", *PER_STEP, *TREES)
-                   if f not in fragment]
+        missing = [f for f in FIELDS if f not in fragment]
         if missing:
             raise CodecError(f"fragment lacks {', '.join(missing)}")
         if fragment["session_id"] != self.session_id:
@@ -114,6 +131,7 @@ class Checker:
                      if a != b]
             raise CodecError(f"fragment {', '.join(which)} differ in layout from the session's first fragment "
                              f"(a rollout node with another env or model?)")
+        return Fragment(**{name: fragment[name] for name in FIELDS})
 
 
 def _strip_time(tree):

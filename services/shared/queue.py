@@ -16,7 +16,8 @@ import time
 import redis
 
 from services.shared import keys
-from services.shared.codec import CodecError, decode, encode
+from services.shared.codec import CodecError, decode
+from services.shared.fragment import Fragment
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ class FragmentProducer:
         self.max_pending = max_pending
         self._push = client.register_script(_PUSH)
 
-    def push(self, fragment: dict, env_steps: int, should_stop=lambda: False, timeout: float | None = None) -> int:
+    def push(self, fragment: Fragment, should_stop=lambda: False, timeout: float | None = None) -> int:
         """Append one fragment once the stream has room; returns its encoded size in bytes, or 0 when
         should_stop() became true first (the fragment was never produced). Raises Backpressure after
         timeout seconds of a full stream."""
-        payload = encode(fragment)
+        payload, env_steps = fragment.encode(), len(fragment.reward)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
         while not self._push(keys=[self.keys.fragments, self.keys.ledger],
@@ -124,7 +125,8 @@ class FragmentConsumer:
         return total
 
     def read(self, count: int, block_ms: int | None = 200) -> list[tuple[bytes, dict]]:
-        """Up to count decoded fragments as (entry_id, fragment); corrupt entries are retired and counted.
+        """Up to count decoded entries as (entry_id, tree): the reader checks each is a fragment
+        (fragment.Checker); entries that do not even decode are retired and counted as corrupt here.
         Entries this consumer already holds (pending) come first."""
         reply = None
         if self._pending_cursor is not None:
@@ -185,6 +187,12 @@ def ensure_group(client: redis.Redis, session_id: str) -> None:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def first_fragment_at(client: redis.Redis, session_id: str) -> float | None:
+    """When the session's first fragment was produced (time.time()), or None."""
+    raw = client.hget(keys.SessionKeys(session_id).ledger, "first_fragment_at")
+    return float(raw) if raw else None
 
 
 def ledger(client: redis.Redis, session_id: str) -> dict[str, int]:

@@ -103,6 +103,11 @@ class Joined:
     source: ConfigSource      # the config module to run: its name and the SHA-256 of the bytes launched
     source_text: str          # the module's source as launched (kept in checkpoints as text)
 
+    @classmethod
+    def of(cls, session_id: str, loaded: LoadedConfig) -> Joined:
+        """A session as it would be joined, from a config loaded in this process (benchmarks, tests)."""
+        return cls(session_id, loaded.cfg, ConfigSource(loaded.name, loaded.source_hash), loaded.source)
+
 
 def join(client: redis.Redis, session_id: str) -> Joined:
     """What a node needs to join session_id, once its copy of the config module passed the allow-list and its

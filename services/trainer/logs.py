@@ -13,8 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-import msgpack
 import numpy as np
+
+from services.shared import episode
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,21 @@ def start_wandb(cfg, session_id: str, log_dir: Path):
         log.warning("logger_config.wandb=true but wandb is not installed (pip install wandb); logging to "
                     "TensorBoard only")
         return None
-    from omegaconf import OmegaConf
+    from dataclasses import asdict
 
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     log_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=cfg.logger_config.project, name=cfg.logger_config.name, id=session_id,
-                      resume="allow", dir=str(log_dir), mode=mode, config=OmegaConf.to_container(cfg))
+                      resume="allow", dir=str(log_dir), mode=mode, config=asdict(cfg))
 
 
 class IterationLog:
     """Writes one iteration's metrics and the episodes finished since the previous call."""
 
-    def __init__(self, client, session_keys, log_dir: Path, session_id: str, cfg):
+    def __init__(self, client, log_dir: Path, session_id: str, cfg):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.client, self.keys = client, session_keys
+        self.client, self.session_id = client, session_id
         self.writer = SummaryWriter(str(log_dir / session_id))
         self.wandb = start_wandb(cfg, session_id, log_dir) if cfg.logger_config.wandb else None
         self.last_episode = ""
@@ -88,22 +89,23 @@ class IterationLog:
             self.wandb.log(scalars, step=iteration)
 
     def _episodes(self, iteration: int) -> dict[str, float]:
-        entries = self.client.xrange(self.keys.episodes, min=f"({self.last_episode}" if self.last_episode else "-")
+        entries = episode.after(self.client, self.session_id, self.last_episode)
         if not entries:
             return {}
-        self.last_episode = entries[-1][0].decode()
-        episodes = [msgpack.unpackb(f[b"e"]) for _i, f in entries]
-        out = {f"episode/mean_{k}": float(np.mean([e[k] for e in episodes]))
-               for k in ("return", "discounted_return", "length")}
-        out["episode/count"] = float(len(episodes))
+        self.last_episode = entries[-1][0]
+        episodes = [e for _i, e in entries]
+        out = {"episode/mean_return": float(np.mean([e.episode_return for e in episodes])),
+               "episode/mean_discounted_return": float(np.mean([e.discounted_return for e in episodes])),
+               "episode/mean_length": float(np.mean([e.length for e in episodes])),
+               "episode/count": float(len(episodes))}
         stats: dict[str, list[float]] = {}
         for e in episodes:
-            for k, v in (e.get("stats") or {}).items():
+            for k, v in e.stats.items():
                 stats.setdefault(k, []).append(v)
         out.update({f"episode/{k}": float(np.mean(v)) for k, v in stats.items()})
         for e in episodes:
-            if e.get("video") and os.path.isfile(e["video"]):
-                self._video(e["video"], iteration)
+            if e.video and os.path.isfile(e.video):
+                self._video(e.video, iteration)
         return out
 
     def _video(self, path: str, iteration: int) -> None:

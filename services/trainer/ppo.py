@@ -1,5 +1,10 @@
-"""The PPO loss on one chunk of a batch: MineStudio's maths (reference §4.5), decoupled from the behaviour
-policy so stale and reused data are corrected for.
+"""PPO as mso runs it, top to bottom: one iteration on a rank's fragments (re-evaluation, GAE, advantage
+normalisation, the epochs of minibatches with gradient accumulation, the KL and NaN guard, value-normaliser
+updates, the optimizer step), then the loss on one BPTT window. MineStudio's maths (reference §4.5), decoupled
+from the behaviour policy so stale and reused data are corrected for. Collectives come in as `ranks` (one
+rank or many: learner.Ranks), so nothing here knows about torch.distributed.
+
+The loss on one window:
 
     mu       the behaviour policy that acted (its log-prob travels in the fragment)
     pi_old   the learner at the start of the iteration (the proximal policy of the PPO trust region)
@@ -27,13 +32,203 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from services.shared.fragment import Fragment
+from services.shared.trees import stack, tree_map
+from services.trainer.gae import chains, gae
+
+CPU_EVAL_STEPS = 128  # time steps per re-evaluation forward pass on a CPU (benchmarks/learner.py, crafter)
+# -- one iteration ------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """A rank's fragments of one iteration as tensors on its device: n fragments of L steps."""
+    obs: object                 # tree of (n, L, ...)
+    action: object              # tree of (n, L, ...)
+    first: torch.Tensor         # (n, L) bool
+    behaviour_logp: torch.Tensor  # (n, L) log mu
+    next_obs: object            # tree of (n, 1, ...): o_L of each fragment
+    in_states: list             # each fragment's recurrent state before step 0
+    rewards: np.ndarray         # (n, L)
+    next_done: np.ndarray       # (n, L) bool
+    cut_values: np.ndarray      # (n, L): V(final obs) where a time limit cut an episode, else 0
+    chains: list                # contiguous fragments of one slot, in order (gae.chains)
+
+    @classmethod
+    def of(cls, fragments: list[Fragment], device: torch.device) -> Batch:
+        to_tensor = lambda leaves: torch.as_tensor(np.stack(leaves), device=device)  # noqa: E731
+        return cls(
+            obs=stack([f.obs for f in fragments], to_tensor), action=stack([f.action for f in fragments], to_tensor),
+            first=to_tensor([f.first for f in fragments]), behaviour_logp=to_tensor([f.logp for f in fragments]),
+            next_obs=stack([tree_map(lambda a: np.asarray(a)[None], f.next_obs) for f in fragments], to_tensor),
+            in_states=[tree_map(lambda a: torch.as_tensor(a, device=device), f.in_state) for f in fragments],
+            rewards=np.stack([f.reward for f in fragments]), next_done=np.stack([f.next_done for f in fragments]),
+            cut_values=np.stack([f.truncation_value * f.next_truncated for f in fragments]),
+            chains=chains([f.slot for f in fragments], [f.seq for f in fragments],
+                          [f.contiguous for f in fragments]))
+
+
+@dataclass
+class Learning:
+    """What an iteration changes: the policy, its optimizer and AMP scaler, and the frozen reference."""
+    policy: torch.nn.Module
+    ref_policy: torch.nn.Module | None   # the frozen initial policy of the KL term (None when rho is 0)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: bool                           # autocast on CUDA
+    device: torch.device
+
+
+def anneal_lr(optimizer: torch.optim.Optimizer, tc, iteration: int) -> None:
+    """lr = (1 - iteration / num_iterations) * learning_rate, when anneal_lr_linearly."""
+    if tc.anneal_lr_linearly:
+        for group in optimizer.param_groups:
+            group["lr"] = (1 - iteration / tc.num_iterations) * tc.learning_rate
+
+
+def decay_rho(rho: float, tc) -> float:
+    """The KL coefficient after an iteration."""
+    return rho * tc.coef_rho_decay
+
+
+def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ranks) -> dict:
+    """One PPO iteration on this rank's batch; returns its metrics (each a mean over the batch)."""
+    policy, n, t_len = learning.policy, len(batch.in_states), batch.rewards.shape[1]
+    raw_v, old_logp, values, boot = evaluate(policy, batch, tc, learning.device)
+    values, boot = values.cpu().numpy().astype(np.float64), boot.cpu().numpy()
+    adv, target = gae(batch.rewards, values, batch.next_done, boot, batch.chains, tc.discount, tc.gae_lambda,
+                      batch.cut_values)
+    explained = explained_variance(values, target, ranks)
+    adv, target = torch.as_tensor(adv, device=learning.device), torch.as_tensor(target, device=learning.device)
+    if tc.normalize_advantage_full_batch:  # over all ranks' steps, not per rank
+        total, total_sq, count = ranks.sum([adv.sum().item(), (adv ** 2).sum().item(), adv.numel()])
+        mean = total / count
+        adv = (adv - mean) / (max(total_sq / count - mean ** 2, 0.0) ** 0.5 + 1e-8)
+
+    policy.train()
+    policy.value_head.eval()  # the EWMA normaliser is updated once per optimizer step, below, not per loss
+    params = [p for p in policy.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    weight_total, broken_nan, broken_kl = 0.0, 0, 0
+    ga = tc.gradient_accumulation
+    for _epoch in range(tc.epochs_per_iteration):
+        minibatches = np.array_split(torch.randperm(n).numpy(), tc.batches_per_iteration)
+        learning.optimizer.zero_grad()
+        for bi, idx in enumerate(minibatches):
+            if bi % ga == 0 and tc.use_normalized_vf:
+                update_normalizer(policy, target[np.concatenate(minibatches[bi:bi + ga])], ranks)
+            saved = [None if p.grad is None else p.grad.clone() for p in params] if bi % ga else None
+            state = policy.merge_state([batch.in_states[i] for i in idx])
+            ref_state = state if learning.ref_policy is not None else None
+            batch_sums, batch_weight = {}, 0.0
+            for s in range(0, t_len, tc.context_length):  # truncated BPTT: the state carries across windows
+                e = min(s + tc.context_length, t_len)
+                sl = lambda x: x[idx, s:e]  # noqa: E731
+                window = Window(obs=tree_map(sl, batch.obs), action=tree_map(sl, batch.action), first=sl(batch.first),
+                                behaviour_logp=sl(batch.behaviour_logp), old_logp=sl(old_logp), advantage=sl(adv),
+                                target=sl(target), old_vpred=sl(raw_v))
+                with torch.autocast(learning.device.type, enabled=learning.amp):
+                    loss, m, state, ref_state = window_loss(policy, learning.ref_policy, window, state, ref_state,
+                                                            tc, rho, warmup)
+                state = tree_map(lambda x: x.detach(), state)
+                nan, kl_high = ranks.any([not torch.isfinite(loss).item(), m["approx_kl"] > tc.max_approx_kl])
+                if nan or kl_high:
+                    # Skip the whole minibatch on every rank together: drop what its earlier windows added.
+                    broken_nan, broken_kl = broken_nan + nan, broken_kl + (kl_high and not nan)
+                    for p, g in zip(params, saved or [None] * len(params)):
+                        p.grad = g
+                    batch_sums, batch_weight = {}, 0.0
+                    break
+                weight = (e - s) / t_len
+                learning.scaler.scale(loss * weight / ga).backward()
+                for k, v in m.items():
+                    batch_sums[k] = batch_sums.get(k, 0.0) + v * weight
+                batch_weight += weight
+            for k, v in batch_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            weight_total += batch_weight
+            if (bi + 1) % ga == 0:
+                step(learning, params, tc, ranks)
+    metrics = {k: v / max(weight_total, 1e-9) for k, v in sums.items()}
+    metrics.update(broken_num_lossnan=broken_nan, broken_num_kl=broken_kl,
+                   learning_rate=learning.optimizer.param_groups[0]["lr"], rho=rho,
+                   buffer_reward=float(batch.rewards.sum(1).mean()), explained_var=explained,
+                   abs_advantage=float(adv.abs().mean()), abs_td_target=float(target.abs().mean()),
+                   truncations=int(np.count_nonzero(batch.cut_values)))
+    return metrics
+
+
+@torch.inference_mode()
+def evaluate(policy, batch: Batch, tc, device: torch.device):
+    """log pi_old(a|s) and V of the current model, carrying the recurrent state from each fragment's in_state
+    (episode starts reset it, as in rollout), in groups of batch_size_per_gpu fragments on a GPU and of about
+    CPU_EVAL_STEPS steps on a CPU, where a convolution over 128 frames ran 40% faster per frame than over 512
+    (cache). Returns raw V (the head's space), log pi_old, V and V(next_obs) in the return scale."""
+    n, t_len, c_len = len(batch.in_states), batch.rewards.shape[1], tc.context_length
+    policy.eval()
+    raw_v, old_logp = torch.zeros(n, t_len, device=device), torch.zeros(n, t_len, device=device)
+    boot = torch.zeros(n, device=device)
+    group = tc.batch_size_per_gpu if device.type != "cpu" else max(1, CPU_EVAL_STEPS // t_len)
+    for g in range(0, n, group):
+        rows = slice(g, min(g + group, n))
+        state = policy.merge_state(batch.in_states[rows])
+        for s in range(0, t_len, c_len):
+            e = min(s + c_len, t_len)
+            sl = lambda x: x[rows, s:e]  # noqa: E731
+            latents, state = policy(tree_map(sl, batch.obs), state, context={"first": sl(batch.first)})
+            raw_v[rows, s:e] = latents["vpred"].reshape(-1, e - s)
+            old_logp[rows, s:e] = policy.pi_head.logprob(tree_map(sl, batch.action),
+                                                         latents["pi_logits"]).reshape(-1, e - s)
+        latents, _ = policy(tree_map(lambda x: x[rows], batch.next_obs), state,
+                            context={"first": torch.as_tensor(batch.next_done[rows, -1:], device=device)})
+        boot[rows] = latents["vpred"].reshape(-1)
+    if tc.use_normalized_vf:
+        values, boot = policy.value_head.denormalize(raw_v).reshape(n, t_len), \
+            policy.value_head.denormalize(boot).reshape(n)
+    else:
+        values = raw_v
+    return raw_v, old_logp, values, boot
+
+
+def step(learning: Learning, params: list, tc, ranks) -> None:
+    """One optimizer step: gradients averaged over ranks, unscaled (AMP), clipped to max_grad_norm."""
+    params = [p for p in params if p.grad is not None]
+    ranks.mean_grads(params)
+    if params:
+        learning.scaler.unscale_(learning.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        learning.scaler.step(learning.optimizer)
+        learning.scaler.update()
+    learning.optimizer.zero_grad()
+
+
+def update_normalizer(policy, targets: torch.Tensor, ranks) -> None:
+    """One EWMA update of the value normaliser with this optimizer step's targets, averaged over ranks (the
+    update is linear in the batch moments, so the average equals an update with all ranks' data)."""
+    head = policy.value_head
+    head.train()
+    head.normalize(targets.float())
+    head.eval()
+    ranks.mean_buffers(head)
+
+
+def explained_variance(values: np.ndarray, targets: np.ndarray, ranks) -> float:
+    """1 - Var(target - V) / Var(target) over all ranks' steps."""
+    d = targets - values
+    s = ranks.sum([targets.sum(), (targets ** 2).sum(), d.sum(), (d ** 2).sum(), targets.size])
+    var_t = s[1] / s[4] - (s[0] / s[4]) ** 2
+    var_d = s[3] / s[4] - (s[2] / s[4]) ** 2
+    return float(1 - var_d / var_t) if var_t > 1e-12 else 0.0
+
+
+# -- the loss on one window ---------------------------------------------------------------------------------
 LOGP_FLOOR = -11.0  # the reference's floor on log pi where the advantage is negative
 
 
 @dataclass
-class Chunk:
+class Window:
+    """One BPTT window (train_config.context_length steps) of a minibatch, as the loss sees it."""
     obs: object                 # tree of (B, C, ...) tensors
     action: object              # tree of (B, C, ...) tensors
     first: torch.Tensor         # (B, C) bool
@@ -44,32 +239,32 @@ class Chunk:
     old_vpred: torch.Tensor     # (B, C) value at iteration start, in the head's space
 
 
-def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: float, warmup: bool):
-    """(loss, metrics, state_out, ref_state_out) for one chunk; the caller backpropagates."""
-    latents, state_out = policy(chunk.obs, state, context={"first": chunk.first})
+def window_loss(policy, ref_policy, w: Window, state, ref_state, tc, rho: float, warmup: bool):
+    """(loss, metrics, state_out, ref_state_out) for one window; the caller backpropagates."""
+    latents, state_out = policy(w.obs, state, context={"first": w.first})
     logits = latents["pi_logits"]
-    b, c = chunk.first.shape
-    raw_logp = policy.pi_head.logprob(chunk.action, logits).reshape(b, c)
-    floor = chunk.advantage < 0
+    b, c = w.first.shape
+    raw_logp = policy.pi_head.logprob(w.action, logits).reshape(b, c)
+    floor = w.advantage < 0
     new_logp = torch.where(floor, raw_logp.clamp(min=LOGP_FLOOR), raw_logp)
-    old_logp = torch.where(floor, chunk.old_logp.clamp(min=LOGP_FLOOR), chunk.old_logp)
+    old_logp = torch.where(floor, w.old_logp.clamp(min=LOGP_FLOOR), w.old_logp)
     log_ratio = (new_logp - old_logp).clamp(max=tc.log_ratio_range)
     ratio = log_ratio.exp()
-    weight = (chunk.old_logp - chunk.behaviour_logp).exp().clamp(max=tc.is_weight_clip)
-    adv = chunk.advantage
+    weight = (w.old_logp - w.behaviour_logp).exp().clamp(max=tc.is_weight_clip)
+    adv = w.advantage
     pg = (weight * torch.max(-adv * ratio, -adv * ratio.clamp(1 - tc.ppo_clip, 1 + tc.ppo_clip))).mean()
 
     vpred = latents["vpred"].reshape(b, c)
     if tc.use_normalized_vf:
-        vf_bt = 0.5 * policy.value_head.loss(vpred, chunk.target, reduction="none").reshape(b, c)
+        vf_bt = 0.5 * policy.value_head.loss(vpred, w.target, reduction="none").reshape(b, c)
     else:
-        vf_bt = 0.5 * (vpred - chunk.target) ** 2
+        vf_bt = 0.5 * (vpred - w.target) ** 2
     if tc.clip_vloss:
-        clipped = chunk.old_vpred + (vpred - chunk.old_vpred).clamp(-tc.ppo_clip, tc.ppo_clip)
+        clipped = w.old_vpred + (vpred - w.old_vpred).clamp(-tc.ppo_clip, tc.ppo_clip)
         if tc.use_normalized_vf:
-            vf_c = 0.5 * policy.value_head.loss(clipped, chunk.target, reduction="none").reshape(b, c)
+            vf_c = 0.5 * policy.value_head.loss(clipped, w.target, reduction="none").reshape(b, c)
         else:
-            vf_c = 0.5 * (clipped - chunk.target) ** 2
+            vf_c = 0.5 * (clipped - w.target) ** 2
         vf_bt = torch.max(vf_bt, vf_c)
     vf = vf_bt.mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and tc.entropy_bonus_coef != 0 and not warmup):
@@ -78,7 +273,7 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
     kl = torch.zeros((), device=vpred.device)
     if ref_policy is not None:
         with torch.no_grad():
-            ref_latents, ref_state = ref_policy(chunk.obs, ref_state, context={"first": chunk.first})
+            ref_latents, ref_state = ref_policy(w.obs, ref_state, context={"first": w.first})
         kl = policy.pi_head.kl_divergence(logits, ref_latents["pi_logits"]).mean()
 
     if warmup:
@@ -89,7 +284,7 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
         # KL(pi_old || pi) as mean((r - 1) - log r) (Schulman's k3), from the unfloored log-probs: the floor
         # at -11 would show a ratio of e^2 for an action pi_old gave e^-13, though pi has not moved, and trip
         # the max_approx_kl guard on a large action space (VPT's 8641 buttons) for nothing.
-        raw_log_ratio = raw_logp - chunk.old_logp
+        raw_log_ratio = raw_logp - w.old_logp
         approx_kl = ((raw_log_ratio.exp() - 1) - raw_log_ratio).mean()
         clip_fraction = ((ratio - 1).abs() > tc.ppo_clip).float().mean()
         values = torch.stack([pg, vf, entropy, kl, approx_kl, clip_fraction, weight.mean(), loss]).tolist()
@@ -97,4 +292,4 @@ def chunk_loss(policy, ref_policy, chunk: Chunk, state, ref_state, tc, rho: floa
 
 
 METRICS = ("policy_loss", "value_loss", "entropy", "kl_divergence", "approx_kl", "clip_fraction", "is_weight",
-           "total_loss")  # what chunk_loss reports, one host transfer for all
+           "total_loss")  # what window_loss reports, one host transfer for all

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from services.shared import keys
 from services.shared.codec import CodecError, decode
-from services.shared.fragment import Checker
+from services.shared.fragment import Checker, Fragment
 from services.shared.queue import FragmentConsumer, log_corrupt
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Replay:
         self.on_wait = on_wait                    # on_wait(seconds, why) while a fill waits
         self.chunks: list[_Chunk] = []            # oldest first
         self.partial: dict[str, _Partial] = {}    # slot -> chunk being assembled
-        self.hot: dict[bytes, dict] = {}          # decoded payloads read since the last sample (HOT_BYTES)
+        self.hot: dict[bytes, Fragment] = {}      # fragments read since the last sample (up to HOT_BYTES)
         self.hot_bytes = 0
         self.entry_bytes = 0                      # decoded size of the last fragment read
         self.rng = random.Random(seed)
@@ -134,17 +134,18 @@ class Replay:
         return max(1, min(READ_MAX, READ_BYTES // self.entry_bytes))
 
     def _add(self, entries: list[tuple[bytes, dict]], version: int) -> None:
+        """Check what was read, retire the corrupt and the stale, and chunk the rest."""
         corrupt, stale = [], []
         fresh = []
-        for entry_id, fragment in entries:
+        for entry_id, tree in entries:
             try:
-                self.checker.check(fragment)
+                fragment = self.checker.check(tree)
             except CodecError as exc:
                 log_corrupt(entry_id, str(exc))
                 corrupt.append(entry_id)
                 continue
             self.entry_bytes = _nbytes(fragment)
-            if version - fragment["version_first"] > self.max_staleness:
+            if version - fragment.version_first > self.max_staleness:
                 stale.append(entry_id)
                 continue
             fresh.append((entry_id, fragment))
@@ -163,17 +164,17 @@ class Replay:
                 self.hot[entry_id] = fragment
                 self.hot_bytes += size
             if self.per_chunk == 1:
-                self._close(_Chunk([entry_id], fragment["version_first"], earlier.get(entry_id, 0)))
+                self._close(_Chunk([entry_id], fragment.version_first, earlier.get(entry_id, 0)))
                 continue
-            slot = fragment["slot"]
+            slot = fragment.slot
             part = self.partial.get(slot)
-            if part is not None and (fragment["seq"] != part.last_seq + 1 or not fragment["contiguous"]):
+            if part is not None and (fragment.seq != part.last_seq + 1 or not fragment.contiguous):
                 self._close(_Chunk(part.ids, part.version))  # the slot's stream broke: a shorter chunk
                 part = None
             if part is None:
-                part = self.partial[slot] = _Partial(version=fragment["version_first"])
+                part = self.partial[slot] = _Partial(version=fragment.version_first)
             part.ids.append(entry_id)
-            part.last_seq = fragment["seq"]
+            part.last_seq = fragment.seq
             if len(part.ids) == self.per_chunk:
                 del self.partial[slot]
                 self._close(_Chunk(part.ids, part.version, max(earlier.get(i, 0) for i in part.ids)))
@@ -187,7 +188,7 @@ class Replay:
             self.chunks.append(chunk)
 
     # -- sampling --------------------------------------------------------------------------------------
-    def sample(self, n: int, version: int) -> tuple[list[_Chunk], list[dict]]:
+    def sample(self, n: int, version: int) -> tuple[list[_Chunk], list[Fragment]]:
         """At least n fragments (whole chunks, chosen uniformly without replacement) that are fresh now, and
         their chunks (for used())."""
         self._drop_stale(version)
@@ -218,13 +219,11 @@ class Replay:
             ids = [i for i in ids if i not in gone]
         return picked, [fragments[i] for i in ids]
 
-    def _reread(self, entry_id: bytes, found) -> dict | None:
+    def _reread(self, entry_id: bytes, found) -> Fragment | None:
         if not found:
             return None
         try:
-            fragment = decode(found[0][1][b"f"])
-            self.checker.check(fragment)
-            return fragment
+            return self.checker.check(decode(found[0][1][b"f"]))
         except (CodecError, KeyError, TypeError) as exc:  # it passed once: Redis was changed under us
             log_corrupt(entry_id, str(exc))
             self.consumer.retire([entry_id], "dropped_corrupt")
@@ -263,6 +262,8 @@ class Replay:
 
 
 def _nbytes(tree) -> int:
+    if isinstance(tree, Fragment):
+        return sum(_nbytes(getattr(tree, k)) for k in ("obs", "action", "next_obs", "in_state", "reward"))
     if isinstance(tree, dict):
         return sum(_nbytes(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):

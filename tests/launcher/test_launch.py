@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.shared import keys, session
+from services.shared import keys, queue, session, trainer_status
 from services.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
 from services.shared.rpc import channel
 from services.shared.protos import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -27,13 +27,13 @@ def rollout_status(stack):
         return rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=10)
 
 
-def trainer_status(stack):
+def trainer_reply(stack):
     with channel(stack["trainer"]) as ch:
         return trainer_pb2_grpc.TrainerServiceStub(ch).GetStatus(trainer_pb2.TrainerStatusRequest(), timeout=10)
 
 
 def wait_finished(client, sid):
-    wait_until(lambda: session.read(client, sid)["phase"] == "SESSION_PHASE_FINISHED", 120, "the session to finish",
+    wait_until(lambda: session.read(client, sid).phase == "SESSION_PHASE_FINISHED", 120, "the session to finish",
                interval=0.2)
 
 
@@ -45,17 +45,16 @@ def test_a_rollout_node_that_never_produces_fails_the_launch_naming_it(stack):
     node_id = rollout_status(stack).node_id
     assert node_id in str(err.value) and "produced no fragment within 8s" in str(err.value)
     sid = session.current(client)
-    assert session.read(client, sid)["phase"] == "SESSION_PHASE_FAILED"
+    assert session.read(client, sid).phase == "SESSION_PHASE_FAILED"
     st = rollout_status(stack)
     assert st.state == 1 and st.workers == 0 and st.live_envs == 0  # what was started is stopped
-    assert trainer_status(stack).session_id != sid                   # the trainer was never started
+    assert trainer_reply(stack).session_id != sid                   # the trainer was never started
 
 
 def test_the_trainer_starts_only_after_fragments_flow(stack):
     client = stack["redis"]
     sid = Launcher(client).launch("cartpole", SHORT)
-    first_fragment = float(client.hget(keys.SessionKeys(sid).ledger, "first_fragment_at"))
-    assert float(client.hget(keys.SessionKeys(sid).trainer, "started_at")) > first_fragment
+    assert trainer_status.read(client, sid).started_at > queue.first_fragment_at(client, sid)
     wait_finished(client, sid)
 
 
@@ -79,7 +78,7 @@ def test_concurrent_launchers_start_one_session_and_one_trainer(stack):
     assert len(set(client.keys("mso:s:*:record")) - sessions_before) == 1
     with pytest.raises(SessionBusy, match=results[0]):
         Launcher(client).launch("cartpole", SHORT + ["train_config.learning_rate=0.1"])
-    assert trainer_status(stack).session_id == results[0]
+    assert trainer_reply(stack).session_id == results[0]
     wait_finished(client, results[0])
 
 
@@ -144,7 +143,7 @@ def warm_set(names, rollout_node, trainer_node):
 
 def test_a_session_runs_in_actors_warmed_before_it_and_the_next_gets_new_ones(stack, cluster_actors):
     client = stack["redis"]
-    rollout_node, trainer_node = rollout_status(stack).node_id, trainer_status(stack).node_id
+    rollout_node, trainer_node = rollout_status(stack).node_id, trainer_reply(stack).node_id
     warm = wait_until(lambda: warm_set(cluster_actors(), rollout_node, trainer_node), 60,
                       "a warm learner, rollout manager and rollout worker")
     sid = Launcher(client).launch("cartpole", SHORT + ["train_config.num_iterations=40"])
@@ -161,7 +160,7 @@ def test_a_session_runs_in_actors_warmed_before_it_and_the_next_gets_new_ones(st
 
 def test_a_session_that_needs_other_resources_gets_new_workers_and_frees_the_warm_ones(stack, cluster_actors):
     client = stack["redis"]
-    rollout_node, trainer_node = rollout_status(stack).node_id, trainer_status(stack).node_id
+    rollout_node, trainer_node = rollout_status(stack).node_id, trainer_reply(stack).node_id
     warm = wait_until(lambda: warm_set(cluster_actors(), rollout_node, trainer_node), 60,
                       "a warm learner, rollout manager and rollout worker")
     sid = Launcher(client).launch("cartpole", SHORT + ["train_config.num_iterations=40",
@@ -184,6 +183,6 @@ def test_a_launcher_watches_a_running_session_through_malformed_heartbeats(redis
     redis_client.sadd(keys.NODES, "junk")
     launcher = Launcher(redis_client)
     launcher.adopt()
-    redis_client.hset(keys.SessionKeys(sid).trainer, "state", "SERVICE_STATE_FINISHED")
-    wait_until(lambda: session.read(redis_client, sid)["phase"] == "SESSION_PHASE_FINISHED", 10,
+    trainer_status.report(redis_client, sid, state="SERVICE_STATE_FINISHED")
+    wait_until(lambda: session.read(redis_client, sid).phase == "SESSION_PHASE_FINISHED", 10,
                "the watch to finish the session")

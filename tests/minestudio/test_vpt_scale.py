@@ -8,6 +8,7 @@ import torch
 
 from services.shared import minestudio, weights
 from services.shared.queue import FragmentConsumer, FragmentProducer
+from tests.fragment_factory import make
 from tests.minestudio.standin_config import TINY_VPT
 
 
@@ -35,11 +36,11 @@ def test_a_2x_vpt_shaped_fragment_crosses_the_stream_bit_exact(redis_client):
     for _ in range(blocks):
         in_state += [rng.random((1, 1, maxlen)) < 0.5, rng.standard_normal((1, maxlen, hidsize), dtype=np.float32),
                      rng.standard_normal((1, maxlen, hidsize), dtype=np.float32)]
-    fragment = {"obs": {"image": rng.integers(0, 256, (length, 128, 128, 3), dtype=np.uint8)},
-                "action": {"buttons": rng.integers(0, 8641, (length, 1)), "camera": rng.integers(0, 121, (length, 1))},
-                "first": np.zeros(length, dtype=bool), "in_state": in_state}
-    FragmentProducer(redis_client, "s", max_pending=4).push(fragment, env_steps=length)
+    fragment = make("s", length, obs={"image": rng.integers(0, 256, (length, 128, 128, 3), dtype=np.uint8)},
+                    action={"buttons": rng.integers(0, 8641, (length, 1)), "camera": rng.integers(0, 121, (length, 1))},
+                    in_state=in_state)
+    FragmentProducer(redis_client, "s", max_pending=4).push(fragment)
     (_id, got), = FragmentConsumer(redis_client, "s", "c").read(1, block_ms=1000)
-    assert np.array_equal(got["obs"]["image"], fragment["obs"]["image"])
+    assert np.array_equal(got["obs"]["image"], fragment.obs["image"])
     assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got["in_state"], in_state))
     assert got["in_state"][0].dtype == np.bool_ and got["action"]["buttons"].dtype == np.int64

@@ -4,10 +4,9 @@ Ray and gRPC, one stack for the module) on MinecraftStandIn, the stand-in for Mi
 from pathlib import Path
 
 import av
-import msgpack
 import numpy as np
 
-from services.shared import keys, session
+from services.shared import episode, keys, session
 from services.shared.codec import decode
 from services.shared.config import load
 from services.shared.queue import FragmentConsumer
@@ -67,10 +66,9 @@ def test_tiny_vpt_trains_through_rollout_and_trainer_services(stack, tmp_path):
 
             def video_records():
                 drain.retire([i for i, _f in drain.read(64, block_ms=None)], "consumed")
-                return [r for r in (msgpack.unpackb(e[b"e"]) for _i, e in
-                                    client.xrange(keys.SessionKeys(sid).episodes)) if r["video"]]
+                return [e for _i, e in episode.after(client, sid, "") if e.video]
             records = wait_until(video_records, 60, "an episode video")
-            with av.open(records[0]["video"]) as container:
+            with av.open(records[0].video) as container:
                 frames = list(container.decode(video=0))
             assert frames and (frames[0].height, frames[0].width) == (128, 128)
         finally:

@@ -111,9 +111,9 @@ def test_a_new_node_joins_a_running_session_and_its_heartbeat_expires_when_kille
         consumer = FragmentConsumer(client, sid, "test")
         wait_until(lambda: any(f["slot"].startswith(node_id) for _i, f in consumer.read(100, block_ms=100)), 60,
                    "fragments from the new node")
-        assert node_id in {n["node_id"] for n in session.list_nodes(client)}
+        assert node_id in {n.node_id for n in session.list_nodes(client)}
         os.killpg(node.process.pid, signal.SIGKILL)
-        wait_until(lambda: node_id not in {n["node_id"] for n in session.list_nodes(client)}, HEARTBEAT_TTL + 5,
+        wait_until(lambda: node_id not in {n.node_id for n in session.list_nodes(client)}, HEARTBEAT_TTL + 5,
                    "the killed node's heartbeat to expire")
     finally:
         node.stop(grace=5)
@@ -179,7 +179,7 @@ def test_a_worker_whose_process_dies_is_replaced_and_reported(cluster):
             new_slot = f"{st.node_id}-w1-"
             wait_until(lambda: any(f["slot"].startswith(new_slot) for _i, f in consumer.read(100, block_ms=100)),
                        60, "fragments from the replacement")
-            wait_until(lambda: "dead workers replaced" in {n["node_id"]: n["fault"] for n in
+            wait_until(lambda: "dead workers replaced" in {n.node_id: n.fault for n in
                                                            session.list_nodes(client)}.get(st.node_id, ""), 10,
                        "the node's heartbeat to tell of the replacement (GetSession shows it)")
         finally:

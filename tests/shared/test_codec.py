@@ -8,6 +8,7 @@ from services.shared import keys
 from services.shared.codec import MAGIC, CodecError, decode, encode
 from services.shared.queue import FragmentConsumer, FragmentProducer, ledger
 from services.rollout.fragments import FragmentCutter, Step
+from tests.fragment_factory import tree
 
 
 def make_fragment(length=8, session_id="s1"):
@@ -18,8 +19,8 @@ def make_fragment(length=8, session_id="s1"):
         state = [rng.standard_normal((1, 3)).astype(np.float32)] if cutter.needs_state() else None
         fragment = cutter.add(Step(obs={"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)}, state=state,
                                    action={"buttons": np.array([t]), "camera": np.array([t % 3])},
-                                   logp=-0.5 * t, vpred=0.1 * t, last_reward=float(t), last_terminated=t == 3,
-                                   last_truncated=False, version=7, episode_id=f"ep{t // 4}")) or fragment
+                                   logp=-0.5 * t, last_reward=float(t), last_terminated=t == 3,
+                                   last_truncated=False, version=7)) or fragment
     return fragment
 
 
@@ -41,14 +42,14 @@ def assert_same(a, b):
 
 def test_roundtrip_keeps_every_array_identical():
     fragment = make_fragment()
-    assert_same(fragment, decode(encode(fragment)))
+    assert_same(tree(fragment), decode(fragment.encode()))
 
 
 def test_fragment_through_redis_decodes_identically_on_the_trainer_side(redis_client):
     fragment = make_fragment()
-    FragmentProducer(redis_client, "s1", max_pending=10).push(fragment, env_steps=8)
+    FragmentProducer(redis_client, "s1", max_pending=10).push(fragment)
     (entry_id, got), = FragmentConsumer(redis_client, "s1", "rank0").read(10)
-    assert_same(fragment, got)
+    assert_same(tree(fragment), got)
     assert ledger(redis_client, "s1")["produced"] == 1
 
 
@@ -63,7 +64,7 @@ def test_fragment_through_redis_decodes_identically_on_the_trainer_side(redis_cl
 ])
 def test_corrupt_payload_is_rejected_with_a_reason(mangle, reason):
     with pytest.raises(CodecError, match=reason):
-        decode(mangle(encode(make_fragment())))
+        decode(mangle(make_fragment().encode()))
 
 
 def test_object_arrays_never_travel():
@@ -91,7 +92,7 @@ def test_corrupt_queue_entry_is_counted_and_skipped_not_fatal(redis_client):
     stream = keys.SessionKeys("s1").fragments
     redis_client.xadd(stream, {b"f": b"garbage"})
     redis_client.xadd(stream, {b"other": b"field"})
-    producer.push(make_fragment(), env_steps=8)
+    producer.push(make_fragment())
     got = consumer.read(10)
     assert len(got) == 1 and got[0][1]["seq"] == 0
     counts = ledger(redis_client, "s1")
@@ -104,19 +105,19 @@ def test_producer_blocks_while_stream_is_full(redis_client):
 
     producer = FragmentProducer(redis_client, "s1", max_pending=2)
     for _ in range(2):
-        producer.push(make_fragment(), env_steps=8)
+        producer.push(make_fragment())
     with pytest.raises(Backpressure):
-        producer.push(make_fragment(), env_steps=8, timeout=0.2)
+        producer.push(make_fragment(), timeout=0.2)
     consumer = FragmentConsumer(redis_client, "s1", "rank0")
     consumer.retire([entry_id for entry_id, _ in consumer.read(1)], "consumed")
-    assert producer.push(make_fragment(), env_steps=8, timeout=1.0)  # room again once the trainer retired one
+    assert producer.push(make_fragment(), timeout=1.0)  # room again once the trainer retired one
     assert ledger(redis_client, "s1")["produced"] == 3
 
 
 def test_a_new_consumer_reclaims_what_a_dead_one_read_but_never_retired(redis_client):
     producer = FragmentProducer(redis_client, "s1", max_pending=10)
     for _ in range(3):
-        producer.push(make_fragment(), env_steps=8)
+        producer.push(make_fragment())
     dead = FragmentConsumer(redis_client, "s1", "old-rank0")
     assert len(dead.read(2)) == 2  # read, then the process died before retiring them
     successor = FragmentConsumer(redis_client, "s1", "new-rank0")

@@ -18,7 +18,7 @@ def balanced(client, sid="s1"):
 def push(client, n, sid="s1"):
     producer = FragmentProducer(client, sid, max_pending=1000)
     for _ in range(n):
-        producer.push(make_fragment(session_id=sid), env_steps=8)
+        producer.push(make_fragment(session_id=sid))
 
 
 def register(client, node_id):
@@ -33,7 +33,7 @@ def test_a_consumer_never_takes_the_entries_a_live_rank_holds(redis_client):
     held = holder.read(8)
     assert len(held) == 8
     newcomer = FragmentConsumer(redis_client, "s1", "newcomer-rank0")
-    assert newcomer.reclaim({n["node_id"] for n in session.list_nodes(redis_client)}) == 0
+    assert newcomer.reclaim({n.node_id for n in session.list_nodes(redis_client)}) == 0
     assert newcomer.read(8, block_ms=None) == []
     holder.retire([i for i, _ in held], "consumed")
     counts = ledger(redis_client, "s1")
@@ -78,7 +78,7 @@ def test_the_stream_bound_is_exact_with_racing_producers(redis_client):
         producer = FragmentProducer(redis_client, "s1", max_pending=bound)
         start.wait()
         try:
-            outcomes.append(producer.push(fragment, env_steps=8, timeout=1.0) > 0)
+            outcomes.append(producer.push(fragment, timeout=1.0) > 0)
         except Backpressure:
             outcomes.append(False)
 
@@ -94,9 +94,9 @@ def test_the_stream_bound_is_exact_with_racing_producers(redis_client):
 
 def test_a_producer_asked_to_stop_while_the_stream_is_full_produces_nothing(redis_client):
     producer = FragmentProducer(redis_client, "s1", max_pending=1)
-    assert producer.push(make_fragment(), env_steps=8) > 0
+    assert producer.push(make_fragment()) > 0
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
-    assert producer.push(make_fragment(), env_steps=8, should_stop=stop.is_set) == 0
+    assert producer.push(make_fragment(), should_stop=stop.is_set) == 0
     counts = ledger(redis_client, "s1")
     assert counts["produced"] == 1 and counts["pending"] == 1 and balanced(redis_client)

@@ -18,6 +18,7 @@ from services.launcher.server import start_server
 from services.shared.redis_server import RedisServer, TLSFiles, connect, redact
 from services.shared.rpc import channel
 from services.shared.protos import launcher_pb2, launcher_pb2_grpc, rollout_pb2, trainer_pb2
+from tests.fragment_factory import make
 from tests.conftest import grpcurl
 
 MSO = [sys.executable, "-m", "services.cli"]
@@ -202,10 +203,10 @@ def round_trip(url: str) -> None:
     client = connect(url)
     try:
         producer = queue.FragmentProducer(client, "a1", max_pending=4)
-        producer.push({"obs": np.arange(6, dtype=np.float32).reshape(2, 3), "first": True}, env_steps=2)
+        producer.push(make("a1", length=2, obs={"x": np.arange(6, dtype=np.float32).reshape(2, 3)}))
         consumer = queue.FragmentConsumer(client, "a1", "rank0")
         (entry_id, fragment), = consumer.read(count=4)
-        assert fragment["obs"].tolist() == [[0, 1, 2], [3, 4, 5]] and fragment["first"] is True
+        assert fragment["obs"]["x"].tolist() == [[0, 1, 2], [3, 4, 5]] and fragment["session_id"] == "a1"
         consumer.retire([entry_id], "consumed")
         assert queue.ledger(client, "a1") == {"produced": 1, "env_steps": 2, "consumed": 1, "pending": 0}
     finally:

@@ -9,10 +9,11 @@ from services.shared.config import ConfigError, SourceMismatch, from_yaml, load
 
 def test_a_node_joins_with_the_resolved_config(redis_client):
     sid = session.create(redis_client, load("cartpole", ["train_config.learning_rate=0.5"]))
-    record, cfg = session.join(redis_client, sid)
-    assert record["config_name"] == "cartpole" and cfg.train_config.learning_rate == 0.5
-    assert "online_dict" in record["source"]
-    assert record["phase"] == "SESSION_PHASE_STARTING_ROLLOUTS"  # a phase the protos know
+    joined = session.join(redis_client, sid)
+    record = session.read(redis_client, sid)
+    assert record.config_name == "cartpole" and joined.cfg.train_config.learning_rate == 0.5
+    assert "online_dict" in joined.source_text and joined.source.sha256 == record.source_hash
+    assert record.phase == "SESSION_PHASE_STARTING_ROLLOUTS"  # a phase the protos know
 
 
 def test_a_node_whose_config_module_differs_refuses_to_join_naming_the_file(redis_client):
@@ -77,4 +78,4 @@ def test_a_malformed_heartbeat_is_skipped_not_fatal(redis_client):
     for node_id, raw in (("garbage", b"\xc1\xc1"), ("list", b"\x91\x01"), ("wrong", b"\x81\xa4kind\x01")):
         redis_client.set(keys.node(node_id), raw)
         redis_client.sadd(keys.NODES, node_id)
-    assert [n["node_id"] for n in session.list_nodes(redis_client)] == ["good-node"]
+    assert [n.node_id for n in session.list_nodes(redis_client)] == ["good-node"]

@@ -9,6 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from services.shared.config import load
+from services.shared.session import Joined
+from services.trainer.spec import LearnerSpec
 from tests.trainer import ddp_rank
 
 OVERRIDES = ["train_config.use_normalized_vf=true", "train_config.clip_vloss=true", "train_config.epochs_per_iteration=3",
@@ -24,10 +26,8 @@ def free_port() -> int:
 
 
 def spec(redis_url, session_id, batch, tmp_path):
-    cfg = load("cartpole", OVERRIDES + [f"train_config.batch_size_per_gpu={batch}"])
-    return {"session_id": session_id, "redis_url": redis_url, "config_name": "cartpole", "config_yaml": cfg.to_yaml(),
-            "source_hash": cfg.source_hash,
-            "node_id": "ddp-test", "config_source": cfg.source, "log_dir": str(tmp_path / "runs")}
+    loaded = load("cartpole", OVERRIDES + [f"train_config.batch_size_per_gpu={batch}"])
+    return LearnerSpec(Joined.of(session_id, loaded), redis_url, "ddp-test", str(tmp_path / "runs"))
 
 
 def test_two_ranks_update_like_one_rank_on_the_same_data(redis_server, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.shared import keys, weights
+from services.shared import trainer_status, weights
 from services.shared.config import load
 from services.shared.queue import FragmentProducer, ledger
 from services.shared.redis_server import connect
@@ -19,17 +19,17 @@ from services.trainer import checkpoints
 from services.trainer.lease import Lease
 from services.trainer.learner import Learner
 from services.trainer.replay import Stalled
+from services.trainer.spec import LearnerSpec
+from services.shared.session import Joined
 from tests.conftest import wait_until
 from tests.trainer import ddp_rank
 
 
 def make_spec(redis_server, tmp_path, sid, *overrides):
-    cfg = load("cartpole", [f"rollout_config.fragment_length={ddp_rank.L}", "train_config.context_length=4",
-                            "train_config.epochs_per_iteration=2", "rollout_config.max_pending_fragments=10000",
-                            *overrides])
-    return {"session_id": sid, "redis_url": redis_server.url, "config_name": "cartpole",
-            "source_hash": cfg.source_hash, "config_yaml": cfg.to_yaml(), "node_id": "t", "config_source": cfg.source,
-            "log_dir": str(tmp_path)}
+    loaded = load("cartpole", [f"rollout_config.fragment_length={ddp_rank.L}", "train_config.context_length=4",
+                               "train_config.epochs_per_iteration=2", "rollout_config.max_pending_fragments=10000",
+                               *overrides])
+    return LearnerSpec(Joined.of(sid, loaded), redis_server.url, "t", str(tmp_path))
 
 
 def produce(client, sid, iterations, version=0):
@@ -37,8 +37,8 @@ def produce(client, sid, iterations, version=0):
     producer = FragmentProducer(client, sid, max_pending=10_000)
     for _ in range(iterations):
         for f in ddp_rank.fragments(8, sid):
-            f["version_first"], f["model_version"] = version, np.full(ddp_rank.L, version, np.int64)
-            producer.push(f, env_steps=ddp_rank.L)
+            f.version_first, f.model_version = version, np.full(ddp_rank.L, version, np.int64)
+            producer.push(f)
 
 
 def run_in_thread(learner):
@@ -62,7 +62,7 @@ def test_use_amp_on_a_cpu_warns_and_trains_in_full_precision(redis_server, tmp_p
     assert "use_amp=true needs CUDA" in caplog.text
     assert not learner.amp and learner.device.type == "cpu"
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
-    metrics = learner._update(ddp_rank.fragments(8, "amp1"), warmup=False)
+    metrics = learner.update(ddp_rank.fragments(8, "amp1"), warmup=False)
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
     assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
@@ -75,10 +75,9 @@ def test_a_stop_takes_effect_at_the_next_iteration_with_a_backlog(redis_server, 
     produce(client, "stop1", iterations=40)  # the stream is never dry: a Stop must not wait for it to be
     learner = Learner(spec)
     thread, outcome = run_in_thread(learner)
-    trainer = keys.SessionKeys("stop1").trainer
-    wait_until(lambda: int(client.hget(trainer, "iteration") or 0) >= 2, 60, "two iterations")
-    client.hset(trainer, "stop", "1")
-    asked_at = int(client.hget(trainer, "iteration"))
+    wait_until(lambda: trainer_status.read(client, "stop1").iteration >= 2, 60, "two iterations")
+    trainer_status.request_stop(client, "stop1")
+    asked_at = trainer_status.read(client, "stop1").iteration
     thread.join(60)
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert outcome["result"]["stopped"] and outcome["result"]["iterations"] <= asked_at + 1
@@ -108,7 +107,7 @@ def test_a_restarted_trainer_of_a_resumed_session_goes_on_from_its_newest_weight
     ckpt = checkpoints.save(tmp_path / "ck", 3, old, torch.optim.AdamW(old.parameters()), {"model_version": 3, "rho": 0})
     newest = load("cartpole").policy_generator()
     weights.publish(client, "resumed1", 10, newest.state_dict())  # the session's first trainer got this far
-    client.hset(keys.SessionKeys("resumed1").trainer, "iteration", 10)
+    trainer_status.report(client, "resumed1", iteration=10)
     learner = Learner(make_spec(redis_server, tmp_path, "resumed1", f"train_config.resume={ckpt}"))
     assert learner.version == 10 and learner.start_iteration == 10
     assert weights.latest_pointer(client, "resumed1")["version"] == 10  # no lower version published
@@ -119,8 +118,8 @@ def test_a_trainer_with_nothing_usable_says_so_then_fails_naming_why(redis_serve
     client = connect(redis_server.url)
     learner = Learner(make_spec(redis_server, tmp_path, "stall1", "train_config.stall_timeout=4"))
     thread, outcome = run_in_thread(learner)
-    said = wait_until(lambda: client.hget(keys.SessionKeys("stall1").trainer, "waiting"), 30, "the waiting notice")
-    assert b"no usable fragment for" in said
+    said = wait_until(lambda: trainer_status.read(client, "stall1").waiting, 30, "the waiting notice")
+    assert "no usable fragment for" in said
     thread.join(30)
     assert isinstance(outcome.get("error"), Stalled) and "no usable fragment for" in str(outcome["error"])
 

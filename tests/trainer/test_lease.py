@@ -8,6 +8,7 @@ from services.shared import session
 from services.shared.config import load
 from services.shared.rpc import Server, channel
 from services.trainer.lease import Lease, LeaseHeld, holder
+from services.trainer.manager import TrainerManager
 from services.trainer.server import TrainerServicer
 from services.shared.protos import trainer_pb2, trainer_pb2_grpc
 from tests.conftest import wait_until
@@ -18,7 +19,7 @@ def test_a_second_trainer_node_cannot_start_a_session_another_node_trains(redis_
     Lease(redis_client, sid, "trainer-first").take()  # the node training it
     server = Server("127.0.0.1:0")
     server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-               TrainerServicer(redis_client, redis_server.url, "trainer-second"), "mso.v1.TrainerService")
+               TrainerServicer(TrainerManager(redis_client, redis_server.url, "trainer-second")), "mso.v1.TrainerService")
     server.start()
     try:
         with channel(server.address) as ch:

@@ -1,11 +1,11 @@
 """What rank 0 logs: TensorBoard scalars, the policy-lag histogram, episode statistics (with env-specific
 stats), the rollouts' episode videos, and a W&B run in offline mode when no API key is set."""
 
-import msgpack
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from services.shared import keys
+from services.shared import episode
+from services.shared.episode import Episode
 from services.shared.config import validate
 from services.rollout.video import VideoWriter
 from services.trainer.logs import IterationLog
@@ -17,14 +17,14 @@ def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monk
     for t in range(12):
         video.write(np.full((128, 128, 3), 20 * t, dtype=np.uint8))
     path = video.close()
-    sk = keys.SessionKeys("sess")
-    for ret, video_path in ((3.0, path), (5.0, None)):
-        record = {"return": ret, "discounted_return": ret / 2, "length": 10, "video": video_path,
-                  "stats": {"achievement_collect_wood": 1.0 if video_path else 0.0}}
-        redis_client.xadd(sk.episodes, {b"e": msgpack.packb(record)})
+    pipe = redis_client.pipeline()
+    episode.append(pipe, "sess", [Episode(ret, ret / 2, 10, False, video=video_path or "",
+                                          stats={"achievement_collect_wood": 1.0 if video_path else 0.0})
+                                  for ret, video_path in ((3.0, path), (5.0, None))])
+    pipe.execute()
 
     cfg = validate({}, ["logger_config.wandb=true", "logger_config.project=mso-test"])
-    logs = IterationLog(redis_client, sk, tmp_path / "runs", "sess", cfg)
+    logs = IterationLog(redis_client, tmp_path / "runs", "sess", cfg)
     logs.write(1, {"policy_loss": 0.25, "explained_var": 0.5}, lags=np.array([0, 1, 1, 2]))
     logs.write(2, {"policy_loss": 0.125}, lags=np.array([0]))  # no new episodes: none logged twice
     logs.close()

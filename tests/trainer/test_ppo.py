@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from services.shared.config import validate
 from services.shared.policy import CategoricalHead, StatelessPolicy, ValueHead
-from services.trainer.ppo import Chunk, chunk_loss
+from services.trainer.ppo import Window, window_loss
 
 
 class TablePolicy(StatelessPolicy):
@@ -36,9 +36,9 @@ def log_softmax(row):
     return [v - z for v in row]
 
 
-def make_chunk(action, behaviour, old, adv, target, old_vpred=None):
+def make_window(action, behaviour, old, adv, target, old_vpred=None):
     t = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)  # noqa: E731
-    return Chunk(obs={"x": t([0, 1, 2], torch.long)}, action=t(action, torch.long), first=t([False] * 3, torch.bool),
+    return Window(obs={"x": t([0, 1, 2], torch.long)}, action=t(action, torch.long), first=t([False] * 3, torch.bool),
                  behaviour_logp=t(behaviour), old_logp=t(old), advantage=t(adv), target=t(target),
                  old_vpred=t(old_vpred if old_vpred is not None else VALUES))
 
@@ -89,7 +89,7 @@ CASES = {
 def test_loss_terms_match_hand_computation(name):
     case, cfg = CASES[name], tc()
     policy = TablePolicy(LOGITS, VALUES)
-    loss, m, _s, _r = chunk_loss(policy, None, make_chunk(**case), [], None, cfg, rho=0.0, warmup=False)
+    loss, m, _s, _r = window_loss(policy, None, make_window(**case), [], None, cfg, rho=0.0, warmup=False)
     total, pg, vf, ent = expected(**case, cfg=cfg)
     assert m["policy_loss"] == pytest.approx(pg, rel=1e-5)
     assert m["value_loss"] == pytest.approx(vf, rel=1e-5)
@@ -101,7 +101,7 @@ def test_importance_weight_is_truncated_at_is_weight_clip():
     case = CASES["stale"]
     for clip in (0.5, 1.0, 5.0):
         cfg = tc(f"train_config.is_weight_clip={clip}")
-        _l, m, _s, _r = chunk_loss(TablePolicy(LOGITS, VALUES), None, make_chunk(**case), [], None, cfg, 0.0, False)
+        _l, m, _s, _r = window_loss(TablePolicy(LOGITS, VALUES), None, make_window(**case), [], None, cfg, 0.0, False)
         weights = [min(math.exp(o - b), clip) for o, b in zip(case["old"], case["behaviour"])]
         assert m["is_weight"] == pytest.approx(sum(weights) / 3, rel=1e-5)
         assert m["policy_loss"] == pytest.approx(expected(**case, cfg=cfg)[1], rel=1e-5)
@@ -110,10 +110,10 @@ def test_importance_weight_is_truncated_at_is_weight_clip():
 def test_low_probability_clamp_applies_only_where_advantage_is_negative():
     logits = [[0.0, -30.0], [0.0, -30.0], [0.0, 0.0]]
     policy = TablePolicy(logits, VALUES)
-    chunk = make_chunk(action=[1, 1, 0], behaviour=[-11.0, -30.0, -0.69], old=[-11.0, -30.0, -0.69],
+    chunk = make_window(action=[1, 1, 0], behaviour=[-11.0, -30.0, -0.69], old=[-11.0, -30.0, -0.69],
                        adv=[-1.0, 1.0, 0.0], target=[0.0, 0.0, 0.0])
     cfg = tc()
-    _l, m, _s, _r = chunk_loss(policy, None, chunk, [], None, cfg, 0.0, False)
+    _l, m, _s, _r = window_loss(policy, None, chunk, [], None, cfg, 0.0, False)
     # step 0: A<0, log pi = -30 floored to -11 = old: ratio 1, pg = 1 (unfloored, the ratio would be e^-19: pg ~ 0.8)
     # step 1: A>0, not floored, -30 = old: ratio 1, pg = -1; step 2: A = 0
     assert m["policy_loss"] == pytest.approx((1.0 - 1.0 + 0.0) / 3, abs=1e-5)
@@ -124,9 +124,9 @@ def test_floor_applies_to_both_log_probs_and_approx_kl_ignores_it():
     # ratio e^19 and a policy loss of 1.8e8. Flooring both gives ratio 1; the KL estimate is 0.
     policy = TablePolicy([[0.0, -30.0], [0.0, -30.0], [0.0, 0.0]], VALUES)
     lp = log_softmax([0.0, -30.0])[1]
-    chunk = make_chunk(action=[1, 1, 0], behaviour=[lp, lp, math.log(0.5)], old=[lp, lp, math.log(0.5)],
+    chunk = make_window(action=[1, 1, 0], behaviour=[lp, lp, math.log(0.5)], old=[lp, lp, math.log(0.5)],
                        adv=[-1.0, -2.0, 0.5], target=[0.0, 0.0, 0.0])
-    _l, m, _s, _r = chunk_loss(policy, None, chunk, [], None, tc(), 0.0, False)
+    _l, m, _s, _r = window_loss(policy, None, chunk, [], None, tc(), 0.0, False)
     assert m["policy_loss"] == pytest.approx((1.0 + 2.0 - 0.5) / 3, abs=1e-4)
     assert m["approx_kl"] == pytest.approx(0.0, abs=1e-6) and m["clip_fraction"] == 0.0
 
@@ -135,7 +135,7 @@ def test_kl_to_the_reference_policy_and_rho():
     case, cfg = CASES["on_policy"], tc()
     ref_logits = [[1.0, 0.0], [0.0, 0.0], [-1.0, 2.0]]
     ref = TablePolicy(ref_logits, VALUES)
-    loss, m, _s, _r = chunk_loss(TablePolicy(LOGITS, VALUES), ref, make_chunk(**case), [], [], cfg, rho=0.3,
+    loss, m, _s, _r = window_loss(TablePolicy(LOGITS, VALUES), ref, make_window(**case), [], [], cfg, rho=0.3,
                                  warmup=False)
     total = expected(**case, cfg=cfg, rho=0.3, ref_logits=ref_logits)[0]
     kl = sum(sum(math.exp(a) * (a - b) for a, b in zip(log_softmax(p), log_softmax(q)))
@@ -147,7 +147,7 @@ def test_kl_to_the_reference_policy_and_rho():
 def test_vf_warmup_trains_value_and_kl_only():
     case, cfg = CASES["clipped"], tc()
     ref_logits = [[1.0, 0.0], [0.0, 0.0], [-1.0, 2.0]]
-    loss, _m, _s, _r = chunk_loss(TablePolicy(LOGITS, VALUES), TablePolicy(ref_logits, VALUES), make_chunk(**case),
+    loss, _m, _s, _r = window_loss(TablePolicy(LOGITS, VALUES), TablePolicy(ref_logits, VALUES), make_window(**case),
                                   [], [], cfg, rho=0.3, warmup=True)
     assert loss.item() == pytest.approx(expected(**case, cfg=cfg, ref_logits=ref_logits, warmup=True)[0], rel=1e-5)
 
@@ -163,7 +163,7 @@ def test_normalised_value_loss_and_value_clipping():
     policy.value_head.eval()
     target, old_vpred = [5.0, -1.0, 2.0], [0.0, 0.5, 1.0]
     case = dict(CASES["on_policy"], target=target)
-    _l, m, _s, _r = chunk_loss(policy, None, make_chunk(**case, old_vpred=old_vpred), [], None, cfg, 0.0, False)
+    _l, m, _s, _r = window_loss(policy, None, make_window(**case, old_vpred=old_vpred), [], None, cfg, 0.0, False)
     vf = []
     for v, t, o in zip(VALUES, target, old_vpred):
         nt = (t - 2.0) / 3.0

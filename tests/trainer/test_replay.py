@@ -8,17 +8,13 @@ from omegaconf import OmegaConf
 
 from services.shared.queue import FragmentConsumer, FragmentProducer, ledger
 from services.trainer.replay import Replay
+from tests.fragment_factory import make, push_raw, tree
 
 L = 4
 
 
 def fragment(slot="a", seq=0, version=0, contiguous=True, session="s1"):
-    z = np.zeros(L, dtype=np.float32)
-    return {"session_id": session, "slot": slot, "seq": seq, "contiguous": contiguous, "version_first": version,
-            "obs": {"x": np.full((L, 2), seq, dtype=np.float32)}, "action": np.zeros(L, dtype=np.int64),
-            "reward": z, "first": np.zeros(L, bool), "next_done": np.zeros(L, bool),
-            "next_truncated": np.zeros(L, bool), "truncation_value": z, "logp": z,
-            "model_version": np.full(L, version, dtype=np.int64), "in_state": [], "next_obs": {"x": z[:2]}}
+    return make(session, L, slot, seq, version, contiguous)
 
 
 def rb(**kw):
@@ -28,7 +24,7 @@ def rb(**kw):
 def push(client, fragments):
     producer = FragmentProducer(client, "s1", max_pending=10_000)
     for f in fragments:
-        producer.push(f, env_steps=L)
+        producer.push(f)
 
 
 def balanced(client):
@@ -49,7 +45,7 @@ def test_each_fragment_is_used_exactly_max_reuse_times(redis_client):
     while replay.held():
         picked, frags = replay.sample(2, version=0)
         ids = [i for c in picked for i in c.ids]
-        assert len(set(ids)) == len(ids) == len(frags) and all(f["session_id"] == "s1" for f in frags)
+        assert len(set(ids)) == len(ids) == len(frags) and all(f.session_id == "s1" for f in frags)
         for i in ids:
             uses[i] = uses.get(i, 0) + 1
         replay.used(picked)
@@ -65,7 +61,7 @@ def test_staleness_is_checked_when_sampled_not_only_when_read(redis_client):
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_staleness=2, max_reuse=5))
     assert replay.fill(2, version=7, should_stop=never_stop)  # both fresh enough at version 7
     picked, frags = replay.sample(2, version=8)       # by version 8 the first is 3 versions old
-    assert [f["slot"] for f in frags] == ["b"]
+    assert [f.slot for f in frags] == ["b"]
     replay.used(picked)
     counts = ledger(redis_client, "s1")
     assert counts["dropped_stale"] == 1 and balanced(redis_client)
@@ -96,7 +92,7 @@ def test_chunks_hold_consecutive_fragments_of_one_slot(redis_client):
     # a0+a1 and b0+b1 are chunks; a2 is cut short by the discontinuity before a3, which waits for a partner
     assert sorted([len(c.ids) for c in replay.chunks]) == [1, 2, 2]
     picked, frags = replay.sample(5, 0)
-    slots_seqs = sorted((f["slot"], f["seq"]) for f in frags)
+    slots_seqs = sorted((f.slot, f.seq) for f in frags)
     assert slots_seqs == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
 
 
@@ -106,7 +102,7 @@ def test_a_full_replay_pushes_out_its_oldest_chunks(redis_client):
     assert replay.fill(3, 0, never_stop) and replay.held() == 3  # s0..s2: one read takes at most the capacity
     assert replay.fill(3, 0, never_stop) and replay.held() == 3  # s3 and s4 arrive, s0 and s1 make room
     _p, frags = replay.sample(3, 0)
-    assert sorted(f["slot"] for f in frags) == ["s2", "s3", "s4"]  # s0 and s1 never trained on
+    assert sorted(f.slot for f in frags) == ["s2", "s3", "s4"]  # s0 and s1 never trained on
     counts = ledger(redis_client, "s1")
     assert counts["dropped_stale"] == 2 and balanced(redis_client)
 
@@ -132,9 +128,9 @@ def test_partial_chunks_that_wait_while_nothing_arrives_are_closed_not_waited_fo
 
 
 def broken(field, value):
-    f = fragment(slot=f"bad-{field}")
-    f[field] = value
-    return f
+    t = tree(fragment(slot=f"bad-{field}"))
+    t[field] = value
+    return t
 
 
 BAD = [
@@ -145,7 +141,7 @@ BAD = [
     broken("obs", {"x": np.float32(1)}), broken("obs", {"x": "text"}), broken("action", []),
     broken("next_obs", {"x": np.zeros(3, np.float32)}),
     broken("in_state", [np.zeros((1, 4), np.float32)]),  # another model's recurrent state
-    {k: v for k, v in fragment(slot="short").items() if k != "model_version"},
+    {k: v for k, v in tree(fragment(slot="short")).items() if k != "model_version"},
     ["not", "a", "dict"],
 ]
 
@@ -153,20 +149,22 @@ BAD = [
 def test_every_malformed_or_foreign_fragment_is_counted_and_skipped(redis_client):
     """Crafted or foreign fragments (another session, another model's state, wrong shapes or types) never
     reach the learner and never fail the trainer: each is dropped as corrupt and the ledger balances."""
-    push(redis_client, [fragment(slot="good1"), *BAD, fragment(slot="good2")])
+    push(redis_client, [fragment(slot="good1")])
+    push_raw(redis_client, "s1", BAD)
+    push(redis_client, [fragment(slot="good2")])
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(), state_signature=())
     assert replay.fill(2, 0, never_stop)
     picked, frags = replay.sample(2, 0)
     replay.used(picked)
-    assert sorted(f["slot"] for f in frags) == ["good1", "good2"]
+    assert sorted(f.slot for f in frags) == ["good1", "good2"]
     counts = ledger(redis_client, "s1")
     assert counts["dropped_corrupt"] == len(BAD) and counts["consumed"] == 2 and balanced(redis_client)
 
 
 def test_fragments_whose_layout_differs_from_the_first_are_dropped(redis_client):
     other = fragment(slot="other")
-    other["obs"] = {"x": np.zeros((L, 3), np.float32)}  # another env: 3 features instead of 2
-    other["next_obs"] = {"x": np.zeros(3, np.float32)}
+    other.obs = {"x": np.zeros((L, 3), np.float32)}  # another env: 3 features instead of 2
+    other.next_obs = {"x": np.zeros(3, np.float32)}
     push(redis_client, [fragment(slot="a"), other, fragment(slot="b")])
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb())
     assert replay.fill(2, 0, never_stop)
@@ -203,6 +201,7 @@ from services.shared.codec import encode
 from services.shared.queue import FragmentConsumer, ledger
 from services.shared.redis_server import connect
 from services.trainer.replay import Replay
+from tests.fragment_factory import make, push_raw, tree
 T = 64
 rng = np.random.default_rng(0)
 f = {"session_id": "big", "slot": "a", "seq": 0, "contiguous": True, "version_first": 0,
