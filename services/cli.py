@@ -210,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmarks (benchmarks/ of the source checkout): one table of ratios",
                        description="Arguments go to `python -m benchmarks`: --quick (shorter windows, ~1.5 min), "
                                    "--json PATH (the table as JSON too).")
-    p.add_argument("arguments", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
+    p.set_defaults(fn=cmd_bench, arguments=[])
 
     p = sub.add_parser("health", help="exit 0 only if a service answers SERVING on grpc.health.v1")
     p.add_argument("address", help="HOST:PORT")
@@ -238,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MSO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":  # the benchmarks take their own arguments
+        args.arguments = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from services.shared.auth import SecurityConfigError, apply_tls_arguments
 
     try:  # a bad TLS setting is reported before anything starts

@@ -69,8 +69,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def _status(self) -> trainer_pb2.TrainerStatus:
         m = self.manager
         state, st = m.status()
-        reply = trainer_pb2.TrainerStatus(node_id=m.node_id, session_id=m.session_id, state=S.Value(state),
-                                          last_error=m.last_error)
+        reply = trainer_pb2.TrainerStatus(node_id=m.node_id, session_id=m.session_id, last_error=m.last_error,
+                                          state=S.Value(state) if state in S.keys() else S.SERVICE_STATE_UNSPECIFIED)
         if st is None:
             return reply
         if not reply.last_error and state not in ("SERVICE_STATE_FAILED", "SERVICE_STATE_STOPPING"):
