@@ -13,6 +13,11 @@ import time
 from benchmarks import data_plane, learner, learning, minecraft_rollout, rollout_throughput, vpt_scale, weight_broadcast
 
 
+def duration(value: float | None) -> str:
+    """A duration for the table; a goal the run did not reach within its iterations says so."""
+    return "not reached" if value is None else f"{value:.1f} s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="benchmarks.json")
@@ -44,10 +49,10 @@ def main() -> None:
         rows.append((f"5 learner PPO update, {lr['config']}", f"{lr['mso_samples_per_s']:.0f}/s",
                      f"{lr['plain_samples_per_s']:.0f}/s plain torch loop", lr["ratio"], ">= 0.90"))
     ln = learning.main([])
-    rows.append(("6 CartPole to return 475 (incl. start-up)", f"{ln['mso_seconds_to_475']:.1f} s",
-                 f"{ln['plain_seconds_to_475']:.1f} s plain PPO", ln["ratio"], "lower is better"))
-    rows.append(("7 start-up: first fragment / first update", f"{ln['startup_first_fragment_s']:.1f} s / "
-                 f"{ln['startup_first_update_s']:.1f} s", "", None, ""))
+    rows.append(("6 CartPole to return 475 (incl. start-up)", duration(ln["mso_seconds_to_475"]),
+                 f"{duration(ln['plain_seconds_to_475'])} plain PPO", ln["ratio"], "lower is better"))
+    rows.append(("7 start-up: first fragment / first update", f"{duration(ln['startup_first_fragment_s'])} / "
+                 f"{duration(ln['startup_first_update_s'])}", "", None, ""))
     print(f"\n{'measure':46s} {'mso':>16s} {'baseline (same run)':>26s} {'ratio':>7s}  goal")
     for name, value, base, ratio, goal in rows:
         print(f"{name:46s} {value:>16s} {base:>26s} {'' if ratio is None else f'{ratio:7.2f}':>7s}  {goal}")

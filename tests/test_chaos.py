@@ -110,7 +110,7 @@ def test_training_survives_a_fault_schedule_and_the_ledger_balances(tmp_path):
         def kill_rollout():
             victim = services(me, "rollout")[0]
             victim.send_signal(signal.SIGKILL)
-            wait_until(lambda: services(me, "rollout") and services(me, "rollout")[0].pid != victim.pid, 60,
+            wait_until(lambda: (found := services(me, "rollout")) and found[0].pid != victim.pid, 60,
                        "supervision to restart the rollout service")
 
         def kill_env():
