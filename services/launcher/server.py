@@ -86,8 +86,9 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
                 env_steps_per_second=p.env_steps_per_second,
                 mean_return=0.0 if math.isnan(p.mean_return) else p.mean_return, episodes=p.episodes,
                 model_version=p.model_version, policy_lag=p.policy_lag, queue_depth=p.queue_depth,
-                restarts=p.restarts, ledger=launcher_pb2.Ledger(**{k: p.ledger.get(k, 0) for k in (
-                    "produced", "consumed", "dropped_stale", "dropped_corrupt", "pending", "reused")})))
+                restarts=p.restarts, ledger=launcher_pb2.Ledger(produced_by_node=p.produced_by_node, **{
+                    k: p.ledger.get(k, 0) for k in ("produced", "consumed", "dropped_stale", "dropped_corrupt",
+                                                     "pending", "reused")})))
 
 
 def start_server(launcher: Launcher, address: str) -> Server:

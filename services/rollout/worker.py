@@ -110,7 +110,7 @@ class RolloutLoop:
         self.policy.eval()
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
-        producer = FragmentProducer(client, self.session_id, rc.max_pending_fragments)
+        producer = FragmentProducer(client, self.session_id, rc.max_pending_fragments, self.node_id)
         self.outbox: queue.Queue = queue.Queue(maxsize=rc.to_send_queue_size)
         sender = threading.Thread(target=self._send_loop, args=(producer, client), name="sender", daemon=True)
         sender.start()

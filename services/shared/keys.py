@@ -34,6 +34,10 @@ class SessionKeys:
         return self._k("ledger")
 
     @property
+    def produced_by_node(self) -> str:  # hash: rollout node id -> fragments it produced
+        return self._k("produced-by-node")
+
+    @property
     def uses(self) -> str:            # hash: stream entry id -> times a trainer has used it (replay reuse)
         return self._k("uses")
 

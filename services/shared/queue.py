@@ -21,13 +21,15 @@ from services.shared.fragment import Fragment
 
 log = logging.getLogger(__name__)
 
-# KEYS: stream, ledger. ARGV: max_pending, payload, env_steps, now. The entry id, or false when full.
+# KEYS: stream, ledger, produced by node. ARGV: max_pending, payload, env_steps, now, node. The entry id, or
+# false when full.
 _PUSH = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 local id = redis.call('XADD', KEYS[1], '*', 'f', ARGV[2])
 redis.call('HINCRBY', KEYS[2], 'produced', 1)
 redis.call('HINCRBY', KEYS[2], 'env_steps', ARGV[3])
 redis.call('HSETNX', KEYS[2], 'first_fragment_at', ARGV[4])
+redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
 return id
 """
 # KEYS: stream, ledger, uses. ARGV: group, outcome, ids... The number of entries really removed.
@@ -50,10 +52,11 @@ class Backpressure(TimeoutError):
 class FragmentProducer:
     """Appends fragments; blocks (does not grow memory) while the stream holds max_pending entries."""
 
-    def __init__(self, client: redis.Redis, session_id: str, max_pending: int):
+    def __init__(self, client: redis.Redis, session_id: str, max_pending: int, node_id: str = ""):
         self.client = client
         self.keys = keys.SessionKeys(session_id)
         self.max_pending = max_pending
+        self.node_id = node_id  # whose fragments these are (produced_by_node)
         self._push = client.register_script(_PUSH)
 
     def push(self, fragment: Fragment, should_stop=lambda: False, timeout: float | None = None) -> int:
@@ -63,8 +66,8 @@ class FragmentProducer:
         payload, env_steps = fragment.encode(), len(fragment.reward)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
-        while not self._push(keys=[self.keys.fragments, self.keys.ledger],
-                             args=[self.max_pending, payload, env_steps, time.time()]):
+        while not self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
+                             args=[self.max_pending, payload, env_steps, time.time(), self.node_id]):
             if should_stop():
                 return 0
             if deadline is not None and time.monotonic() > deadline:
@@ -187,6 +190,12 @@ def ensure_group(client: redis.Redis, session_id: str) -> None:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def produced_by_node(client: redis.Redis, session_id: str) -> dict[str, int]:
+    """Fragments each rollout node produced (they add up to the ledger's produced)."""
+    raw = client.hgetall(keys.SessionKeys(session_id).produced_by_node)
+    return {k.decode(errors="replace"): int(v) for k, v in raw.items()}
 
 
 def first_fragment_at(client: redis.Redis, session_id: str) -> float | None:

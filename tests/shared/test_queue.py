@@ -4,7 +4,7 @@ taken by another consumer. Every ledger is asserted as an equation at a quiet mo
 
 import threading
 
-from services.shared import keys, session
+from services.shared import keys, queue, session
 from services.shared.queue import Backpressure, FragmentConsumer, FragmentProducer, ledger
 from tests.shared.test_codec import make_fragment
 
@@ -100,3 +100,13 @@ def test_a_producer_asked_to_stop_while_the_stream_is_full_produces_nothing(redi
     assert producer.push(make_fragment(), should_stop=stop.is_set) == 0
     counts = ledger(redis_client, "s1")
     assert counts["produced"] == 1 and counts["pending"] == 1 and balanced(redis_client)
+
+
+def test_each_rollout_nodes_fragments_are_counted_and_add_up(redis_client):
+    for node, n in (("rollout-a", 3), ("rollout-b", 2)):
+        producer = FragmentProducer(redis_client, "s1", max_pending=100, node_id=node)
+        for _ in range(n):
+            producer.push(make_fragment())
+    by_node = queue.produced_by_node(redis_client, "s1")
+    assert by_node == {"rollout-a": 3, "rollout-b": 2}
+    assert sum(by_node.values()) == ledger(redis_client, "s1")["produced"] == 5

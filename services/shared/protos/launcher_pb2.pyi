@@ -84,20 +84,29 @@ class Progress(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., model_version: _Optional[int] = ..., policy_lag: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., ledger: _Optional[_Union[Ledger, _Mapping]] = ...) -> None: ...
 
 class Ledger(_message.Message):
-    __slots__ = ("produced", "consumed", "dropped_stale", "dropped_corrupt", "pending", "reused")
+    __slots__ = ("produced", "consumed", "dropped_stale", "dropped_corrupt", "pending", "reused", "produced_by_node")
+    class ProducedByNodeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PRODUCED_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
     DROPPED_CORRUPT_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     REUSED_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_BY_NODE_FIELD_NUMBER: _ClassVar[int]
     produced: int
     consumed: int
     dropped_stale: int
     dropped_corrupt: int
     pending: int
     reused: int
-    def __init__(self, produced: _Optional[int] = ..., consumed: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dropped_corrupt: _Optional[int] = ..., pending: _Optional[int] = ..., reused: _Optional[int] = ...) -> None: ...
+    produced_by_node: _containers.ScalarMap[str, int]
+    def __init__(self, produced: _Optional[int] = ..., consumed: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., dropped_corrupt: _Optional[int] = ..., pending: _Optional[int] = ..., reused: _Optional[int] = ..., produced_by_node: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config_name", "config_yaml", "phase", "nodes", "progress", "error", "faults")
