@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import psutil
 
-from services.shared.redis_server import free_port
+from services.shared.ports import free_port
 
 
 def kind(p: psutil.Process) -> str:

@@ -3,15 +3,17 @@
 # the containers, Docker Compose v2 drives it through podman's Docker-compatible socket. tests/deploy uses it;
 # an operator can too:
 #
-#   bash deploy/podman-ci.sh setup          # podman, runc, a containers.conf, the API socket, docker compose
+#   bash deploy/podman-ci.sh install        # apt: podman, runc, netavark, aardvark-dns, debootstrap, ...
+#   bash deploy/podman-ci.sh setup          # install, a containers.conf, the API socket, docker compose
 #   bash deploy/podman-ci.sh base           # localhost/mso-base:bookworm from debootstrap (Python 3.11, redis)
 #   bash deploy/podman-ci.sh wheels         # deploy/wheelhouse: every wheel the image needs, built on this host
 #   bash deploy/podman-ci.sh compose ARGS   # docker compose -f deploy/docker-compose.yml -f .podman.yml ARGS
-#   bash deploy/podman-ci.sh health         # run the containers' healthchecks every 2 s (no systemd timers)
+#   bash deploy/podman-ci.sh health         # run the containers' healthchecks every 5 s (no systemd timers)
 #   bash deploy/podman-ci.sh teardown       # down -v, stop what setup and health started, remove what's left
 #
-# Why each step (all seen on these machines): crun fails on this host's hybrid cgroups (runc works); podman's
-# default ulimits cannot be set here; podman 4.3 schedules healthchecks with systemd timers and there is no
+# Why each step (all seen on these machines): netavark with aardvark-dns, as CNI without the dnsname plugin
+# resolves no service names (the services could not find "redis"); crun fails on this host's hybrid cgroups
+# (runc works); podman's default ulimits cannot be set here; podman 4.3 schedules healthchecks with systemd timers and there is no
 # systemd; no registry is reachable, so the base image comes from debootstrap and the build installs wheels
 # downloaded here (--no-index); podman-compose ignores --scale and health conditions, so Docker Compose v2.
 set -euo pipefail
@@ -35,17 +37,25 @@ compose_bin() {
     echo "$bin"
 }
 
+cmd_install() {
+    local packages=(podman runc debootstrap iptables uidmap netavark aardvark-dns) missing=()
+    for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; } || {
+            echo "cannot install ${missing[*]}: this is not root on a Debian machine" >&2; exit 3; }
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
 cmd_setup() {
     mkdir -p "$STATE"
-    if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
-        [ "$(id -u)" = 0 ] || { echo "podman, runc and debootstrap are missing and this is not root" >&2; exit 3; }
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            podman runc debootstrap iptables uidmap >/dev/null
-    fi
+    cmd_install
     cat > "$CONTAINERS_CONF" <<EOF
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[network]
+network_backend = "netavark"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
@@ -92,12 +102,14 @@ cmd_compose() {
 }
 
 cmd_health() {
-    # podman 4.3 runs a container's healthcheck only when asked (its own schedule needs systemd timers).
+    # podman 4.3 runs a container's healthcheck only when asked (its own schedule needs systemd timers). Every
+    # 5 s, not faster: each check starts a Python interpreter in the container, and on 2 cores checks every
+    # 2 s took enough CPU that a rollout node's Ray instance missed its start-up deadline.
     while true; do
         for id in $(podman ps -q --filter "label=com.docker.compose.project=mso"); do
             podman healthcheck run "$id" >/dev/null 2>&1 || true
         done
-        sleep 2
+        sleep 5
     done
 }
 
@@ -110,14 +122,30 @@ cmd_teardown() {
         kill "$(cat "$STATE/service.pid")" 2>/dev/null || true
         rm -f "$STATE/service.pid" "$STATE/podman.sock"
     fi
+    # netavark (and CNI) leave their firewall chains when the last network goes; with no container left they are ours.
+    if [ -z "$(podman ps -aq 2>/dev/null)" ] && command -v iptables >/dev/null; then
+        local table rule chain
+        for table in filter nat; do
+            iptables -t "$table" -S | grep -E '^-A [A-Z]+ .*-j (NETAVARK|CNI)' | sed 's/^-A /-D /' | while read -r rule; do
+                eval iptables -t "$table" "$rule" || true
+            done
+            for chain in $(iptables -t "$table" -S | awk '/^-N (NETAVARK|CNI)/ {print $2}'); do
+                iptables -t "$table" -F "$chain"
+            done
+            for chain in $(iptables -t "$table" -S | awk '/^-N (NETAVARK|CNI)/ {print $2}'); do
+                iptables -t "$table" -X "$chain" || true
+            done
+        done
+    fi
 }
 
 case "${1:-}" in
+    install) cmd_install ;;
     setup) cmd_setup ;;
     base) cmd_base ;;
     wheels) cmd_wheels ;;
     compose) shift; cmd_compose "$@" ;;
     health) cmd_health ;;
     teardown) cmd_teardown ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -12,7 +12,8 @@ import pytest
 
 from services.shared import session
 from services.launcher.embedded import ChildProcess, Embedded
-from services.shared.redis_server import RedisServer, connect, free_port
+from services.shared.ports import free_port
+from services.shared.redis_server import RedisServer, connect
 from services.shared.rpc import wait_serving
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")

@@ -17,7 +17,8 @@ import time
 import grpc
 import psutil
 
-from services.shared.redis_server import RedisServer, free_port
+from services.shared.ports import free_port
+from services.shared.redis_server import RedisServer
 from services.shared.rpc import channel
 from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 from tests.conftest import wait_until

@@ -15,7 +15,8 @@ import threading
 import time
 
 from services.launcher.reaper import signal_sessions
-from services.shared.redis_server import RedisServer, free_port
+from services.shared.ports import free_port
+from services.shared.redis_server import RedisServer
 from services.shared.rpc import wait_serving
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,13 @@ class Embedded:
             del self._dead_since[child.name]
             restarted.append(child.name)
         return restarted
+
+    def post_mortem(self) -> str:
+        """What each process that has exited printed last (its output is hidden with --quiet): said with a
+        launch that failed, whose cause is often a process that died under it."""
+        dead = [c for c in self.children if c.process.poll() is not None]
+        return "".join(f"\nthe {c.name} process exited with code {c.process.returncode}; its last lines:\n"
+                       + "".join(f"  {line}" for line in c.lines[-30:]) for c in dead)
 
     def _add(self, child: ChildProcess) -> None:
         self.children.append(child)

@@ -128,7 +128,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
         summary["phase"] = "INTERRUPTED"
         code = 128 + signum
     except (LaunchError, ConfigError, RuntimeError, ConnectionError) as exc:
-        print(f"mso: error: {exc}", file=sys.stderr)
+        print(f"mso: error: {exc}{embedded.post_mortem()}", file=sys.stderr)
         summary.update(phase="FAILED", error=str(exc))
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

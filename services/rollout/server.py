@@ -105,7 +105,7 @@ def serve(address: str, redis_url: str, advertise: str | None = None, metrics_po
 
         serve_metrics(node, metrics_port)
         log.info("Prometheus metrics on :%d/metrics", metrics_port)
-    heartbeat = session.Heartbeat(client, node.node_id, "rollout", advertise or server.address,
+    heartbeat = session.Heartbeat(client, node.node_id, "rollout", lambda: advertise or server.address,
                                   lambda: (node.state, node.session_id, node.fault)).start()
     threading.Thread(target=node.follow_sessions, name="session-join", daemon=True).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), node.shutdown()))

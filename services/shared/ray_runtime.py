@@ -22,7 +22,9 @@ def ensure() -> None:
         if ray.is_initialized():
             return
         address = os.environ.get("RAY_ADDRESS") or None
-        kwargs = {} if address else {"include_dashboard": False}
+        # A service's own instance serves this machine only: on loopback, where the container's network (an
+        # address that changes when it is reconnected, a partition) cannot cut the service off its actors.
+        kwargs = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 

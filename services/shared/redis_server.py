@@ -6,7 +6,6 @@ passed on unchanged, so credentials (redis://:PASSWORD@host:port/0) and TLS (red
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from services.shared.ports import free_port
 
 
 def binary() -> str:
@@ -46,12 +46,6 @@ def redact(url: str) -> str:
         return url
     userinfo, _, hostport = parts.netloc.rpartition("@")
     return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Once connected, a command that meets a dropped connection (Redis restarting, a network blip) is retried

@@ -60,11 +60,15 @@ class Server:
                      else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
-        host = address.rsplit(":", 1)[0]
-        # Bound to every interface (a container): others reach us at this host's address, not 0.0.0.0.
-        self.address = f"{reachable_host() if host in ('0.0.0.0', '[::]') else host}:{self.port}"
+        self._host = address.rsplit(":", 1)[0]
         self._service_names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
         self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        """Where others reach this server. Bound to every interface (a container), at this host's address as
+        it is now, not 0.0.0.0: a container reconnected to its network comes back with another one."""
+        return f"{reachable_host() if self._host in ('0.0.0.0', '[::]') else self._host}:{self.port}"
 
     def add(self, add_fn, servicer, service_name: str) -> None:
         add_fn(servicer, self.grpc)

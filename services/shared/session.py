@@ -136,11 +136,11 @@ class Node:
 
 
 class Heartbeat:
-    """Refreshes a node's registry entry every HEARTBEAT_SECONDS from a background thread. `report()` gives
-    (state name, session id, fault): what the node is doing, and what is wrong with it right now ("" if
-    nothing)."""
+    """Refreshes a node's registry entry every HEARTBEAT_SECONDS from a background thread. `address()` gives
+    where others reach the node now; `report()` gives (state name, session id, fault): what the node is doing,
+    and what is wrong with it right now ("" if nothing)."""
 
-    def __init__(self, client: redis.Redis, node_id: str, kind: str, address: str, report):
+    def __init__(self, client: redis.Redis, node_id: str, kind: str, address, report):
         self.client, self.node_id, self.kind, self.address, self.report = client, node_id, kind, address, report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -152,7 +152,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         state, session_id, fault = self.report()
-        entry = Node(self.node_id, self.kind, self.address, state, time.time(), session_id, fault)
+        entry = Node(self.node_id, self.kind, self.address(), state, time.time(), session_id, fault)
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.node(self.node_id), msgpack.packb(asdict(entry)), ex=HEARTBEAT_TTL)
         pipe.sadd(keys.NODES, self.node_id)

@@ -103,6 +103,6 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
                "mso.v1.TrainerService")
     server.start()
     ray_runtime.connect_early(then=manager.warm.fill)
-    heartbeat = session.Heartbeat(client, manager.node_id, "trainer", advertise or server.address,
-                                  lambda: (manager.state, manager.session_id, manager.fault())).start()
+    heartbeat = session.Heartbeat(client, manager.node_id, "trainer", lambda: advertise or server.address,
+                                  lambda: (manager.status()[0], manager.session_id, manager.fault())).start()
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), manager.shutdown()))

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from services.launcher.embedded import ChildProcess, start_ray_head
-from services.shared.redis_server import RedisServer, free_port
+from services.shared.ports import free_port
+from services.shared.redis_server import RedisServer
 from services.shared.rpc import wait_serving
 from tests.conftest import grpcurl, wait_until
 

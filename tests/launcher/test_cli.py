@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services.shared.redis_server import free_port
+from services.shared.ports import free_port
 
 
 @pytest.mark.parametrize("service", ["rollout", "trainer", "launcher"])

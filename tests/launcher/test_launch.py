@@ -97,6 +97,22 @@ def test_mso_status_and_grpcurl_get_session_agree(stack):
     assert via_cli["progress"]["iteration"] == via_grpcurl["progress"]["iteration"] == "2"
 
 
+def test_while_a_session_trains_every_node_registered_says_running(stack):
+    """ListNodes and GetSession show each node's heartbeat state; a trainer node said STARTING for as long as
+    it trained (its heartbeat sent its own start-up state, not its learner's)."""
+    client = stack["redis"]
+    launcher = Launcher(client)
+    sid = launcher.launch("cartpole", SHORT[1:] + ["train_config.num_iterations=100000"])
+    try:
+        wait_until(lambda: {n.kind: n.state for n in session.list_nodes(client) if n.session_id == sid} ==
+                   {"rollout": "SERVICE_STATE_RUNNING", "trainer": "SERVICE_STATE_RUNNING"},
+                   3 * session.HEARTBEAT_SECONDS + 10, "every node's heartbeat to say RUNNING")
+    finally:
+        launcher.stop(sid)
+        wait_until(lambda: session.read(client, sid).phase in ("SESSION_PHASE_STOPPED", "SESSION_PHASE_FINISHED"),
+                   120, "the session to stop")
+
+
 def test_an_env_generator_that_raises_fails_the_launch_naming_the_module_and_the_error(stack):
     client = stack["redis"]
     broken = str(Path(__file__).with_name("broken_env_config.py"))

@@ -127,7 +127,7 @@ def test_kill_9_leaves_no_process_and_no_ray_behind():
 def test_supervision_restarts_dead_services_and_training_goes_on():
     import grpc  # noqa: F401  (RpcError in wait conditions)
 
-    from services.shared.redis_server import free_port
+    from services.shared.ports import free_port
     from services.shared.rpc import channel
     from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
@@ -169,3 +169,24 @@ def test_supervision_restarts_dead_services_and_training_goes_on():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_process_that_died_under_mso_run_is_named_with_its_last_lines():
+    """With --quiet nothing of the services or the Ray head is shown; when one dies under a launch, the error
+    names it and shows what it printed last (a CI run's Ray head died at start-up and all the error said was
+    that a rollout node's stream was removed, a minute later)."""
+    from services.launcher.embedded import Embedded
+
+    embedded = Embedded(num_cpus=2, quiet=True)
+    try:
+        embedded.start()
+        assert embedded.post_mortem() == ""
+        head = next(c for c in embedded.children if c.name == "ray")
+        gcs = next(p for p in psutil.Process(head.process.pid).children(recursive=True) if "gcs_server" in p.name())
+        gcs.kill()
+        head.process.wait(60)
+        said = embedded.post_mortem()
+        assert f"the ray process exited with code {head.process.returncode}" in said
+        assert "gcs_server" in said, said
+    finally:
+        embedded.stop()

@@ -15,7 +15,8 @@ from services.shared import session
 from services.shared.config import load
 from services.launcher.embedded import ChildProcess, start_ray_head
 from services.shared.queue import FragmentConsumer
-from services.shared.redis_server import RedisServer, connect, free_port
+from services.shared.ports import free_port
+from services.shared.redis_server import RedisServer, connect
 from services.shared.rpc import channel, wait_serving
 from services.shared.session import HEARTBEAT_TTL
 from services.shared.protos import rollout_pb2, rollout_pb2_grpc

@@ -22,7 +22,7 @@ def push(client, n, sid="s1"):
 
 
 def register(client, node_id):
-    session.Heartbeat(client, node_id, "trainer", "127.0.0.1:1", lambda: ("SERVICE_STATE_RUNNING", "s1", "")).beat()
+    session.Heartbeat(client, node_id, "trainer", lambda: "127.0.0.1:1", lambda: ("SERVICE_STATE_RUNNING", "s1", "")).beat()
 
 
 def test_a_consumer_never_takes_the_entries_a_live_rank_holds(redis_client):

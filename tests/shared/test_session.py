@@ -74,7 +74,7 @@ def test_an_unknown_session_is_named(redis_client):
 
 
 def test_a_malformed_heartbeat_is_skipped_not_fatal(redis_client):
-    session.Heartbeat(redis_client, "good-node", "rollout", "127.0.0.1:1", lambda: ("SERVICE_STATE_IDLE", "", "")).beat()
+    session.Heartbeat(redis_client, "good-node", "rollout", lambda: "127.0.0.1:1", lambda: ("SERVICE_STATE_IDLE", "", "")).beat()
     for node_id, raw in (("garbage", b"\xc1\xc1"), ("list", b"\x91\x01"), ("wrong", b"\x81\xa4kind\x01")):
         redis_client.set(keys.node(node_id), raw)
         redis_client.sadd(keys.NODES, node_id)
