@@ -27,9 +27,11 @@ ENV_EXAMPLE = ROOT / "deploy" / "mso.env.example"
 MSO = [sys.executable, "-m", "services.cli"]
 
 
-def test_compose_file_validates_against_the_compose_spec():
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.podman.yml", "docker-compose.ray.yml"])
+def test_compose_files_validate_against_the_compose_spec(name):
     out = subprocess.run([str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema",
-                          "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True, timeout=120)
+                          "vendor.compose-spec", str(COMPOSE.with_name(name))], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

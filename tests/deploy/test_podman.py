@@ -183,8 +183,8 @@ def fault(name: str, inject, repair, shown, recovered, seconds: float = 0) -> di
     after = wait_until(lambda: (p := session().get("progress", {})) and int(p.get("model_version", 0)) >
                        int(before.get("model_version", 0)) + 2 and p, 300, f"training to go on after the {name}",
                        interval=2)
-    return {"seconds": round(time.monotonic() - started), "steps_per_s_before": round(before["env_steps_per_second"]),
-            "steps_per_s_worst": round(min(rates)), "steps_per_s_after": round(after["env_steps_per_second"])}
+    return {"seconds": round(time.monotonic() - started), "steps_per_s_before": round(before.get("env_steps_per_second", 0)),
+            "steps_per_s_worst": round(min(rates)), "steps_per_s_after": round(after.get("env_steps_per_second", 0))}
 
 
 def test_faults_while_training_and_the_ledger_at_the_end(stack):
@@ -246,8 +246,39 @@ def test_faults_while_training_and_the_ledger_at_the_end(stack):
     assert seen_ids <= {n for n, c in by_node.items() if c > 0}
 
 
+def test_two_trainer_ranks_in_two_containers_of_a_ray_cluster(stack):
+    """deploy/docker-compose.ray.yml: the trainer container becomes a Ray head and ray-worker joins it. The
+    update of tests/trainer/test_ddp.py with one gloo rank in each container matches one rank alone on the
+    same fragments; then a session with train_config.num_workers=2 trains with a rank in each."""
+    started = time.monotonic()
+    sh("compose", "-f", "deploy/docker-compose.ray.yml", "up", "-d", "--scale", "rollout=4", "--wait",
+       "--wait-timeout", "300", timeout=400)
+    stack["timings"]["ray_cluster_up"] = time.monotonic() - started
+    (head,), (worker,) = containers("trainer"), containers("ray-worker")
+    hosts = {name: podman("inspect", name, "--format", "{{.Config.Hostname}}").strip() for name in (head, worker)}
+    for name in (head, worker):  # what the ranks import: the test's own code, on every node
+        podman("cp", str(ROOT / "tests"), f"{name}:/opt/mso/")
+    out = podman("exec", head, "python", "/opt/mso/tests/deploy/ray_ranks.py")
+    found = json.loads(out.strip().splitlines()[-1])
+    print(f"\nray cluster ranks: {found}")
+    assert found["two_rank_hosts"] == [hosts[head], hosts[worker]] and found["one_rank_host"] == hosts[head]
+    assert found["moved"] > 0, "the update changed nothing: the comparison would prove nothing"
+    assert found["match"], found["why"]
+
+    launched = grpc("mso.v1.LauncherService/Launch", {"config": "cartpole", "overrides": [
+        "train_config.num_iterations=100000", "train_config.num_workers=2"]}, stack["token"], max_time=300)
+    try:
+        wait_until(lambda: int(session().get("progress", {}).get("iteration", 0)) >= 5, 300,
+                   "five iterations of the two-rank session")
+        for name in (head, worker):
+            assert "RayTrainWorker" in podman("top", name, "args"), f"no Ray Train rank in {name}"
+    finally:
+        grpc("mso.v1.LauncherService/StopSession", {}, stack["token"], max_time=300)
+    assert launched["phase"] == "SESSION_PHASE_RUNNING"
+
+
 def test_down_leaves_nothing(stack):
-    sh("compose", "down", "-v", "--timeout", "20")
+    sh("compose", "-f", "deploy/docker-compose.ray.yml", "down", "-v", "--timeout", "20")
     assert podman("ps", "-aq", "--filter", "label=com.docker.compose.project=mso").split() == []
     assert podman("volume", "ls", "-q", "--filter", "label=com.docker.compose.project=mso").split() == []
     assert podman("network", "ls", "-q", "--filter", "label=com.docker.compose.project=mso").split() == []

@@ -29,12 +29,12 @@ def fragments(n: int, session_id: str) -> list[Fragment]:
     return out
 
 
-def run(rank: int, world: int, port: int, spec: dict, all_fragments: int, out: str) -> None:
-    """Update once on this rank's share of the fragments; rank 0 writes the parameters to out."""
+def run(rank: int, world: int, port: int, spec: dict, all_fragments: int, out: str, master: str = "127.0.0.1") -> None:
+    """Update once on this rank's share of the fragments; rank 0 (at `master`) writes the parameters to out."""
     from services.trainer.learner import Learner
 
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     learner = Learner(spec)
     mine = fragments(all_fragments, spec.joined.session_id)[rank::world]
