@@ -124,17 +124,14 @@ cmd_teardown() {
     fi
     # netavark (and CNI) leave their firewall chains when the last network goes; with no container left they are ours.
     if [ -z "$(podman ps -aq 2>/dev/null)" ] && command -v iptables >/dev/null; then
-        local table rule chain
+        local table rule chain chains
         for table in filter nat; do
             iptables -t "$table" -S | grep -E '^-A [A-Z]+ .*-j (NETAVARK|CNI)' | sed 's/^-A /-D /' | while read -r rule; do
                 eval iptables -t "$table" "$rule" || true
             done
-            for chain in $(iptables -t "$table" -S | awk '/^-N (NETAVARK|CNI)/ {print $2}'); do
-                iptables -t "$table" -F "$chain"
-            done
-            for chain in $(iptables -t "$table" -S | awk '/^-N (NETAVARK|CNI)/ {print $2}'); do
-                iptables -t "$table" -X "$chain" || true
-            done
+            chains=$(iptables -t "$table" -S | awk '/^-N (NETAVARK|CNI)/ {print $2}')
+            for chain in $chains; do iptables -t "$table" -F "$chain"; done  # rules first: chains jump to chains
+            for chain in $chains; do iptables -t "$table" -X "$chain" || true; done
         done
     fi
 }

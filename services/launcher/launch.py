@@ -17,8 +17,7 @@ import redis
 from services.shared import config, episode, session, trainer_status
 from services.shared.config import LoadedConfig
 from services.shared.protos import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from services.shared import queue
-from services.shared.queue import ledger
+from services.shared.queue import ledger, produced_by_node
 from services.shared.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
 from services.shared.session import HEARTBEAT_TTL, Node
 
@@ -313,7 +312,7 @@ class Launcher:
                         policy_lag=status.metrics.get("policy_lag", 0.0), queue_depth=counts["pending"],
                         rollout_model_version=recent[0].version if recent else 0,
                         restarts=session.read(self.client, sid).restarts, ledger=counts,
-                        produced_by_node=queue.produced_by_node(self.client, sid))
+                        produced_by_node=produced_by_node(self.client, sid))
 
     def faults(self, sid: str) -> list[str]:
         """What is wrong with a running session right now, for GetSession: each node's own fault, nodes that

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import msgpack
 import redis
@@ -140,7 +141,7 @@ class Heartbeat:
     where others reach the node now; `report()` gives (state name, session id, fault): what the node is doing,
     and what is wrong with it right now ("" if nothing)."""
 
-    def __init__(self, client: redis.Redis, node_id: str, kind: str, address, report):
+    def __init__(self, client: redis.Redis, node_id: str, kind: str, address: Callable[[], str], report):
         self.client, self.node_id, self.kind, self.address, self.report = client, node_id, kind, address, report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)

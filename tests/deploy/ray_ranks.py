@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     from services.shared.ports import free_port
-    from tests.trainer.test_ddp import ddp_rank_initial_state
+    from tests.trainer.test_ddp import ATOL, RTOL, ddp_rank_initial_state
 
     ray.init(address="auto")
     here = ray.get_runtime_context().get_node_id()
@@ -60,7 +60,7 @@ def main() -> None:
     match, why = True, ""
     for k in a:
         try:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL)
         except AssertionError as exc:
             match, why = False, f"{k}: {exc}"
             break

@@ -45,9 +45,9 @@ def test_compose_shape_scales_rollout_and_orders_by_health():
     assert "--appendonly yes" in spec["redis"]["command"][-1] and spec["redis"]["healthcheck"]
 
 
-def env_file() -> dict[str, str]:
-    """deploy/mso.env.example as compose reads an env file: KEY=VALUE lines, # comments."""
-    lines = [line.strip() for line in ENV_EXAMPLE.read_text().splitlines()]
+def env_file(path: Path = ENV_EXAMPLE) -> dict[str, str]:
+    """An env file (deploy/mso.env.example unless told) as compose reads it: KEY=VALUE lines, # comments."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 

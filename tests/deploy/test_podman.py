@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GRPCURL, wait_until
+from tests.conftest import grpcurl, wait_until
+from tests.deploy.test_compose import env_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "podman-ci.sh"
@@ -29,8 +30,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the podman stack need
                                 "podman, iptables); .ci/run runs as root and installs podman")
 
 
-def sh(*args, timeout=900, check=True) -> subprocess.CompletedProcess:
+def sh(*args, timeout=900, check=True, skip_code=None) -> subprocess.CompletedProcess:
+    """podman-ci.sh ARGS; a `skip_code` exit skips the module (the script cannot install podman here)."""
     out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    if skip_code is not None and out.returncode == skip_code:
+        pytest.skip(f"podman-ci.sh {' '.join(args)}: {out.stderr.strip()}")
     if check and out.returncode != 0:
         pytest.fail(f"podman-ci.sh {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -44,15 +48,10 @@ def podman(*args, check=True) -> str:
     return out.stdout
 
 
-def secrets() -> dict[str, str]:
-    lines = [line.strip() for line in ENV_FILE.read_text().splitlines()]
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-
-
 def grpc(method: str, data: dict, token: str | None = None, max_time: int = 60) -> dict:
+    """The call's reply; RuntimeError with grpcurl's message when it fails (the test waits through some)."""
     headers = ["-H", f"authorization: Bearer {token}"] if token else []
-    out = subprocess.run([GRPCURL, "-plaintext", "-max-time", str(max_time), *headers, "-d", json.dumps(data),
-                          LAUNCHER, method], capture_output=True, text=True, timeout=max_time + 30)
+    out = grpcurl(*headers, "-d", json.dumps(data), LAUNCHER, method, check=False, max_time=max_time)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip())
     return json.loads(out.stdout or "{}")
@@ -84,11 +83,7 @@ def stack():
     try:
         for step in ("setup", "base", "wheels"):
             started = time.monotonic()
-            out = sh(step, check=step != "setup")
-            if out.returncode == 3:  # nothing to run containers with, and no way to install it here
-                pytest.skip(f"podman-ci.sh setup: {out.stderr.strip()}")
-            if out.returncode != 0:
-                pytest.fail(f"podman-ci.sh {step} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            sh(step, skip_code=3)  # 3: nothing to run containers with, and no way to install it here
             timings[step] = time.monotonic() - started
         started = time.monotonic()
         sh("compose", "build", timeout=1800)
@@ -98,7 +93,7 @@ def stack():
         started = time.monotonic()
         sh("compose", "up", "-d", "--scale", "rollout=3", "--wait", "--wait-timeout", "300", timeout=400)
         timings["up"] = time.monotonic() - started
-        yield {"timings": timings, "token": secrets()["MSO_TOKEN"]}
+        yield {"timings": timings, "token": env_file(ENV_FILE)["MSO_TOKEN"]}
     finally:
         if health is not None:
             os.killpg(health.pid, 9)

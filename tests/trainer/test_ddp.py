@@ -2,13 +2,13 @@
 gradients are averaged, advantage normalisation and the value normaliser are global, the skip guard agrees."""
 
 import multiprocessing as mp
-import socket
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from services.shared.config import load
+from services.shared.ports import free_port
 from services.shared.session import Joined
 from services.trainer.spec import LearnerSpec
 from tests.trainer import ddp_rank
@@ -17,12 +17,7 @@ OVERRIDES = ["train_config.use_normalized_vf=true", "train_config.clip_vloss=tru
              "train_config.kl_divergence_coef_rho=0.1", "train_config.entropy_bonus_coef=0.01",
              f"rollout_config.fragment_length={ddp_rank.L}", "train_config.context_length=4",
              "train_config.save_interval=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RTOL, ATOL = 1e-4, 1e-5  # two ranks against one: float sums in another order
 
 
 def spec(redis_url, session_id, batch, tmp_path):
@@ -48,7 +43,7 @@ def test_two_ranks_update_like_one_rank_on_the_same_data(redis_server, tmp_path)
     moved = [k for k in a if not torch.equal(a[k], initial[k])]
     assert moved, "the update changed nothing: the comparison would prove nothing"
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL, msg=lambda m, k=k: f"{k}: {m}")
     explained = [float(safe_open(str(p), "pt").metadata()["explained_var"]) for p in (one, two)]
     assert abs(explained[0] - explained[1]) < 1e-6
 
