@@ -8,7 +8,7 @@
 #   bash deploy/podman-ci.sh base           # localhost/mso-base:bookworm from debootstrap (Python 3.11, redis)
 #   bash deploy/podman-ci.sh wheels         # deploy/wheelhouse: every wheel the image needs, built on this host
 #   bash deploy/podman-ci.sh compose ARGS   # docker compose -f deploy/docker-compose.yml -f .podman.yml ARGS
-#   bash deploy/podman-ci.sh health         # run the containers' healthchecks every 5 s (no systemd timers)
+#   bash deploy/podman-ci.sh health         # run the containers' healthchecks every 10 s (no systemd timers)
 #   bash deploy/podman-ci.sh teardown       # down -v, stop what setup and health started, remove what's left
 #
 # Why each step (all seen on these machines): netavark with aardvark-dns, as CNI without the dnsname plugin
@@ -103,13 +103,14 @@ cmd_compose() {
 
 cmd_health() {
     # podman 4.3 runs a container's healthcheck only when asked (its own schedule needs systemd timers). Every
-    # 5 s, not faster: each check starts a Python interpreter in the container, and on 2 cores checks every
-    # 2 s took enough CPU that a rollout node's Ray instance missed its start-up deadline.
+    # 10 s, the interval the compose file declares: each check starts a Python interpreter (0.5 s of CPU) in
+    # each container, and on 2 cores checks every 2 s, then every 5 s, took enough CPU that a rollout node's
+    # own Ray instance missed Ray's fixed 30 s start-up deadline.
     while true; do
         for id in $(podman ps -q --filter "label=com.docker.compose.project=mso"); do
             podman healthcheck run "$id" >/dev/null 2>&1 || true
         done
-        sleep 5
+        sleep 10
     done
 }
 
