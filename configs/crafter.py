@@ -1,4 +1,4 @@
-"""Crafter (a 2-D Minecraft: 64x64 pixels, 17 actions, 22 achievements) with a small CNN+LSTM policy that
+"""Crafter (a 2-D Minecraft: 64x64 pixels, 17 actions, 22 achievements) with a small feed-forward CNN policy that
 has MineStudio's MinePolicy interface. The pixel benchmark that runs on a laptop CPU."""
 
 import crafter
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.shared.policy import CategoricalHead, ValueHead
+from services.shared.policy import CategoricalHead, StatelessPolicy, ValueHead
 
 
 class CrafterEnv(gym.Env):
@@ -35,47 +35,36 @@ class CrafterEnv(gym.Env):
         return {"image": obs}, float(reward), terminated, truncated, info
 
 
-class CrafterPolicy(nn.Module):
-    """Conv encoder -> LSTM -> categorical action head and EWMA-normalised value head."""
+class CrafterPolicy(StatelessPolicy):
+    """A feed-forward conv encoder sized for a CPU -> a LayerNorm'd dense layer -> categorical action head and
+    EWMA-normalised value head (MinePolicy's interface, with an empty recurrent state).
+
+    Moon et al. (2023)'s PPO baseline, which reaches 15.6 % at 1M steps, is feed-forward too (the frame shows
+    the inventory, so memory adds little) with an IMPALA ResNet of 64/128/128 channels and a 1024-wide dense
+    layer: several hundred MMACs a frame, hours per million steps on two CPU cores. This encoder keeps what
+    is cheap about it (no recurrence, LayerNorm before the heads, one trunk for both heads) and costs about
+    4 MMACs a frame: a 4x4 stride-4 stem (Crafter's tiles are ~7 pixels), a stride-2 and a same-size conv,
+    a max-pool, then 1024 -> hidsize. Measured fwd+bwd 0.30 ms a frame on one core against 1.06 ms for the
+    previous three-conv + LSTM policy, which made the learner, not the envs, the bottleneck."""
 
     def __init__(self, hidsize: int = 256, n_actions: int = 17):
         super().__init__()
-        self.hidsize = hidsize
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, 32, 4, stride=2), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 6 * 6, hidsize), nn.ReLU())
-        self.lstm = nn.LSTMCell(hidsize, hidsize)
+            nn.Conv2d(3, 32, 4, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64 * 4 * 4, hidsize), nn.LayerNorm(hidsize), nn.ReLU())
         self.pi_head = CategoricalHead(hidsize, n_actions)
         self.value_head = ValueHead(hidsize)
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
-
-    def initial_state(self, batch_size=None):
-        zeros = torch.zeros(batch_size or 1, self.hidsize, device=self.device)
-        return [zeros, zeros.clone()]
-
-    def merge_state(self, states):
-        return [torch.cat([s[i] for s in states]) for i in range(2)]
-
-    def split_state(self, state, n):
-        return [[state[0][i:i + 1], state[1][i:i + 1]] for i in range(n)]
-
     def forward(self, input, state_in=None, context=None):
         image = input["image"]
-        b, t = image.shape[:2]
-        x = image.reshape(b * t, *image.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
-        features = self.encoder(x).reshape(b, t, -1)
-        h, c = state_in if state_in else self.initial_state(b)
-        first = context["first"] if context else torch.zeros(b, t, dtype=torch.bool, device=image.device)
-        outputs = []
-        for i in range(t):
-            keep = (~first[:, i]).float().unsqueeze(-1)  # an episode start resets the memory, in training too
-            h, c = self.lstm(features[:, i], (h * keep, c * keep))
-            outputs.append(h)
-        latent = torch.stack(outputs, 1)
-        return {"pi_logits": self.pi_head(latent), "vpred": self.value_head(latent)}, [h, c]
+        lead = image.shape[:-3]
+        # Scaled in place, then viewed channels-first: the convs run on the channels-last layout, 20% faster
+        # a frame (fwd+bwd) than on a channels-first copy.
+        x = image.reshape(-1, *image.shape[-3:]).float().div_(255.0).permute(0, 3, 1, 2)
+        latent = self.encoder(x).reshape(*lead, -1)
+        return {"pi_logits": self.pi_head(latent), "vpred": self.value_head(latent)}, []
 
 
 def env_generator():
@@ -95,15 +84,20 @@ online_dict = {
         "num_cpus_per_worker": 1,
         "fragment_length": 64,
         "to_send_queue_size": 8,
-        "worker_config": {"num_envs": 8, "batch_size": 8, "restart_interval": None,
+        # Two env processes of four envs (one per core), each process's four observations one inference
+        # batch: one process steps while the other's batch is inferred. Against one process per env and a
+        # batch of all 8, 45% more env steps/s on 2 cores with the trainer training beside them.
+        "worker_config": {"num_envs": 8, "batch_size": 4, "envs_per_process": 4, "restart_interval": None,
                           "video_fps": 10, "video_output_dir": "output/videos/crafter"},
         "replay_buffer_config": {"max_chunks": 16, "max_reuse": 1, "max_staleness": 2, "fragments_per_chunk": 1},
-        "max_pending_fragments": 64,
+        # Two iterations of fragments: rollouts wait for the learner instead of producing data that goes stale
+        # and taking the CPU it needs (with 64, 40% of the env steps were dropped as stale on 2 cores).
+        "max_pending_fragments": 32,
     },
     "train_config": {
         "num_workers": 1,
         "num_gpus_per_worker": 0,
-        "num_iterations": 2000,
+        "num_iterations": 1000,  # 1024 env steps an iteration: about the 1M steps Crafter is scored at
         "learning_rate": 3e-4,
         "weight_decay": 0.0,
         "adam_eps": 1e-5,

@@ -37,7 +37,8 @@ def cmd_run(args) -> int:
 
     name, overrides = _config_and_overrides(args)
     return run(name, overrides, RunOptions(host=args.host, port=args.port, summary=args.summary, quiet=args.quiet,
-                                           print_interval=args.print_interval, until_return=args.until_return))
+                                           print_interval=args.print_interval, until_return=args.until_return,
+                                           until_steps=args.until_steps))
 
 
 def cmd_config(args) -> int:
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-interval", type=float, default=2.0, help="seconds between progress lines (no tty)")
     p.add_argument("--until-return", type=float, default=None,
                    help="stop (as finished) once the mean return of the last 20 episodes reaches this")
+    p.add_argument("--until-steps", type=int, default=None,
+                   help="stop (as finished) once the rollouts have taken this many env steps")
     add_tls_arguments(p, server=True, client=True)
     p.set_defaults(fn=cmd_run)
 

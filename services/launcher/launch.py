@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import redis
 
-from services.shared import config, episode, session, trainer_status
+from services.shared import achievements, config, episode, session, trainer_status
 from services.shared.config import LoadedConfig
 from services.shared.protos import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.shared.queue import ledger, produced_by_node
@@ -59,6 +59,9 @@ class Progress:
     restarts: int = 0                  # service processes restarted by supervision
     ledger: dict = field(default_factory=dict)
     produced_by_node: dict = field(default_factory=dict)
+    scored_episodes: int = 0           # episodes that reported achievements (services/shared/achievements.py)
+    success_rates: dict = field(default_factory=dict)
+    score: float = float("nan")        # the Crafter score over them, in %
 
 
 class Launcher:
@@ -266,7 +269,7 @@ class Launcher:
         self._end(sid, P.Name(P.SESSION_PHASE_STOPPED))
 
     def finish(self, sid: str) -> None:
-        """End a running session as FINISHED now (`mso run --until-return` reached its goal)."""
+        """End a running session as FINISHED now (`mso run --until-return/--until-steps` reached its goal)."""
         self._end(sid, FINISHED)
 
     def count_restarts(self, sid: str, restarts: int) -> None:
@@ -305,6 +308,7 @@ class Launcher:
         if now - then >= 1.0:
             rate = (env_steps - steps_then) / (now - then)
             self._rate = (now, env_steps, rate)
+        scored, rates = achievements.success_rates(self.client, sid)
         return Progress(iteration=status.iteration, num_iterations=status.num_iterations, env_steps=env_steps,
                         env_steps_per_second=rate,
                         mean_return=sum(e.episode_return for e in recent) / len(recent) if recent else float("nan"),
@@ -312,7 +316,8 @@ class Launcher:
                         policy_lag=status.metrics.get("policy_lag", 0.0), queue_depth=counts["pending"],
                         rollout_model_version=recent[0].version if recent else 0,
                         restarts=session.read(self.client, sid).restarts, ledger=counts,
-                        produced_by_node=produced_by_node(self.client, sid))
+                        produced_by_node=produced_by_node(self.client, sid), scored_episodes=scored,
+                        success_rates=rates, score=achievements.score(rates))
 
     def faults(self, sid: str) -> list[str]:
         """What is wrong with a running session right now, for GetSession: each node's own fault, nodes that

@@ -32,6 +32,8 @@ class RunOptions:
     quiet: bool = False           # no live line, no service logs
     print_interval: float = 2.0   # seconds between progress lines when stdout is not a terminal
     until_return: float | None = None  # finish once the mean return of the last 20 episodes reaches this
+    until_steps: int | None = None     # finish once the rollouts have taken this many env steps
+    curve_interval: float = 10.0  # seconds between the summary's curve points
 
 
 class Terminated(KeyboardInterrupt):
@@ -77,6 +79,7 @@ def describe(p: Progress) -> str:
     ret = "   n/a" if math.isnan(p.mean_return) else f"{p.mean_return:6.1f}"
     return (f"iter {p.iteration}/{p.num_iterations}  env steps {p.env_steps}  {p.env_steps_per_second:7.0f} steps/s  "
             f"return {ret}  version {p.model_version}  lag {p.policy_lag:.2f}  queue {p.queue_depth}"
+            + ("" if math.isnan(p.score) else f"  score {p.score:.1f}%")
             + (f"  restarts {p.restarts}" if p.restarts else ""))
 
 
@@ -112,14 +115,15 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
         sid = launcher.launch(name, overrides, loaded)
         summary["session_id"] = sid
         print(f"mso: session {sid} running ({time.monotonic() - started:.1f}s after start)", file=sys.stderr)
-        p, best, milestones = _follow(launcher, sid, embedded, options, started_at)
+        p, best, milestones, curve = _follow(launcher, sid, embedded, options, started_at)
         phase, error = launcher.record(sid).phase, launcher.record(sid).error
         summary.update(startup_seconds=_startup(client, sid, started_at), return_milestones=milestones,
                        service_restarts=dict(embedded.restarts), phase=phase, error=error,
                        mean_return=p.mean_return, best_mean_return=best, env_steps=p.env_steps,
                        iterations=p.iteration, model_version=p.model_version,
                        rollout_model_version=p.rollout_model_version, ledger=p.ledger,
-                       wall_seconds=time.monotonic() - started)
+                       wall_seconds=time.monotonic() - started, scored_episodes=p.scored_episodes,
+                       success_rates=p.success_rates, score=p.score, curve=curve)
         print(f"mso: {phase}: {describe(p)}" + (f"  error: {error}" if error else ""))
         code = 0 if phase == FINISHED else 1
     except KeyboardInterrupt as exc:
@@ -145,8 +149,9 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
 
 def _follow(launcher: Launcher, sid: str, embedded: Embedded, options: RunOptions, started_at: float):
     """Show progress until the session has ended (not merely STOPPING: a StopSession in flight gets its
-    answer); restart dead services meanwhile. (last progress, best mean return, {level: seconds to it})."""
-    best, milestones = -math.inf, {}
+    answer); restart dead services meanwhile. (last progress, best mean return, {level: seconds to it}, the
+    curve: a point every curve_interval seconds)."""
+    best, milestones, curve, last_point = -math.inf, {}, [], -math.inf
     line = ProgressLine(options)
     try:
         while True:
@@ -158,12 +163,19 @@ def _follow(launcher: Launcher, sid: str, embedded: Embedded, options: RunOption
                 for level in MILESTONES + ([options.until_return] if options.until_return else []):
                     if p.mean_return >= level:
                         milestones.setdefault(str(level), time.time() - started_at)
-            if options.until_return and best >= options.until_return and phase == RUNNING:
+            if time.monotonic() - last_point >= options.curve_interval or phase in ENDED:
+                last_point = time.monotonic()
+                curve.append({"seconds": round(time.time() - started_at, 1), "env_steps": p.env_steps,
+                              "iteration": p.iteration, "mean_return": p.mean_return, "score": p.score,
+                              "episodes": p.episodes})
+            reached = (options.until_return and best >= options.until_return) or \
+                (options.until_steps and p.env_steps >= options.until_steps)
+            if reached and phase == RUNNING:
                 launcher.finish(sid)
                 continue
             line.show(p)
             if phase in ENDED:
-                return p, best, milestones
+                return p, best, milestones, curve
             time.sleep(0.5)
     finally:
         line.close()

@@ -88,7 +88,9 @@ class LauncherServicer(launcher_pb2_grpc.LauncherServiceServicer):
                 model_version=p.model_version, policy_lag=p.policy_lag, queue_depth=p.queue_depth,
                 restarts=p.restarts, ledger=launcher_pb2.Ledger(produced_by_node=p.produced_by_node, **{
                     k: p.ledger.get(k, 0) for k in ("produced", "consumed", "dropped_stale", "dropped_corrupt",
-                                                     "pending", "reused")})))
+                                                     "pending", "reused")}),
+                scored_episodes=p.scored_episodes, success_rates=p.success_rates,
+                score=0.0 if math.isnan(p.score) else p.score))
 
 
 def start_server(launcher: Launcher, address: str) -> Server:

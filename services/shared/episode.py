@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import msgpack
 import redis
 
-from services.shared import keys
+from services.shared import achievements, keys
 
 log = logging.getLogger(__name__)
 KEPT = 10_000  # entries the episode stream keeps (approximately: XADD MAXLEN ~)
@@ -57,6 +57,7 @@ def append(pipe: redis.client.Pipeline, session_id: str, episodes: list[Episode]
     for e in episodes:
         pipe.xadd(stream, {b"e": msgpack.packb(asdict(e))}, maxlen=KEPT, approximate=True)
     pipe.hincrby(keys.SessionKeys(session_id).ledger, "episodes", len(episodes))
+    achievements.count(pipe, session_id, [e.stats for e in episodes])
 
 
 def entries(reply) -> list[tuple[str, Episode]]:

@@ -46,6 +46,10 @@ class SessionKeys:
         return self._k("episodes")
 
     @property
+    def achievements(self) -> str:    # hash: episodes that reported achievements, and each one's unlock count
+        return self._k("achievements")
+
+    @property
     def trainer(self) -> str:         # hash: the trainer's latest status
         return self._k("trainer")
 

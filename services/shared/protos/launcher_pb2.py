@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from services.shared.protos import common_pb2 as mso_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mso/v1/launcher.proto\x12\x06mso.v1\x1a\x13mso/v1/common.proto\"2\n\rLaunchRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x12StopSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"0\n\x11ListNodesResponse\x12\x1b\n\x05nodes\x18\x01 \x03(\x0b\x32\x0c.mso.v1.Node\"\xff\x01\n\x08Progress\x12\x11\n\titeration\x18\x01 \x01(\x03\x12\x16\n\x0enum_iterations\x18\x02 \x01(\x03\x12\x11\n\tenv_steps\x18\x03 \x01(\x03\x12\x1c\n\x14\x65nv_steps_per_second\x18\x04 \x01(\x01\x12\x13\n\x0bmean_return\x18\x05 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x06 \x01(\x03\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x12\x12\n\npolicy_lag\x18\x08 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\t \x01(\x03\x12\x10\n\x08restarts\x18\n \x01(\x03\x12\x1e\n\x06ledger\x18\x0b \x01(\x0b\x32\x0e.mso.v1.Ledger\"\xf2\x01\n\x06Ledger\x12\x10\n\x08produced\x18\x01 \x01(\x03\x12\x10\n\x08\x63onsumed\x18\x02 \x01(\x03\x12\x15\n\rdropped_stale\x18\x03 \x01(\x03\x12\x17\n\x0f\x64ropped_corrupt\x18\x04 \x01(\x03\x12\x0f\n\x07pending\x18\x05 \x01(\x03\x12\x0e\n\x06reused\x18\x06 \x01(\x03\x12<\n\x10produced_by_node\x18\x07 \x03(\x0b\x32\".mso.v1.Ledger.ProducedByNodeEntry\x1a\x35\n\x13ProducedByNodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xcc\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_name\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12#\n\x05phase\x18\x04 \x01(\x0e\x32\x14.mso.v1.SessionPhase\x12\x1b\n\x05nodes\x18\x05 \x03(\x0b\x32\x0c.mso.v1.Node\x12\"\n\x08progress\x18\x06 \x01(\x0b\x32\x10.mso.v1.Progress\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06\x66\x61ults\x18\x08 \x03(\t*\xfe\x01\n\x0cSessionPhase\x12\x1d\n\x19SESSION_PHASE_UNSPECIFIED\x10\x00\x12#\n\x1fSESSION_PHASE_STARTING_ROLLOUTS\x10\x01\x12\"\n\x1eSESSION_PHASE_STARTING_TRAINER\x10\x02\x12\x19\n\x15SESSION_PHASE_RUNNING\x10\x03\x12\x1a\n\x16SESSION_PHASE_STOPPING\x10\x04\x12\x1a\n\x16SESSION_PHASE_FINISHED\x10\x05\x12\x18\n\x14SESSION_PHASE_FAILED\x10\x06\x12\x19\n\x15SESSION_PHASE_STOPPED\x10\x07\x32\xfb\x01\n\x0fLauncherService\x12\x30\n\x06Launch\x12\x15.mso.v1.LaunchRequest\x1a\x0f.mso.v1.Session\x12\x38\n\nGetSession\x12\x19.mso.v1.GetSessionRequest\x1a\x0f.mso.v1.Session\x12:\n\x0bStopSession\x12\x1a.mso.v1.StopSessionRequest\x1a\x0f.mso.v1.Session\x12@\n\tListNodes\x12\x18.mso.v1.ListNodesRequest\x1a\x19.mso.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mso/v1/launcher.proto\x12\x06mso.v1\x1a\x13mso/v1/common.proto\"2\n\rLaunchRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x12StopSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"0\n\x11ListNodesResponse\x12\x1b\n\x05nodes\x18\x01 \x03(\x0b\x32\x0c.mso.v1.Node\"\x97\x03\n\x08Progress\x12\x11\n\titeration\x18\x01 \x01(\x03\x12\x16\n\x0enum_iterations\x18\x02 \x01(\x03\x12\x11\n\tenv_steps\x18\x03 \x01(\x03\x12\x1c\n\x14\x65nv_steps_per_second\x18\x04 \x01(\x01\x12\x13\n\x0bmean_return\x18\x05 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x06 \x01(\x03\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x12\x12\n\npolicy_lag\x18\x08 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\t \x01(\x03\x12\x10\n\x08restarts\x18\n \x01(\x03\x12\x1e\n\x06ledger\x18\x0b \x01(\x0b\x32\x0e.mso.v1.Ledger\x12\x17\n\x0fscored_episodes\x18\x0c \x01(\x03\x12\x39\n\rsuccess_rates\x18\r \x03(\x0b\x32\".mso.v1.Progress.SuccessRatesEntry\x12\r\n\x05score\x18\x0e \x01(\x01\x1a\x33\n\x11SuccessRatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf2\x01\n\x06Ledger\x12\x10\n\x08produced\x18\x01 \x01(\x03\x12\x10\n\x08\x63onsumed\x18\x02 \x01(\x03\x12\x15\n\rdropped_stale\x18\x03 \x01(\x03\x12\x17\n\x0f\x64ropped_corrupt\x18\x04 \x01(\x03\x12\x0f\n\x07pending\x18\x05 \x01(\x03\x12\x0e\n\x06reused\x18\x06 \x01(\x03\x12<\n\x10produced_by_node\x18\x07 \x03(\x0b\x32\".mso.v1.Ledger.ProducedByNodeEntry\x1a\x35\n\x13ProducedByNodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xcc\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_name\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12#\n\x05phase\x18\x04 \x01(\x0e\x32\x14.mso.v1.SessionPhase\x12\x1b\n\x05nodes\x18\x05 \x03(\x0b\x32\x0c.mso.v1.Node\x12\"\n\x08progress\x18\x06 \x01(\x0b\x32\x10.mso.v1.Progress\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06\x66\x61ults\x18\x08 \x03(\t*\xfe\x01\n\x0cSessionPhase\x12\x1d\n\x19SESSION_PHASE_UNSPECIFIED\x10\x00\x12#\n\x1fSESSION_PHASE_STARTING_ROLLOUTS\x10\x01\x12\"\n\x1eSESSION_PHASE_STARTING_TRAINER\x10\x02\x12\x19\n\x15SESSION_PHASE_RUNNING\x10\x03\x12\x1a\n\x16SESSION_PHASE_STOPPING\x10\x04\x12\x1a\n\x16SESSION_PHASE_FINISHED\x10\x05\x12\x18\n\x14SESSION_PHASE_FAILED\x10\x06\x12\x19\n\x15SESSION_PHASE_STOPPED\x10\x07\x32\xfb\x01\n\x0fLauncherService\x12\x30\n\x06Launch\x12\x15.mso.v1.LaunchRequest\x1a\x0f.mso.v1.Session\x12\x38\n\nGetSession\x12\x19.mso.v1.GetSessionRequest\x1a\x0f.mso.v1.Session\x12:\n\x0bStopSession\x12\x1a.mso.v1.StopSessionRequest\x1a\x0f.mso.v1.Session\x12@\n\tListNodes\x12\x18.mso.v1.ListNodesRequest\x1a\x19.mso.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.shared.protos.launcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PROGRESS_SUCCESSRATESENTRY']._loaded_options = None
+  _globals['_PROGRESS_SUCCESSRATESENTRY']._serialized_options = b'8\001'
   _globals['_LEDGER_PRODUCEDBYNODEENTRY']._loaded_options = None
   _globals['_LEDGER_PRODUCEDBYNODEENTRY']._serialized_options = b'8\001'
-  _globals['_SESSIONPHASE']._serialized_start=970
-  _globals['_SESSIONPHASE']._serialized_end=1224
+  _globals['_SESSIONPHASE']._serialized_start=1122
+  _globals['_SESSIONPHASE']._serialized_end=1376
   _globals['_LAUNCHREQUEST']._serialized_start=54
   _globals['_LAUNCHREQUEST']._serialized_end=104
   _globals['_GETSESSIONREQUEST']._serialized_start=106
@@ -47,13 +49,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESRESPONSE']._serialized_start=209
   _globals['_LISTNODESRESPONSE']._serialized_end=257
   _globals['_PROGRESS']._serialized_start=260
-  _globals['_PROGRESS']._serialized_end=515
-  _globals['_LEDGER']._serialized_start=518
-  _globals['_LEDGER']._serialized_end=760
-  _globals['_LEDGER_PRODUCEDBYNODEENTRY']._serialized_start=707
-  _globals['_LEDGER_PRODUCEDBYNODEENTRY']._serialized_end=760
-  _globals['_SESSION']._serialized_start=763
-  _globals['_SESSION']._serialized_end=967
-  _globals['_LAUNCHERSERVICE']._serialized_start=1227
-  _globals['_LAUNCHERSERVICE']._serialized_end=1478
+  _globals['_PROGRESS']._serialized_end=667
+  _globals['_PROGRESS_SUCCESSRATESENTRY']._serialized_start=616
+  _globals['_PROGRESS_SUCCESSRATESENTRY']._serialized_end=667
+  _globals['_LEDGER']._serialized_start=670
+  _globals['_LEDGER']._serialized_end=912
+  _globals['_LEDGER_PRODUCEDBYNODEENTRY']._serialized_start=859
+  _globals['_LEDGER_PRODUCEDBYNODEENTRY']._serialized_end=912
+  _globals['_SESSION']._serialized_start=915
+  _globals['_SESSION']._serialized_end=1119
+  _globals['_LAUNCHERSERVICE']._serialized_start=1379
+  _globals['_LAUNCHERSERVICE']._serialized_end=1630
 # @@protoc_insertion_point(module_scope)

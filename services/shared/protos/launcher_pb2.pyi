@@ -58,7 +58,14 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[_common_pb2.Node, _Mapping]]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "num_iterations", "env_steps", "env_steps_per_second", "mean_return", "episodes", "model_version", "policy_lag", "queue_depth", "restarts", "ledger")
+    __slots__ = ("iteration", "num_iterations", "env_steps", "env_steps_per_second", "mean_return", "episodes", "model_version", "policy_lag", "queue_depth", "restarts", "ledger", "scored_episodes", "success_rates", "score")
+    class SuccessRatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     NUM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +77,9 @@ class Progress(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LEDGER_FIELD_NUMBER: _ClassVar[int]
+    SCORED_EPISODES_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     num_iterations: int
     env_steps: int
@@ -81,7 +91,10 @@ class Progress(_message.Message):
     queue_depth: int
     restarts: int
     ledger: Ledger
-    def __init__(self, iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., model_version: _Optional[int] = ..., policy_lag: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., ledger: _Optional[_Union[Ledger, _Mapping]] = ...) -> None: ...
+    scored_episodes: int
+    success_rates: _containers.ScalarMap[str, float]
+    score: float
+    def __init__(self, iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., env_steps: _Optional[int] = ..., env_steps_per_second: _Optional[float] = ..., mean_return: _Optional[float] = ..., episodes: _Optional[int] = ..., model_version: _Optional[int] = ..., policy_lag: _Optional[float] = ..., queue_depth: _Optional[int] = ..., restarts: _Optional[int] = ..., ledger: _Optional[_Union[Ledger, _Mapping]] = ..., scored_episodes: _Optional[int] = ..., success_rates: _Optional[_Mapping[str, float]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Ledger(_message.Message):
     __slots__ = ("produced", "consumed", "dropped_stale", "dropped_corrupt", "pending", "reused", "produced_by_node")
