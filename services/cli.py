@@ -38,7 +38,7 @@ def cmd_run(args) -> int:
     name, overrides = _config_and_overrides(args)
     return run(name, overrides, RunOptions(host=args.host, port=args.port, summary=args.summary, quiet=args.quiet,
                                            print_interval=args.print_interval, until_return=args.until_return,
-                                           until_steps=args.until_steps))
+                                           until_steps=args.until_steps, curve_interval=args.curve_interval))
 
 
 def cmd_config(args) -> int:
@@ -156,6 +156,8 @@ def cmd_bench(args) -> int:
         print(f"error: mso bench runs the benchmarks/ folder of a source checkout, and there is none at {root}: "
               "install mso from its repository with pip install -e .", file=sys.stderr)
         return 2
+    if args.arguments[:1] == ["crafter"]:  # the Crafter score at 1M steps (about an hour): its own script
+        return subprocess.call([sys.executable, "-m", "benchmarks.crafter_score", *args.arguments[1:]], cwd=root)
     passed, given = [], iter(args.arguments)
     for a in given:  # the JSON path is the caller's, relative to where mso bench was run
         if a == "--json":
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (as finished) once the mean return of the last 20 episodes reaches this")
     p.add_argument("--until-steps", type=int, default=None,
                    help="stop (as finished) once the rollouts have taken this many env steps")
+    p.add_argument("--curve-interval", type=float, default=10.0,
+                   help="seconds between the points of the --summary's curve")
     add_tls_arguments(p, server=True, client=True)
     p.set_defaults(fn=cmd_run)
 
@@ -212,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmarks (benchmarks/ of the source checkout): one table of ratios",
                        description="Arguments go to `python -m benchmarks`: --quick (shorter windows, ~1.5 min), "
-                                   "--json PATH (the table as JSON too).")
+                                   "--json PATH (the table as JSON too). `mso bench crafter [--steps N]` trains "
+                                   "Crafter for N env steps (default 1M, about an hour) and scores it "
+                                   "(benchmarks/crafter_score.py).")
     p.set_defaults(fn=cmd_bench, arguments=[])
 
     p = sub.add_parser("health", help="exit 0 only if a service answers SERVING on grpc.health.v1")

@@ -36,11 +36,17 @@ def count(pipe: redis.client.Pipeline, session_id: str, stats: list[dict[str, fl
 
 def success_rates(client: redis.Redis, session_id: str) -> tuple[int, dict[str, float]]:
     """(episodes that reported achievements, {achievement: % of them that unlocked it})."""
-    raw = {k.decode(): int(v) for k, v in client.hgetall(keys.SessionKeys(session_id).achievements).items()}
+    raw = {}
+    for k, v in client.hgetall(keys.SessionKeys(session_id).achievements).items():
+        try:
+            raw[k.decode()] = int(v)
+        except ValueError:  # not a count this module wrote: skipped, as every reader skips a corrupt entry
+            continue
     episodes = raw.pop(EPISODES, 0)
-    if not episodes:
+    if episodes <= 0:
         return 0, {}
-    return episodes, {k[len(PREFIX):]: 100.0 * v / episodes for k, v in sorted(raw.items())}
+    return episodes, {k[len(PREFIX):]: 100.0 * min(max(v, 0), episodes) / episodes
+                      for k, v in sorted(raw.items()) if k.startswith(PREFIX)}
 
 
 def score(rates: dict[str, float]) -> float:

@@ -1,5 +1,6 @@
 """What rank 0 logs each iteration: TensorBoard always (scalars, the policy-lag histogram, episode statistics
-from the session's episode stream, and the episode videos rollouts recorded), Weights & Biases when
+from the session's episode stream, the Crafter score and success rates over every episode so far when the env
+reports achievements, and the episode videos rollouts recorded), Weights & Biases when
 logger_config.wandb is set (offline, into the log folder, unless WANDB_API_KEY is set).
 
 Videos: an episode record carries the path of its mp4 on the rollout node. The trainer shows it when it can
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.shared import episode
+from services.shared import achievements, episode
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class IterationLog:
             for k, v in e.stats.items():
                 stats.setdefault(k, []).append(v)
         out.update({f"episode/{k}": float(np.mean(v)) for k, v in stats.items()})
+        scored, rates = achievements.success_rates(self.client, self.session_id)
+        if scored:  # over every episode of the session so far, as the Crafter paper scores them
+            out["achievements/score"] = achievements.score(rates)
+            out.update({f"achievements/success_rate_{k}": v for k, v in rates.items()})
         for e in episodes:
             if e.video and os.path.isfile(e.video):
                 self._video(e.video, iteration)

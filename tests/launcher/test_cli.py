@@ -30,5 +30,16 @@ def test_mso_bench_runs_every_measure_and_writes_the_table(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["measure"].split()[0] for r in rows} == {"1", "2", "3", "4", "5", "6", "7"}
+    assert {r["measure"].split()[0] for r in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"}
+    assert [s["why"] for s in json.loads(out.read_text())["skipped"]] == ["--quick"]  # 4b/3b, said so
     assert all(r["ratio"] > 0 for r in rows if r["ratio"] is not None)
+
+
+def test_benchmarks_without_minestudio_skip_the_vpt_rows_and_say_why(monkeypatch):
+    """`pip install -e '.[dev]'` then `mso bench`: every measure that can run runs; the VPT rows say why not."""
+    from benchmarks.__main__ import vpt
+
+    monkeypatch.setitem(sys.modules, "minestudio", None)  # as on an install without the [minecraft] extra
+    rows, skipped = vpt(quick=False)
+    assert rows == [] and len(skipped) == 1
+    assert "minestudio is not installed" in skipped[0][1] and "[minecraft]" in skipped[0][1]

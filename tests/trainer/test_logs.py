@@ -35,6 +35,9 @@ def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monk
     assert events.Scalars("episode/mean_return")[0].value == 4.0
     assert len(events.Scalars("episode/count")) == 1
     assert events.Scalars("episode/achievement_collect_wood")[0].value == 0.5
+    # the Crafter score over all episodes so far: one achievement reported, unlocked in 1 of 2 episodes
+    assert events.Scalars("achievements/success_rate_collect_wood")[0].value == 50.0
+    assert abs(events.Scalars("achievements/score")[0].value - 50.0) < 1e-4
     assert "trainer/explained_var" in scalars
     assert "trainer/policy_lag_histogram" in events.Tags()["histograms"]
     image = events.Images("episode/video_0")[0]
