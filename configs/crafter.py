@@ -1,13 +1,20 @@
 """Crafter (a 2-D Minecraft: 64x64 pixels, 17 actions, 22 achievements) with a small feed-forward CNN policy that
 has MineStudio's MinePolicy interface. The pixel benchmark that runs on a laptop CPU."""
 
-import crafter
+import contextlib
+import io
+
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
 from services.shared.policy import CategoricalHead, StatelessPolicy, ValueHead
+
+with contextlib.redirect_stderr(io.StringIO()):
+    # crafter registers itself with the old `gym` when that is installed (MineStudio's extra brings it), and
+    # importing gym prints its "unmaintained" notice, in every env process; this config never uses gym.
+    import crafter
 
 
 class CrafterEnv(gym.Env):

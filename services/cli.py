@@ -7,6 +7,7 @@ command to the part that does it.
   mso launch --launcher HOST:PORT CONFIG [key=value ...] / mso status --launcher HOST:PORT
   mso health HOST:PORT                   exit 0 only if the service there is SERVING
   mso bench [--quick] [--json PATH]      the benchmarks' table of ratios (benchmarks/README.md)
+  mso tensorboard [LOGDIR] [--port N]    TensorBoard on the runs' logs (default $MSO_LOG_DIR or runs)
 
 TLS: the --tls-* flags set the MSO_TLS_* variables of services.shared.auth; the shared token is read only
 from $MSO_TOKEN (a flag would show it in `ps`).
@@ -88,6 +89,24 @@ def cmd_serve(args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def cmd_tensorboard(args) -> int:
+    """TensorBoard on a run's logs (mso run prints the folder of its session), in the foreground until Ctrl-C."""
+    import subprocess
+
+    logdir = args.logdir or os.environ.get("MSO_LOG_DIR", "runs")
+    if not os.path.isdir(logdir):
+        print(f"error: no TensorBoard logs at {os.path.abspath(logdir)}: give the folder mso run printed "
+              "(runs/SESSION) or set MSO_LOG_DIR", file=sys.stderr)
+        return 2
+    print(f"mso: TensorBoard on {os.path.abspath(logdir)} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
+          flush=True)
+    try:
+        return subprocess.call([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", f"--host={args.host}",
+                                f"--port={args.port}"])
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_health(args) -> int:
@@ -220,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Crafter for N env steps (default 1M, about an hour) and scores it "
                                    "(benchmarks/crafter_score.py).")
     p.set_defaults(fn=cmd_bench, arguments=[])
+
+    p = sub.add_parser("tensorboard", help="TensorBoard on the runs' logs")
+    p.add_argument("logdir", nargs="?", help="a run's log folder (mso run prints it) or the folder of all runs "
+                                             "(default: $MSO_LOG_DIR or runs)")
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=6006)
+    p.set_defaults(fn=cmd_tensorboard)
 
     p = sub.add_parser("health", help="exit 0 only if a service answers SERVING on grpc.health.v1")
     p.add_argument("address", help="HOST:PORT")

@@ -117,6 +117,7 @@ class Embedded:
         self.redis_url = os.environ.get("REDIS_URL") or ""
         self.ray_env: dict = {}
         self.restarts: dict[str, int] = {"rollout": 0, "trainer": 0}
+        self.addresses: dict[str, str] = {}  # kind -> the gRPC address its service listens on
         self._dead_since: dict[str, float] = {}
 
     def start(self) -> None:
@@ -146,6 +147,7 @@ class Embedded:
                                         f"--port={port}"], env, quiet=self.quiet)  # REDIS_URL: not in `ps`
             self._add(child)
             services.append((child, f"127.0.0.1:{port}"))
+            self.addresses[kind] = f"127.0.0.1:{port}"
         wait_ray_head(head)
         for child, address in services:
             try:

@@ -17,6 +17,18 @@ WARM_READY_TIMEOUT = 60.0
 _lock = threading.Lock()
 
 
+class _SigtermNotice(logging.Filter):
+    """ray.init outside the main thread (connect_early's, a Start's) says it cannot install its own SIGTERM
+    handler. The service's handler, installed in its main thread (rpc.Server), is the one that must run (it
+    stops the service cleanly, where Ray's would sys.exit), so the notice only alarms users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+logging.getLogger("ray._private.worker").addFilter(_SigtermNotice())
+
+
 def ensure() -> None:
     with _lock:
         if ray.is_initialized():

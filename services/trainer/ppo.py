@@ -62,7 +62,8 @@ class Batch:
             obs=stack([f.obs for f in fragments], to_tensor), action=stack([f.action for f in fragments], to_tensor),
             first=to_tensor([f.first for f in fragments]), behaviour_logp=to_tensor([f.logp for f in fragments]),
             next_obs=stack([tree_map(lambda a: np.asarray(a)[None], f.next_obs) for f in fragments], to_tensor),
-            in_states=[tree_map(lambda a: torch.as_tensor(a, device=device), f.in_state) for f in fragments],
+            # copied: decoded arrays are read-only views of the entry's bytes, which torch will not share
+            in_states=[tree_map(lambda a: torch.tensor(a, device=device), f.in_state) for f in fragments],
             rewards=np.stack([f.reward for f in fragments]), next_done=np.stack([f.next_done for f in fragments]),
             cut_values=np.stack([f.truncation_value * f.next_truncated for f in fragments]),
             chains=chains([f.slot for f in fragments], [f.seq for f in fragments],

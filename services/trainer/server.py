@@ -8,7 +8,7 @@ import uuid
 import grpc
 import redis
 
-from services.shared import ray_runtime, session
+from services.shared import achievements, episode, ray_runtime, session
 from services.shared.config import ConfigError
 from services.shared.protos import common_pb2, trainer_pb2, trainer_pb2_grpc
 from services.shared.queue import ledger
@@ -22,6 +22,7 @@ ENDED = (S.SERVICE_STATE_FINISHED, S.SERVICE_STATE_FAILED, S.SERVICE_STATE_IDLE)
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, manager: TrainerManager):
         self.manager = manager
+        self.announce = lambda: None  # the node's heartbeat, sent at once when a Start changed what it does
 
     def Start(self, request, context):
         sid = request.session_id.strip()
@@ -32,6 +33,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.manager.start(sid)
         except (session.SessionError, ConfigError) as exc:
             abort_for(context, exc)
+        # The registry says at once that this node serves the session: the launcher's watcher reads it to
+        # tell a session without a trainer, and took this one, between Start and its next beat, for missing.
+        self.announce()
         return self._status()
 
     def Stop(self, request, context):
@@ -90,6 +94,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         reply.fragments_consumed = counts.get("consumed", 0)
         reply.fragments_reused = counts.get("reused", 0)
         reply.fragments_dropped = counts.get("dropped_stale", 0) + counts.get("dropped_corrupt", 0)
+        recent = episode.latest(m.client, m.session_id, 20)
+        if recent:
+            reply.mean_return = sum(e.episode_return for e in recent) / len(recent)
+            reply.mean_episode_length = sum(e.length for e in recent) / len(recent)
+        reply.episodes = counts.get("episodes", 0)
+        _scored, rates = achievements.success_rates(m.client, m.session_id)
+        reply.score = achievements.score(rates) if rates else 0.0
         return reply
 
 
@@ -99,10 +110,11 @@ def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
     client: redis.Redis = connect(redis_url)
     manager = TrainerManager(client, redis_url, "trainer-" + uuid.uuid4().hex[:8])
     server = Server(address)
-    server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(manager),
-               "mso.v1.TrainerService")
+    servicer = TrainerServicer(manager)
+    server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "mso.v1.TrainerService")
     server.start()
     ray_runtime.connect_early(then=manager.warm.fill)
     heartbeat = session.Heartbeat(client, manager.node_id, "trainer", lambda: advertise or server.address,
                                   lambda: (manager.status()[0], manager.session_id, manager.fault())).start()
+    servicer.announce = heartbeat.beat
     server.wait_for_termination(on_stop=lambda: (heartbeat.stop(), manager.shutdown()))

@@ -2,6 +2,7 @@
 trainer whatever the number of launchers, and `mso status` agreeing with grpcurl."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.shared import keys, queue, session, trainer_status
+from services.shared import episode, keys, queue, session, trainer_status
 from services.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
 from services.shared.rpc import channel
 from services.shared.protos import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -111,6 +112,30 @@ def test_while_a_session_trains_every_node_registered_says_running(stack):
         launcher.stop(sid)
         wait_until(lambda: session.read(client, sid).phase in ("SESSION_PHASE_STOPPED", "SESSION_PHASE_FINISHED"),
                    120, "the session to stop")
+
+
+def test_the_trainer_reports_the_episodes_and_a_new_session_is_never_taken_for_one_without_a_trainer(stack, caplog):
+    """TrainerService/GetStatus carries what a user looks for first (the return, episode length, episodes);
+    and the launcher's watcher, which starts an idle trainer on a session none trains, never took the trainer
+    that Launch had just started for missing (it did at every launch: the registry said IDLE until the
+    trainer's next heartbeat)."""
+    client = stack["redis"]
+    launcher = Launcher(client)
+    with caplog.at_level(logging.WARNING, logger="services.launcher.launch"):
+        sid = launcher.launch("cartpole", SHORT[1:] + ["train_config.num_iterations=100000"])
+        try:
+            wait_until(lambda: trainer_reply(stack).episodes >= 30 and trainer_reply(stack).iteration >= 2, 120,
+                       "30 episodes and two iterations")
+        finally:
+            launcher.stop(sid)
+            wait_until(lambda: session.read(client, sid).phase == "SESSION_PHASE_STOPPED", 120, "the session to stop")
+    reply = trainer_reply(stack)  # a quiet moment: nothing plays or trains
+    recent = episode.latest(client, sid, 20)
+    assert reply.session_id == sid and reply.episodes == queue.ledger(client, sid)["episodes"]
+    assert reply.mean_return == pytest.approx(sum(e.episode_return for e in recent) / 20)
+    assert reply.mean_episode_length == pytest.approx(sum(e.length for e in recent) / 20)
+    assert reply.score == 0.0  # CartPole reports no achievements
+    assert "started idle trainer node" not in caplog.text
 
 
 def test_an_env_generator_that_raises_fails_the_launch_naming_the_module_and_the_error(stack):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import grpcurl, wait_until
 
 MSO = [sys.executable, "-m", "services.cli"]
 
@@ -74,6 +75,7 @@ def start_running(*overrides):
             break
     else:
         pytest.fail("mso run never reached running:\n" + "".join(lines[-30:]))
+    proc.said = lines
     me = psutil.Process(proc.pid)
     # Redis, the reaper, the Ray head and its raylet, both services, a worker actor and its 8 env processes.
     descendants = wait_until(lambda: (d := me.children(recursive=True)) and any("raylet" in p.name() for p in d)
@@ -99,6 +101,13 @@ def test_ctrl_c_and_sigterm_stop_everything_within_5_seconds(how):
     SIGTERM to the command. Either way: everything gone within 5 s, exit 130 or 143, no traceback."""
     proc, descendants = start_running()
     try:
+        # The services listen on free ports, which mso run says: grpcurl reaches them there.
+        said = "".join(proc.said)
+        trainer = re.search(r"trainer service on (\S+),", said).group(1)
+        rollout = re.search(r"rollout service on (\S+),", said).group(1)
+        status = json.loads(grpcurl(trainer, "mso.v1.TrainerService/GetStatus").stdout)
+        assert status["node_id"].startswith("trainer-") and status["session_id"]
+        assert json.loads(grpcurl(rollout, "mso.v1.RolloutService/GetStatus").stdout)["session_id"] == status["session_id"]
         signalled = time.monotonic()
         if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)

@@ -171,3 +171,24 @@ def test_normalised_value_loss_and_value_clipping():
         vf.append(max(0.5 * (v - nt) ** 2, 0.5 * (clipped - nt) ** 2))
     assert m["value_loss"] == pytest.approx(sum(vf) / 3, rel=1e-5)
     assert norm.debiasing_term.item() == 0.5  # the loss does not move the statistics; the learner does, once a step
+
+
+def test_fragments_decoded_from_redis_become_a_batch_without_a_warning():
+    """Decoded arrays are read-only views of the entry's bytes; torch warned ("The given NumPy array is not
+    writable") once per learner when a fragment's recurrent in_state became a tensor."""
+    import warnings
+
+    import numpy as np
+
+    from services.shared.codec import decode
+    from services.trainer.ppo import Batch
+    from tests.fragment_factory import make
+
+    fragment = make(in_state=[np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32)])
+    decoded = type(fragment)(**decode(fragment.encode()))
+    assert not decoded.in_state[0].flags.writeable
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = Batch.of([decoded], torch.device("cpu"))
+    assert [str(w.message) for w in caught] == []
+    assert batch.in_states[0][0].tolist() == [[1.0] * 4]

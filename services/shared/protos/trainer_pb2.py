@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.shared.protos import common_pb2 as mso_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mso/v1/trainer.proto\x12\x06mso.v1\x1a\x13mso/v1/common.proto\")\n\x13TrainerStartRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12TrainerStopRequest\"\x16\n\x14TrainerStatusRequest\"\x17\n\x15SaveCheckpointRequest\"&\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\")\n\x13WatchMetricsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xbd\x04\n\rTrainerStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mso.v1.ServiceState\x12\x11\n\titeration\x18\x04 \x01(\x03\x12\x16\n\x0enum_iterations\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12\x31\n\x06losses\x18\x08 \x03(\x0b\x32!.mso.v1.TrainerStatus.LossesEntry\x12\x11\n\tapprox_kl\x18\t \x01(\x01\x12\x12\n\npolicy_lag\x18\n \x01(\x01\x12\x1a\n\x12\x66ragments_consumed\x18\x0b \x01(\x03\x12\x19\n\x11\x66ragments_dropped\x18\x0c \x01(\x03\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x18\n\x10replay_fragments\x18\x0e \x01(\x03\x12\x17\n\x0freplay_capacity\x18\x0f \x01(\x03\x12\x18\n\x10\x66ragments_reused\x18\x10 \x01(\x03\x12\x33\n\x07metrics\x18\x11 \x03(\x0b\x32\".mso.v1.TrainerStatus.MetricsEntry\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xe1\x02\n\x0eTrainerService\x12;\n\x05Start\x12\x1b.mso.v1.TrainerStartRequest\x1a\x15.mso.v1.TrainerStatus\x12\x39\n\x04Stop\x12\x1a.mso.v1.TrainerStopRequest\x1a\x15.mso.v1.TrainerStatus\x12@\n\tGetStatus\x12\x1c.mso.v1.TrainerStatusRequest\x1a\x15.mso.v1.TrainerStatus\x12O\n\x0eSaveCheckpoint\x12\x1d.mso.v1.SaveCheckpointRequest\x1a\x1e.mso.v1.SaveCheckpointResponse\x12\x44\n\x0cWatchMetrics\x12\x1b.mso.v1.WatchMetricsRequest\x1a\x15.mso.v1.TrainerStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mso/v1/trainer.proto\x12\x06mso.v1\x1a\x13mso/v1/common.proto\")\n\x13TrainerStartRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12TrainerStopRequest\"\x16\n\x14TrainerStatusRequest\"\x17\n\x15SaveCheckpointRequest\"&\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\")\n\x13WatchMetricsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x90\x05\n\rTrainerStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mso.v1.ServiceState\x12\x11\n\titeration\x18\x04 \x01(\x03\x12\x16\n\x0enum_iterations\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12\x31\n\x06losses\x18\x08 \x03(\x0b\x32!.mso.v1.TrainerStatus.LossesEntry\x12\x11\n\tapprox_kl\x18\t \x01(\x01\x12\x12\n\npolicy_lag\x18\n \x01(\x01\x12\x1a\n\x12\x66ragments_consumed\x18\x0b \x01(\x03\x12\x19\n\x11\x66ragments_dropped\x18\x0c \x01(\x03\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x18\n\x10replay_fragments\x18\x0e \x01(\x03\x12\x17\n\x0freplay_capacity\x18\x0f \x01(\x03\x12\x18\n\x10\x66ragments_reused\x18\x10 \x01(\x03\x12\x33\n\x07metrics\x18\x11 \x03(\x0b\x32\".mso.v1.TrainerStatus.MetricsEntry\x12\x13\n\x0bmean_return\x18\x12 \x01(\x01\x12\x1b\n\x13mean_episode_length\x18\x13 \x01(\x01\x12\x10\n\x08\x65pisodes\x18\x14 \x01(\x03\x12\r\n\x05score\x18\x15 \x01(\x01\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xe1\x02\n\x0eTrainerService\x12;\n\x05Start\x12\x1b.mso.v1.TrainerStartRequest\x1a\x15.mso.v1.TrainerStatus\x12\x39\n\x04Stop\x12\x1a.mso.v1.TrainerStopRequest\x1a\x15.mso.v1.TrainerStatus\x12@\n\tGetStatus\x12\x1c.mso.v1.TrainerStatusRequest\x1a\x15.mso.v1.TrainerStatus\x12O\n\x0eSaveCheckpoint\x12\x1d.mso.v1.SaveCheckpointRequest\x1a\x1e.mso.v1.SaveCheckpointResponse\x12\x44\n\x0cWatchMetrics\x12\x1b.mso.v1.WatchMetricsRequest\x1a\x15.mso.v1.TrainerStatus0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,11 +49,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHMETRICSREQUEST']._serialized_start=207
   _globals['_WATCHMETRICSREQUEST']._serialized_end=248
   _globals['_TRAINERSTATUS']._serialized_start=251
-  _globals['_TRAINERSTATUS']._serialized_end=824
-  _globals['_TRAINERSTATUS_LOSSESENTRY']._serialized_start=731
-  _globals['_TRAINERSTATUS_LOSSESENTRY']._serialized_end=776
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=778
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=824
-  _globals['_TRAINERSERVICE']._serialized_start=827
-  _globals['_TRAINERSERVICE']._serialized_end=1180
+  _globals['_TRAINERSTATUS']._serialized_end=907
+  _globals['_TRAINERSTATUS_LOSSESENTRY']._serialized_start=814
+  _globals['_TRAINERSTATUS_LOSSESENTRY']._serialized_end=859
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=861
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=907
+  _globals['_TRAINERSERVICE']._serialized_start=910
+  _globals['_TRAINERSERVICE']._serialized_end=1263
 # @@protoc_insertion_point(module_scope)

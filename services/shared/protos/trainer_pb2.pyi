@@ -38,7 +38,7 @@ class WatchMetricsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("node_id", "session_id", "state", "iteration", "num_iterations", "model_version", "samples_per_second", "losses", "approx_kl", "policy_lag", "fragments_consumed", "fragments_dropped", "last_error", "replay_fragments", "replay_capacity", "fragments_reused", "metrics")
+    __slots__ = ("node_id", "session_id", "state", "iteration", "num_iterations", "model_version", "samples_per_second", "losses", "approx_kl", "policy_lag", "fragments_consumed", "fragments_dropped", "last_error", "replay_fragments", "replay_capacity", "fragments_reused", "metrics", "mean_return", "mean_episode_length", "episodes", "score")
     class LossesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,10 @@ class TrainerStatus(_message.Message):
     REPLAY_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTS_REUSED_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RETURN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_EPISODE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EPISODES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_id: str
     state: _common_pb2.ServiceState
@@ -87,4 +91,8 @@ class TrainerStatus(_message.Message):
     replay_capacity: int
     fragments_reused: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., model_version: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., losses: _Optional[_Mapping[str, float]] = ..., approx_kl: _Optional[float] = ..., policy_lag: _Optional[float] = ..., fragments_consumed: _Optional[int] = ..., fragments_dropped: _Optional[int] = ..., last_error: _Optional[str] = ..., replay_fragments: _Optional[int] = ..., replay_capacity: _Optional[int] = ..., fragments_reused: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    mean_return: float
+    mean_episode_length: float
+    episodes: int
+    score: float
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ServiceState, str]] = ..., iteration: _Optional[int] = ..., num_iterations: _Optional[int] = ..., model_version: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., losses: _Optional[_Mapping[str, float]] = ..., approx_kl: _Optional[float] = ..., policy_lag: _Optional[float] = ..., fragments_consumed: _Optional[int] = ..., fragments_dropped: _Optional[int] = ..., last_error: _Optional[str] = ..., replay_fragments: _Optional[int] = ..., replay_capacity: _Optional[int] = ..., fragments_reused: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mean_return: _Optional[float] = ..., mean_episode_length: _Optional[float] = ..., episodes: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,80 @@
+"""The TensorBoard page a user opens (`mso tensorboard`, started as they start it), read by a real headless
+browser (Debian's chromium): the return, the losses, the policy lag and the episode GIFs are on it."""
+
+import html
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+
+from services.rollout.video import VideoWriter
+from services.shared import episode
+from services.shared.config import validate
+from services.shared.episode import Episode
+from services.shared.ports import free_port
+from services.trainer.logs import IterationLog
+from tests.conftest import wait_until
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def page(url: str) -> tuple[str, str]:
+    """The page's DOM after its scripts ran (headless chromium; --no-sandbox: CI runs as root; a tall window,
+    since the dashboard draws only the cards in view), and its visible text with tag names rejoined (a card
+    title shows "episode/mean_return" as a group and a name in two elements)."""
+    out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--window-size=1600,12000", "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    body = re.sub(r"<style.*?</style>", " ", out.stdout[out.stdout.find("<body"):], flags=re.S)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body)).replace(" /", "/")
+    return out.stdout, text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (.ci/run installs Debian's as root: apt-get install "
+                                             "chromium)")
+def test_the_tensorboard_page_shows_return_losses_policy_lag_and_episode_gifs(redis_client, tmp_path):
+    video = VideoWriter(str(tmp_path / "episode.mp4"), fps=10)
+    for t in range(12):
+        video.write(np.full((64, 64, 3), 20 * t, dtype=np.uint8))
+    pipe = redis_client.pipeline()
+    episode.append(pipe, "sess", [Episode(3.0, 1.5, 10, False, video=video.close()), Episode(5.0, 2.5, 12, False)])
+    pipe.execute()
+    logs = IterationLog(redis_client, tmp_path / "runs", "sess", validate({}, []))
+    for i in range(1, 4):
+        logs.write(i, {"policy_loss": 0.5 / i, "value_loss": 1.0 / i, "policy_lag": 0.5 * i}, lags=np.array([0, i]))
+    logs.close()
+
+    port = free_port()
+    board = subprocess.Popen([sys.executable, "-m", "services.cli", "tensorboard", str(tmp_path / "runs"),
+                              f"--port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        url = f"http://localhost:{port}"
+
+        def up():
+            try:
+                return urllib.request.urlopen(url, timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, 90, "TensorBoard to answer", interval=0.5)
+        dom, text = page(f"{url}/#timeseries")
+        for tag in ("episode/mean_return", "trainer/policy_loss", "trainer/value_loss", "trainer/policy_lag",
+                    "episode/video_0"):
+            assert tag in text, f"{tag} is not on the page"
+        # the GIF itself: the image card's source, fetched as the browser fetched it, is an animated GIF
+        sources = re.findall(r'<img[^>]+alt="Image at step \d+"[^>]+src="([^"]+)"', dom)
+        assert sources, re.findall(r"<img[^>]*>", dom)
+        assert urllib.request.urlopen(f"{url}/{html.unescape(sources[0])}", timeout=10).read()[:6] == b"GIF89a"
+    finally:
+        board.send_signal(signal.SIGINT)
+        try:
+            board.wait(10)
+        except subprocess.TimeoutExpired:
+            board.kill()
