@@ -5,6 +5,7 @@ command to the part that does it.
   mso config CONFIG [key=value ...]      print the resolved config as YAML, or the error; start nothing
   mso rollout serve | trainer serve | launcher serve     run one service (REDIS_URL, RAY_ADDRESS)
   mso launch --launcher HOST:PORT CONFIG [key=value ...] / mso status --launcher HOST:PORT
+  mso top --launcher HOST:PORT           a live view of a running session (nodes, steps/s, ledger, faults)
   mso health HOST:PORT                   exit 0 only if the service there is SERVING
   mso bench [--quick] [--json PATH]      the benchmarks' table of ratios (benchmarks/README.md)
   mso tensorboard [LOGDIR] [--port N]    TensorBoard on the runs' logs (default $MSO_LOG_DIR or runs)
@@ -165,6 +166,18 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_top(args) -> int:
+    import grpc
+
+    from services.launcher.top import watch
+
+    try:
+        return watch(args.launcher, args.session or "", args.interval, args.once)
+    except grpc.RpcError as exc:
+        print(f"error: launcher {args.launcher}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
 def cmd_bench(args) -> int:
     """The benchmarks of the source checkout this mso is installed from (pip install -e .); they take their
     own arguments (benchmarks/__main__.py)."""
@@ -266,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", default="")
     add_tls_arguments(p, server=False, client=True)
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("top", help="a live view of a running session: progress, ledger, faults, every node")
+    p.add_argument("--launcher", default=f"127.0.0.1:{PORTS['launcher']}")
+    p.add_argument("--session", default="")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print the view once and exit")
+    add_tls_arguments(p, server=False, client=True)
+    p.set_defaults(fn=cmd_top)
     return parser
 
 
