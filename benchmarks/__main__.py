@@ -60,11 +60,22 @@ def main() -> None:
     for lr in learner.main(["--repeats", "3" if args.quick else "5"]):
         rows.append((f"5 learner PPO update, {lr['config']}", f"{lr['mso_samples_per_s']:.0f}/s",
                      f"{lr['plain_samples_per_s']:.0f}/s plain torch loop", lr["ratio"], ">= 0.90"))
-    ln = learning.main([])
-    rows.append(("6 CartPole to return 475 (incl. start-up)", duration(ln["mso_seconds_to_475"]),
+    ln = learning.main(["--seeds", "1" if args.quick else "3"])
+    rows.append((f"6 CartPole to return 475, median of {ln['seeds']} seeds", duration(ln["mso_seconds_to_475"]),
                  f"{duration(ln['plain_seconds_to_475'])} plain PPO", ln["ratio"], "lower is better"))
+    if ln["sb3_seconds_to_475"] is not None:
+        rows.append(("6b ... against Stable-Baselines3 PPO (rl-zoo)", duration(ln["mso_seconds_to_475"]),
+                     f"{duration(ln['sb3_seconds_to_475'])} SB3", ln["ratio_sb3"], "<= 1.0"))
+    else:
+        skipped.append(("6b CartPole against Stable-Baselines3", "stable-baselines3 is not installed "
+                                                                 "(pip install -e '.[bench]')"))
+    rows.append(("6c env steps to 475: mso / SB3 / plain", f"{ln['mso_env_steps'] / 1000:.0f} k",
+                 f"{(ln['sb3_env_steps'] or 0) / 1000:.0f} k / {ln['plain_env_steps'] / 1000:.0f} k", None,
+                 "mso <= 50 k"))
+    rows.append(("6d memory of mso run cartpole (PSS, whole tree)", f"{ln['mso_pss_gib']:.2f} GiB",
+                 "RLlib 1.4 GB (DESIGN.md)", None, "<= 1.4 GB"))
     rows.append(("7 start-up: first fragment / first update", f"{duration(ln['startup_first_fragment_s'])} / "
-                 f"{duration(ln['startup_first_update_s'])}", "", None, ""))
+                 f"{duration(ln['startup_first_update_s'])}", "", None, "<= 4 s / 5 s"))
     cs = crafter_score.throughput(8_000 if args.quick else 30_000, seconds=float(seconds))
     rows.append(("8 Crafter env steps/s while training", f"{cs['mso_env_steps_per_s']:.0f}/s",
                  f"{cs['raw_env_steps_per_s']:.0f}/s raw, 1 process/core", cs["ratio"], ">= 0.60"))

@@ -30,7 +30,7 @@ def test_mso_bench_runs_every_measure_and_writes_the_table(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["measure"].split()[0] for r in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"}
+    assert {r["measure"].split()[0] for r in rows} == {"1", "2", "3", "4", "5", "6", "6b", "6c", "6d", "7", "8"}
     assert [s["why"] for s in json.loads(out.read_text())["skipped"]] == ["--quick"]  # 4b/3b, said so
     assert all(r["ratio"] > 0 for r in rows if r["ratio"] is not None)
 

@@ -199,3 +199,21 @@ def test_a_process_that_died_under_mso_run_is_named_with_its_last_lines():
         assert "gcs_server" in said, said
     finally:
         embedded.stop()
+
+
+def test_a_clean_run_prints_progress_and_results_and_nothing_that_looks_like_an_error(tmp_path):
+    """What a user sees of `mso run crafter` (service logs included, not --quiet): progress lines and the
+    closing summary. It used to print gym's "unmaintained" notice in every env process, Ray's "SIGTERM handler
+    is not set" per service and "started idle trainer node" warnings at every launch."""
+    noise = re.compile(r"Traceback|ERROR|WARNING|Warning|unmaintained|not set because|Failed to|Socket closed|"
+                       r"not writable|started idle trainer")
+    proc = subprocess.run(MSO + ["run", "crafter", "--until-steps=3000", "--port=0", "--print-interval=2"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MSO_LOG_DIR=str(tmp_path / "runs")))
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0, said[-3000:]
+    assert [line for line in said.splitlines() if noise.search(line)] == []
+    assert re.search(r"mso: iter \d+/1000 .* elapsed \S+ +ETA", proc.stdout)
+    assert re.search(r"mso: finished after \S+: \d+ env steps", proc.stdout)
+    assert f"TensorBoard logs in {tmp_path / 'runs'}/" in proc.stdout and "mso tensorboard" in proc.stdout
+    assert "no checkpoint was written (train_config.save_interval=N" in proc.stdout
