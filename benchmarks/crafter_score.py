@@ -82,12 +82,13 @@ def throughput(steps: int, seconds: float = 15.0) -> dict:
     s = train(steps, [], log=subprocess.DEVNULL, curve_interval=5)
     mso = training_rate(s["curve"])
     raw = raw_steps_per_second(os.cpu_count() or 1, seconds)
+    ledger = s["ledger"]
     result = {"mso_env_steps_per_s": mso, "raw_env_steps_per_s": raw, "ratio": mso / raw,
-              "env_steps": s["env_steps"], "consumed_fragments": s["ledger"]["consumed"],
-              "dropped_stale_fragments": s["ledger"]["dropped_stale"]}
+              "env_steps": s["env_steps"], "consumed_fragments": ledger.get("consumed", 0),
+              "dropped_stale_fragments": ledger.get("dropped_stale", 0)}
     print(f"crafter: {mso:.0f} env steps/s while training, raw {raw:.0f}/s with {os.cpu_count()} processes: "
-          f"ratio {result['ratio']:.2f} (goal >= 0.6); fragments consumed {s['ledger']['consumed']}, "
-          f"dropped stale {s['ledger']['dropped_stale']}")
+          f"ratio {result['ratio']:.2f} (goal >= 0.6); fragments consumed {result['consumed_fragments']}, "
+          f"dropped stale {result['dropped_stale_fragments']}")
     return result
 
 
