@@ -26,7 +26,8 @@ P = launcher_pb2.SessionPhase
 LAUNCH_LOCK = "mso:launch-lock"
 LOST_NODE_MEMORY = 60.0  # seconds a node that stopped its heartbeat stays among the session's faults
 RUNNING, FINISHED, FAILED = P.Name(P.SESSION_PHASE_RUNNING), P.Name(P.SESSION_PHASE_FINISHED), P.Name(P.SESSION_PHASE_FAILED)
-ENDED = (FINISHED, FAILED, P.Name(P.SESSION_PHASE_STOPPED))
+STOPPED = P.Name(P.SESSION_PHASE_STOPPED)
+ENDED = (FINISHED, FAILED, STOPPED)
 
 
 class LaunchError(RuntimeError):
@@ -265,8 +266,7 @@ class Launcher:
     def stop(self, sid: str) -> None:
         """StopSession: stop the nodes, then STOPPED."""
         session.read(self.client, sid)  # raises SessionNotFound for an unknown session
-        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPING))
-        self._end(sid, P.Name(P.SESSION_PHASE_STOPPED))
+        self._end(sid, STOPPED)
 
     def finish(self, sid: str) -> None:
         """End a running session as FINISHED now (`mso run --until-return/--until-steps` reached its goal)."""
@@ -277,6 +277,9 @@ class Launcher:
         session.update(self.client, sid, restarts=restarts)
 
     def _end(self, sid: str, phase: str, error: str | None = None) -> None:
+        # STOPPING first: a session still RUNNING whose trainer has just been stopped looked, to the watcher,
+        # like one without a trainer, and it Started the idle trainer again (at every --until-steps finish).
+        session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STOPPING))
         self._stop_nodes(sid)
         session.update(self.client, sid, phase=phase, error=error)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from services.launcher.embedded import Embedded
-from services.launcher.launch import ENDED, FINISHED, RUNNING, Launcher, LaunchError, Progress
+from services.launcher.launch import ENDED, FINISHED, RUNNING, STOPPED, Launcher, LaunchError, Progress
 from services.launcher.server import start_server
 from services.shared import queue, trainer_status
 from services.shared.config import ConfigError, allow_locally, load
@@ -176,7 +176,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
         _follow(launcher, sid, embedded, options, started_at, followed)
         phase, error = launcher.record(sid).phase, launcher.record(sid).error
         summary.update(startup_seconds=_startup(client, sid, started_at), phase=phase, error=error)
-        code = 0 if phase == FINISHED else 1
+        code = 0 if phase in (FINISHED, STOPPED) else 1  # stopped as asked (StopSession) is not a failure
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"\nmso: {signal.Signals(signum).name}: stopping", file=sys.stderr)

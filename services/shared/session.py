@@ -145,6 +145,9 @@ class Heartbeat:
         self.client, self.node_id, self.kind, self.address, self.report = client, node_id, kind, address, report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        # A beat reports and writes under this lock: an immediate beat (a Start's) must never be overwritten by
+        # a periodic one whose report was taken before it (the registry said IDLE again until the next beat).
+        self._beating = threading.Lock()
 
     def start(self) -> Heartbeat:
         self.beat()
@@ -152,12 +155,13 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        state, session_id, fault = self.report()
-        entry = Node(self.node_id, self.kind, self.address(), state, time.time(), session_id, fault)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(keys.node(self.node_id), msgpack.packb(asdict(entry)), ex=HEARTBEAT_TTL)
-        pipe.sadd(keys.NODES, self.node_id)
-        pipe.execute()
+        with self._beating:
+            state, session_id, fault = self.report()
+            entry = Node(self.node_id, self.kind, self.address(), state, time.time(), session_id, fault)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(keys.node(self.node_id), msgpack.packb(asdict(entry)), ex=HEARTBEAT_TTL)
+            pipe.sadd(keys.NODES, self.node_id)
+            pipe.execute()
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):

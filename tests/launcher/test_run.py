@@ -173,8 +173,7 @@ def test_supervision_restarts_dead_services_and_training_goes_on():
         ledger = progress().ledger
         assert ledger.produced == ledger.consumed + ledger.dropped_stale + ledger.dropped_corrupt + ledger.pending
         assert ledger.reused == 0  # cartpole's max_reuse is 1: what the new trainer reclaimed was not used twice
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(120) == 130
+        assert proc.wait(120) == 0  # a session stopped as asked ends mso run cleanly (this raced a SIGINT)
     finally:
         if proc.poll() is None:
             proc.kill()
