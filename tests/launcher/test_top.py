@@ -60,3 +60,22 @@ def test_mso_top_shows_a_running_session_live_in_a_terminal_and_ctrl_c_leaves_it
             run.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(TMUX is None, reason="needs tmux (.ci/run installs it as root: apt-get install tmux)")
+def test_mso_run_on_a_terminal_shows_a_progress_bar_with_eta_and_ends_with_its_summary(tmp_path):
+    name = f"mso-run-{free_port()}"
+    command = (f"env -u COLUMNS -u LINES MSO_LOG_DIR={tmp_path / 'runs'} {sys.executable} -m services.cli run cartpole "
+               "train_config.num_iterations=100000 --port=0; sleep 60")  # the pane stays to be read
+    subprocess.run([TMUX, "new-session", "-d", "-s", name, "-x", "200", "-y", "40", command], check=True, timeout=10,
+                   cwd=os.getcwd())
+    try:
+        bar = wait_until(lambda: re.search(r"(\d+)% +\d+:\d\d:\d\d +ETA (\S+) +iter (\d+)/100000", pane(name)), 120,
+                         "the progress bar with its ETA")
+        wait_until(lambda: (m := re.search(r"ETA (\S+) +iter (\d+)/100000", pane(name))) and
+                   int(m.group(2)) > int(bar.group(3)) and m.group(1) != "-", 60, "the bar to move and show an ETA")
+        subprocess.run([TMUX, "send-keys", "-t", name, "C-c"], check=True, timeout=10)
+        screen = wait_until(lambda: "mso: interrupted after" in (p := pane(name)) and p, 60, "the closing summary")
+        assert f"TensorBoard logs in {tmp_path / 'runs'}/" in screen
+    finally:
+        subprocess.run([TMUX, "kill-session", "-t", name], capture_output=True)
