@@ -305,7 +305,7 @@ class Launcher:
     def progress(self, sid: str) -> Progress:
         counts = ledger(self.client, sid)
         status = trainer_status.read(self.client, sid)
-        recent = episode.latest(self.client, sid, 20)
+        recent = episode.latest(self.client, sid, episode.RECENT)
         now, env_steps = time.monotonic(), counts.get("env_steps", 0)
         then, steps_then, rate = self._rate
         if now - then >= 1.0:

@@ -16,6 +16,7 @@ from services.shared import achievements, keys
 
 log = logging.getLogger(__name__)
 KEPT = 10_000  # entries the episode stream keeps (approximately: XADD MAXLEN ~)
+RECENT = 20    # the newest episodes a "mean return" is taken over (GetSession, TrainerService, mso run)
 
 
 @dataclass

@@ -94,7 +94,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         reply.fragments_consumed = counts.get("consumed", 0)
         reply.fragments_reused = counts.get("reused", 0)
         reply.fragments_dropped = counts.get("dropped_stale", 0) + counts.get("dropped_corrupt", 0)
-        recent = episode.latest(m.client, m.session_id, 20)
+        recent = episode.latest(m.client, m.session_id, episode.RECENT)
         if recent:
             reply.mean_return = sum(e.episode_return for e in recent) / len(recent)
             reply.mean_episode_length = sum(e.length for e in recent) / len(recent)
