@@ -72,7 +72,7 @@ def stack():
         nodes = wait_until(lambda: len(found := session.list_nodes(client)) == 2 and
                            {n.kind: n.address for n in found}, 30, "both nodes registered")
         yield {"launcher": f"127.0.0.1:{port}", "rollout": nodes["rollout"], "trainer": nodes["trainer"],
-               "redis": client, "ray_env": embedded.ray_env}
+               "redis": client, "redis_url": embedded.redis_url, "ray_env": embedded.ray_env}
     finally:
         launcher.stop(grace=10)
         embedded.stop()

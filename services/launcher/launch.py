@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -100,14 +101,22 @@ class Launcher:
     def _bring_up(self, sid: str, fragment_length: int) -> None:
         session.update(self.client, sid, phase=P.Name(P.SESSION_PHASE_STARTING_ROLLOUTS))
         rollouts = self._wait_nodes("rollout")
-        for node in rollouts:
+
+        def start(node: Node) -> str | None:
             with channel(node.address) as ch:
                 try:
                     rollout_pb2_grpc.RolloutServiceStub(ch).Start(
                         rollout_pb2.RolloutStartRequest(session_id=sid), timeout=START_TIMEOUT)
                 except grpc.RpcError as exc:
-                    raise LaunchError(f"rollout node {node.node_id} at {node.address} failed to start: "
-                                      f"{exc.details()}") from None
+                    return f"rollout node {node.node_id} at {node.address} failed to start: {exc.details()}"
+            return None
+
+        # All at once: one after another, the first nodes' envs would take the CPUs from the later nodes'
+        # starts (and a launch of N nodes would last N starts).
+        with ThreadPoolExecutor(max_workers=len(rollouts), thread_name_prefix="start-rollout") as pool:
+            failures = [f for f in pool.map(start, rollouts) if f]
+        if failures:
+            raise LaunchError("; ".join(failures))
 
         def producing(node: Node) -> bool:
             # A fragment pushed, or one cut and waiting: with several nodes the first may fill the stream

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from services.shared import episode, keys, queue, session, trainer_status
+from services.launcher.embedded import ChildProcess
 from services.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
+from services.shared.ports import free_port
 from services.shared.rpc import channel
-from services.shared.protos import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.shared.protos import common_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import grpcurl, wait_until
 
 HANGING = str(Path(__file__).with_name("hanging_config.py"))
@@ -57,6 +59,54 @@ def test_the_trainer_starts_only_after_fragments_flow(stack):
     sid = Launcher(client).launch("cartpole", SHORT)
     assert trainer_status.read(client, sid).started_at > queue.first_fragment_at(client, sid)
     wait_finished(client, sid)
+
+
+def test_rollout_nodes_are_started_all_at_once(stack):
+    """Two more rollout services with Ray instances of their own (started at their Start, seconds each): the
+    launcher Starts every node at once, so both are seen STARTING together. One after another, the first
+    nodes' envs took the CPUs from the later nodes' starts, and on a loaded host a Start ran out of time.
+    And each starts an instance of its own although the stack's `ray start` head is the machine's latest
+    cluster (ray.init without an address joined that one, or a dead one, and the Start hung)."""
+    client = stack["redis"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["REDIS_URL"] = stack["redis_url"]
+    ports = [free_port(), free_port()]
+    extra = [ChildProcess(f"rollout-{i}", [sys.executable, "-m", "services.cli", "rollout", "serve",
+                                           "--host=127.0.0.1", f"--port={port}"], env, quiet=True)
+             for i, port in enumerate(ports)]
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    try:
+        wait_until(lambda: len(session.list_nodes(client)) == 4, 60, "the two more rollout nodes registered")
+        seen, done = [], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                states = []
+                for address in addresses:
+                    with channel(address) as ch:
+                        states.append(rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(
+                            rollout_pb2.RolloutStatusRequest(), timeout=10).state)
+                seen.append(tuple(states))
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            sid = Launcher(client).launch("cartpole", SHORT)
+        finally:
+            done.set()
+            poller.join()
+        starting = common_pb2.SERVICE_STATE_STARTING
+        assert (starting, starting) in seen, f"never both STARTING: {sorted(set(seen))}"
+        for address in addresses:
+            with channel(address) as ch:
+                assert rollout_pb2_grpc.RolloutServiceStub(ch).GetStatus(
+                    rollout_pb2.RolloutStatusRequest(), timeout=10).session_id == sid
+        wait_finished(client, sid)
+    finally:
+        for child in extra:
+            child.stop(grace=10)
+    wait_until(lambda: len(session.list_nodes(client)) == 2, 60, "the two more rollout nodes gone")
 
 
 def test_concurrent_launchers_start_one_session_and_one_trainer(stack):

@@ -64,10 +64,30 @@ def test_the_tensorboard_page_shows_return_losses_policy_lag_and_episode_gifs(re
                 return False
 
         wait_until(up, 90, "TensorBoard to answer", interval=0.5)
-        dom, text = page(f"{url}/#timeseries")
-        for tag in ("episode/mean_return", "trainer/policy_loss", "trainer/value_loss", "trainer/policy_lag",
-                    "episode/video_0"):
-            assert tag in text, f"{tag} is not on the page"
+        tags = ("episode/mean_return", "trainer/policy_loss", "trainer/value_loss", "trainer/policy_lag",
+                "episode/video_0")
+
+        def loaded():  # TensorBoard reads the event files in the background after it answers
+            try:
+                with urllib.request.urlopen(f"{url}/data/plugin/timeseries/tags", timeout=10) as reply:
+                    served = reply.read().decode()
+            except OSError:
+                return False
+            return all(tag in served for tag in tags)
+
+        wait_until(loaded, 90, "TensorBoard to serve the run's tags", interval=0.5)
+        shown = []
+
+        def on_page():  # a page drawn before its data arrived has no cards: load it again
+            shown[:] = [*page(f"{url}/#timeseries")]
+            return all(tag in shown[1] for tag in tags)
+
+        try:
+            wait_until(on_page, 240, "the cards on the page", interval=1)
+        except pytest.fail.Exception:
+            missing = [tag for tag in tags if tag not in shown[1]]
+            raise AssertionError(f"{missing} not on the page: {shown[1][:2000]}") from None
+        dom = shown[0]
         # the GIF itself: the image card's source, fetched as the browser fetched it, is an animated GIF
         sources = re.findall(r'<img[^>]+alt="Image at step \d+"[^>]+src="([^"]+)"', dom)
         assert sources, re.findall(r"<img[^>]*>", dom)
