@@ -1,4 +1,12 @@
-"""CartPole-v1 with a small MLP policy: the fast smoke test of the whole pipeline (learns in ~30 k steps)."""
+"""CartPole-v1 with a small MLP policy: the fast smoke test of the whole pipeline (a mean return of 475 in
+~41 k env steps, median of 3 seeds).
+
+rl-zoo's PPO hyper-parameters (8 envs, 256 steps an iteration, 20 epochs, lr 1e-3 annealed over 1e5 steps,
+gamma 0.98, lambda 0.8, no entropy term). What is ours is the pipeline depth: an iteration's data must not
+wait behind older data, or it arrives staler than max_staleness and its env steps are thrown away. With
+32-step fragments, a 64-fragment queue and 8 fragments a worker may hold, 74 % of all env steps were dropped
+as stale (102 k env steps to 475); one iteration of queue (16 fragments of 16 steps), and one fragment
+held, drop under 1 % (28-46 k)."""
 
 import gymnasium as gym
 import numpy as np
@@ -51,8 +59,8 @@ online_dict = {
         "num_rollout_workers": 1,
         "num_gpus_per_worker": 0,
         "num_cpus_per_worker": 1,
-        "fragment_length": 32,
-        "to_send_queue_size": 8,
+        "fragment_length": 16,
+        "to_send_queue_size": 1,
         "worker_config": {
             "num_envs": 8,
             "batch_size": 8,
@@ -62,28 +70,28 @@ online_dict = {
             "video_output_dir": "output/videos/cartpole",
         },
         "replay_buffer_config": {
-            "max_chunks": 8,  # = fragments per iteration: each iteration takes the oldest unread, like a queue
+            "max_chunks": 16,  # = fragments per iteration: each iteration takes the oldest unread, like a queue
             "max_reuse": 1,
             "max_staleness": 1,
             "fragments_per_report": 40,
             "fragments_per_chunk": 1,
         },
-        "max_pending_fragments": 64,
+        "max_pending_fragments": 16,
     },
     "train_config": {
         "num_workers": 1,
         "num_gpus_per_worker": 0,
-        "num_iterations": 200,
+        "num_iterations": 390,
         "vf_warmup": 0,
         "learning_rate": 1e-3,
         "anneal_lr_linearly": True,
         "weight_decay": 0.0,
         "adam_eps": 1e-5,
-        "batch_size_per_gpu": 8,
+        "batch_size_per_gpu": 16,
         "batches_per_iteration": 1,
         "gradient_accumulation": 1,
         "epochs_per_iteration": 20,
-        "context_length": 32,
+        "context_length": 16,
         "discount": 0.98,
         "gae_lambda": 0.8,
         "ppo_clip": 0.2,

@@ -24,6 +24,7 @@ import torch
 from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal
 from services.rollout.fragments import FragmentCutter, Step
 from services.shared import episode
+from services.shared.config import stream_bound
 from services.shared.episode import Episode
 from services.shared.fragment import Fragment, signature
 from services.shared.minestudio import adapt
@@ -110,7 +111,7 @@ class RolloutLoop:
         self.policy.eval()
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
-        producer = FragmentProducer(client, self.session_id, rc.max_pending_fragments, self.node_id)
+        producer = FragmentProducer(client, self.session_id, stream_bound(self.cfg), self.node_id)
         self.outbox: queue.Queue = queue.Queue(maxsize=rc.to_send_queue_size)
         sender = threading.Thread(target=self._send_loop, args=(producer, client), name="sender", daemon=True)
         sender.start()

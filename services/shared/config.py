@@ -270,10 +270,10 @@ def check(cfg: OnlineConfig) -> None:
         raise ConfigError(f"train_config.batch_size_per_gpu * batches_per_iteration ({per_rank} fragments per rank "
                           f"and iteration) exceeds the replay capacity rollout_config.replay_buffer_config."
                           f"max_chunks * fragments_per_chunk ({rb.max_chunks * rb.fragments_per_chunk})")
-    if per_rank * t.num_workers > r.max_pending_fragments:
-        raise ConfigError(f"rollout_config.max_pending_fragments ({r.max_pending_fragments}) is smaller than the "
-                          f"fragments an iteration needs ({per_rank} x {t.num_workers} ranks): producers would "
-                          f"block before the trainer could start")
+    if per_rank > r.max_pending_fragments:
+        raise ConfigError(f"rollout_config.max_pending_fragments ({r.max_pending_fragments} per rank) is smaller "
+                          f"than the fragments a rank's iteration needs ({per_rank}): producers would block before "
+                          f"the trainer could start")
     if cfg.trainer_name != "PPOTrainer":
         raise ConfigError(f"trainer_name {cfg.trainer_name!r} is not a trainer mso has: only PPOTrainer exists")
     if t.stall_timeout < 0:
@@ -283,6 +283,12 @@ def check(cfg: OnlineConfig) -> None:
     if not 0 <= t.discount <= 1 or not 0 <= t.gae_lambda <= 1:
         raise ConfigError(f"train_config.discount and gae_lambda must lie in [0, 1], got {t.discount}, "
                           f"{t.gae_lambda}")
+
+
+def stream_bound(cfg: OnlineConfig) -> int:
+    """Fragments the session's stream holds before producers block: max_pending_fragments per trainer rank (so
+    adding ranks does not starve them, and one rank's bound stays the lag its data may have)."""
+    return cfg.rollout_config.max_pending_fragments * cfg.train_config.num_workers
 
 
 def load(name: str, overrides: list[str] = ()) -> LoadedConfig:

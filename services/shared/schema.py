@@ -56,7 +56,7 @@ class RolloutConfig:
     worker_config: WorkerConfig = field(default_factory=WorkerConfig)
     replay_buffer_config: ReplayBufferConfig = field(default_factory=ReplayBufferConfig)
     episode_statistics_config: dict = field(default_factory=dict)  # reference: extra EpisodeStatistics kwargs
-    max_pending_fragments: int = 1024       # mso: fragments the Redis stream may hold before producers block
+    max_pending_fragments: int = 1024       # mso: per trainer rank, fragments the stream holds before producers block
 
 
 @dataclass

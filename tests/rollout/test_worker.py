@@ -130,8 +130,10 @@ def test_a_weight_load_failure_keeps_the_old_weights_and_is_reported(redis_serve
 
 
 def test_a_full_stream_blocks_the_workers_and_memory_stays_flat(redis_server, redis_client):
-    bound = 6
-    with Running(redis_client, redis_server.url, [f"rollout_config.max_pending_fragments={bound}",
+    """The stream holds max_pending_fragments per trainer rank: 6 for each of two ranks."""
+    bound = 12
+    with Running(redis_client, redis_server.url, ["rollout_config.max_pending_fragments=6",
+                                                  "train_config.num_workers=2", "train_config.batch_size_per_gpu=2",
                                                   "rollout_config.to_send_queue_size=2"]) as run:
         stream = f"mso:s:{run.sid}:fragments"
         wait_until(lambda: redis_client.xlen(stream) == bound, 60, "the stream to fill")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.shared.config import ConfigError, load
+from services.shared.config import ConfigError, load, stream_bound
 
 
 def test_builtin_with_overrides():
@@ -17,7 +17,7 @@ def test_file_path_loads(tmp_path):
     src = (load("cartpole").module.__file__)
     copy = tmp_path / "mine.py"
     copy.write_text(open(src).read())
-    assert load(str(copy)).cfg.rollout_config.fragment_length == 32
+    assert load(str(copy)).cfg.rollout_config.fragment_length == 16
 
 
 @pytest.mark.parametrize("override, message", [
@@ -27,6 +27,8 @@ def test_file_path_loads(tmp_path):
     ("train_config.gradient_accumulation=3", "multiple of train_config.gradient_accumulation"),
     ("rollout_config.fragment_length=0", "fragment_length must be at least 1"),
     ("no_equals_sign", "is not KEY=VALUE"),
+    ("rollout_config.max_pending_fragments=15", "max_pending_fragments (15 per rank) is smaller than the fragments "
+                                                "a rank's iteration needs (16)"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -47,8 +49,16 @@ def test_a_module_with_the_reference_key_set_loads_unchanged():
     assert cfg.rollout_config.replay_buffer_config.database_config.num_shards == 8
 
 
+def test_the_stream_holds_max_pending_fragments_per_trainer_rank():
+    """Adding ranks must not leave them starved by a bound sized for one (cartpole's is one iteration)."""
+    one = load("cartpole").cfg
+    two = load("cartpole", ["train_config.num_workers=2"]).cfg
+    assert stream_bound(one) == one.rollout_config.max_pending_fragments == 16
+    assert stream_bound(two) == 32
+
+
 def test_dotted_module_path_loads():
-    assert load("configs.cartpole").cfg.rollout_config.fragment_length == 32
+    assert load("configs.cartpole").cfg.rollout_config.fragment_length == 16
 
 
 def test_config_command_prints_yaml_or_the_error():
