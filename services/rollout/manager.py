@@ -5,6 +5,7 @@ between two status calls)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,13 +13,40 @@ from dataclasses import dataclass, field
 import ray
 
 from services.shared.session import Joined
-from services.rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 STATUS_TIMEOUT = 5.0
 MAX_WORKER_RESTARTS = 10   # replacements of one worker before the node stops replacing it (and says so)
 SUMMED = ("env_steps", "fragments_pushed", "bytes_pushed", "episodes", "env_restarts", "env_timeouts",
           "steps_dropped", "live_envs", "videos", "malformed_obs")
+
+
+@ray.remote
+class RolloutWorker:
+    """The Ray boundary around a RolloutLoop (services/rollout/worker.py) running in a thread of the actor
+    process. It is created without a session, so a spare starts and imports torch before one exists; this
+    module does not import torch, so the service and the manager that create workers never pay for it."""
+
+    def __init__(self):
+        from services.rollout.worker import RolloutLoop  # torch, the env stack: in this actor's process only
+
+        self._loop_type = RolloutLoop
+        self.loop = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker_index: int, joined: Joined, redis_url: str, node_id: str) -> bool:
+        self.loop = self._loop_type(worker_index, joined, redis_url, node_id)
+        self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
+        self.thread.start()
+        return True
+
+    def status(self) -> dict:
+        return {**self.loop.stats, "running": self.thread.is_alive()}
+
+    def stop(self) -> dict:
+        self.loop.stop_event.set()
+        self.thread.join(timeout=30)
+        return dict(self.loop.stats)
 
 
 def worker_resources(rc) -> dict:

@@ -67,7 +67,7 @@ class RolloutNode:
                 spare = self.warm_worker.take(worker_resources(joined.cfg.rollout_config))
                 ray.get(self.manager.start.remote(joined, self.redis_url, spare), timeout=180)
             except Exception as exc:
-                self.last_error = f"cannot start rollout workers: {exc}"
+                self.last_error = f"cannot start rollout workers: {ray_runtime.cause(exc)}"
                 self.state = "SERVICE_STATE_FAILED"
                 if spare is not None:  # the manager may have failed before it took the spare over
                     ray.kill(spare)

@@ -1,6 +1,6 @@
-"""RolloutWorker: a Ray actor that owns num_envs env subprocesses, batches inference over whichever envs
-are ready, cuts fragments and pushes them to the session's Redis stream. The loop itself is RolloutLoop,
-a plain class, so the actor adds only the Ray boundary.
+"""RolloutLoop: what a RolloutWorker actor runs. It owns num_envs env subprocesses, batches inference over
+whichever envs are ready, cuts fragments and pushes them to the session's Redis stream. A plain class: the
+actor (services/rollout/manager.py, a module without torch) adds only the Ray boundary.
 
 The loop never busy-waits: it blocks on the env pipes and runs a batch as soon as batch_size observations
 are waiting, or BATCH_DEADLINE after the first one, so a slow or restarting env never stalls the others.
@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 
 import numpy as np
-import ray
 import torch
 
 from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal
@@ -89,6 +88,8 @@ class RolloutLoop:
     def __init__(self, worker_index: int, joined: Joined, redis_url: str, node_id: str):
         self.index, self.session_id, self.redis_url = worker_index, joined.session_id, redis_url
         self.source, self.cfg, self.node_id = joined.source, joined.cfg, node_id
+        # Run here, not in the loop's thread: a module that cannot run on this node fails the Start that asked.
+        self.module = self.source.load()
         self.stats = {"env_steps": 0, "fragments_pushed": 0, "bytes_pushed": 0, "episodes": 0,
                       "env_restarts": 0, "env_timeouts": 0, "steps_dropped": 0, "model_version": 0,
                       "live_envs": 0, "inference_ms": 0.0, "videos": 0, "malformed_obs": 0, "last_error": "",
@@ -105,9 +106,8 @@ class RolloutLoop:
     def _run(self) -> None:
         rc, wc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config
         client = connect(self.redis_url)
-        module = self.source.load()
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
-        self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
+        self.policy = adapt(self.module.policy_generator())  # a MineStudio policy gets mso's contract
         self.policy.eval()
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
@@ -348,27 +348,3 @@ def truncation_values(policy, final_obs: list, states: list, use_normalized_vf: 
         for j, x in zip(cut, values(policy, latents, use_normalized_vf).tolist()):
             out[j] = x
     return out
-
-
-@ray.remote
-class RolloutWorker:
-    """The Ray boundary around a RolloutLoop running in a thread of the actor process. It is created
-    without a session (so a spare can start, and import torch, before one exists); start() gives it one."""
-
-    def __init__(self):
-        self.loop: RolloutLoop | None = None
-        self.thread: threading.Thread | None = None
-
-    def start(self, worker_index: int, joined: Joined, redis_url: str, node_id: str) -> bool:
-        self.loop = RolloutLoop(worker_index, joined, redis_url, node_id)
-        self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
-        self.thread.start()
-        return True
-
-    def status(self) -> dict:
-        return {**self.loop.stats, "running": self.thread.is_alive()}
-
-    def stop(self) -> dict:
-        self.loop.stop_event.set()
-        self.thread.join(timeout=30)
-        return dict(self.loop.stats)

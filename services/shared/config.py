@@ -44,6 +44,11 @@ class ConfigSource:
     name: str
     sha256: str
 
+    def verify(self) -> None:
+        """Check what load() checks (the allow-list, the bytes) without running the module: a service that
+        only starts the actors which run it need not pay for its imports (torch, the env stack)."""
+        _verified_bytes(self.name, self.sha256)
+
     def load(self) -> ModuleType:
         return import_verified(self.name, self.sha256)
 
@@ -145,17 +150,24 @@ def _locate(name: str) -> tuple[str, Path, importlib.machinery.ModuleSpec | None
                       f"importable .py module")
 
 
-def import_verified(name: str, source_hash: str) -> ModuleType:
-    """The config module a session names, as a node joining it runs it: `name` comes from Redis, so it must
-    pass the same allow-list as a remote Launch, and the bytes executed are exactly the bytes whose SHA-256
-    is source_hash (read once, hashed, then executed), never the file read again. SourceMismatch when this
-    node's copy differs; ConfigError for any other reason, naming it."""
+def _verified_bytes(name: str, source_hash: str) -> tuple[str, Path, importlib.machinery.ModuleSpec | None, bytes]:
+    """(module name, file, spec, bytes) of config `name` once it passed the allow-list and its bytes hash to
+    source_hash; ConfigError (SourceMismatch for other bytes) otherwise. Nothing of it is executed."""
     check_remote_name(name)
     module_name, path, spec = _locate(name)
     source = path.read_bytes()
     if hashlib.sha256(source).hexdigest() != source_hash:
         raise SourceMismatch(f"config module {name} at {path} differs from the one the session was launched "
                              f"with; deploy the same file on every node")
+    return module_name, path, spec, source
+
+
+def import_verified(name: str, source_hash: str) -> ModuleType:
+    """The config module a session names, as a node joining it runs it: `name` comes from Redis, so it must
+    pass the same allow-list as a remote Launch, and the bytes executed are exactly the bytes whose SHA-256
+    is source_hash (read once, hashed, then executed), never the file read again. SourceMismatch when this
+    node's copy differs; ConfigError for any other reason, naming it."""
+    module_name, path, spec, source = _verified_bytes(name, source_hash)
     known = sys.modules.get(module_name)
     if known is not None and getattr(known, "__mso_source_hash__", None) == source_hash:
         return known

@@ -49,6 +49,14 @@ def ensure() -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 
+def cause(exc: BaseException) -> BaseException:
+    """The error an actor raised, out of the RayTaskErrors that carried it through other actors (whose text
+    is a traceback per hop)."""
+    while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
 def shutdown() -> None:
     """Leave Ray (and stop this service's own local instance, when it started one)."""
     with _lock:

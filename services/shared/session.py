@@ -112,11 +112,12 @@ class Joined:
 
 def join(client: redis.Redis, session_id: str) -> Joined:
     """What a node needs to join session_id, once its copy of the config module passed the allow-list and its
-    bytes matched the session's (config.import_verified). Raises SessionNotFound, or config.ConfigError
-    (SourceMismatch when this node's copy differs)."""
+    bytes matched the session's. The module is not run here: the node's actors run it (import_verified, the
+    same checks again). Raises SessionNotFound, or config.ConfigError (SourceMismatch when this node's copy
+    differs)."""
     record = read(client, session_id)
     source = ConfigSource(record.config_name, record.source_hash)
-    source.load()
+    source.verify()
     return Joined(session_id, from_yaml(record.config_yaml), source, record.source)
 
 

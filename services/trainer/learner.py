@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 import torch.distributed as dist
 
@@ -235,20 +234,13 @@ class Ranks:
 
 def train_loop(config: dict) -> dict:
     """Entry point of a rank: Ray Train's train_loop_per_worker (config {"spec": LearnerSpec}), or called by
-    LearnerActor."""
+    LearnerActor (services/trainer/manager.py)."""
     torch.set_num_threads(1)
     return Learner(config["spec"]).run()
 
 
-@ray.remote
-class LearnerActor:
-    """The single-rank learner as a plain Ray actor (no Ray Train start-up cost)."""
-
-    def warm(self) -> None:
-        """Pay the first-use costs before a session: the first optimizer imports torch._dynamo (a second on
-        these machines), and the logs import TensorBoard."""
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-
-    def run(self, spec: LearnerSpec) -> dict:
-        return train_loop({"spec": spec})
+def warm() -> None:
+    """Pay the first-use costs before a session: the first optimizer imports torch._dynamo (a second on these
+    machines), and the logs import TensorBoard."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401

@@ -24,10 +24,24 @@ STOP_GRACE = 60.0
 SAVE_TIMEOUT = 300.0
 
 
+@ray.remote
+class LearnerActor:
+    """The single-rank learner as a plain Ray actor (no Ray Train start-up cost). The learner's module (torch)
+    is imported in the actor's process only: this module has no torch, so the service never pays for it."""
+
+    def warm(self) -> None:
+        from services.trainer import learner
+
+        learner.warm()
+
+    def run(self, spec: LearnerSpec) -> dict:
+        from services.trainer.learner import train_loop
+
+        return train_loop({"spec": spec})
+
+
 def start_learner_actor(node_id: str, resources: dict):
     """A single-rank learner actor, warming up (its imports) as soon as its process runs."""
-    from services.trainer.learner import LearnerActor
-
     actor = LearnerActor.options(**resources, name=f"learner-{node_id}-{uuid.uuid4().hex[:6]}").remote()
     actor.warm.remote()
     return actor
@@ -35,8 +49,6 @@ def start_learner_actor(node_id: str, resources: dict):
 
 def run_learner(spec: LearnerSpec, warm: ray_runtime.WarmActor) -> None:
     """Run the learner to completion (blocking) with as many ranks as train_config.num_workers."""
-    from services.trainer.learner import train_loop
-
     tc = spec.joined.cfg.train_config
     if tc.num_workers == 1:
         resources = {"num_cpus": 1, "num_gpus": tc.num_gpus_per_worker}
@@ -49,6 +61,8 @@ def run_learner(spec: LearnerSpec, warm: ray_runtime.WarmActor) -> None:
     warm.take(None)  # its CPU belongs to Ray Train's ranks
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from services.trainer.learner import train_loop
 
     use_gpu = tc.num_gpus_per_worker > 0
     TorchTrainer(

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from services.shared import episode, keys, queue, session, trainer_status
@@ -107,6 +108,19 @@ def test_rollout_nodes_are_started_all_at_once(stack):
         for child in extra:
             child.stop(grace=10)
     wait_until(lambda: len(session.list_nodes(client)) == 2, 60, "the two more rollout nodes gone")
+
+
+def test_the_service_processes_never_import_torch(stack):
+    """The actors run the config module and the learner; the services only verify the module and start them.
+    A service that imported torch (through the config module at a Start, or an actor class's module) spent
+    seconds of every start-up on 2 cores for nothing, and hundreds of MB for as long as it runs."""
+    client = stack["redis"]
+    wait_finished(client, Launcher(client).launch("cartpole", SHORT))
+    for kind in ("rollout", "trainer"):
+        port = stack[kind].rsplit(":", 1)[1]
+        service = next(p for p in psutil.process_iter(["cmdline"])
+                       if "serve" in (p.info["cmdline"] or []) and f"--port={port}" in p.info["cmdline"])
+        assert not [m.path for m in service.memory_maps() if "libtorch" in m.path], f"the {kind} service has torch"
 
 
 def test_concurrent_launchers_start_one_session_and_one_trainer(stack):

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from services.shared.config import load
 from tests.conftest import grpcurl, wait_until
 
 MSO = [sys.executable, "-m", "services.cli"]
@@ -30,7 +31,8 @@ def test_cartpole_learns_end_to_end(tmp_path):
     assert s["phase"] == "SESSION_PHASE_FINISHED"
     # A random policy averages ~22; 195 over the last 20 episodes is CartPole-v0's "solved".
     assert s["best_mean_return"] >= 195, s
-    assert s["rollout_model_version"] > 1 and s["model_version"] == s["iterations"] == 200
+    iterations = load("cartpole").cfg.train_config.num_iterations
+    assert s["rollout_model_version"] > 1 and s["model_version"] == s["iterations"] == iterations
     ledger = s["ledger"]
     assert ledger["produced"] == ledger["consumed"] + ledger.get("dropped_stale", 0) + \
         ledger.get("dropped_corrupt", 0) + ledger["pending"]
@@ -43,7 +45,7 @@ def test_two_ray_train_ranks_train_together(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert s["phase"] == "SESSION_PHASE_FINISHED" and s["iterations"] == 4 and s["model_version"] == 4
     # Both ranks consumed: each iteration retires batch_size_per_gpu * batches_per_iteration per rank.
-    assert s["ledger"]["consumed"] == 4 * 2 * 8
+    assert s["ledger"]["consumed"] == 4 * 2 * load("cartpole").cfg.train_config.batch_size_per_gpu
 
 
 def test_a_ray_token_left_in_home_by_another_ray_does_not_lock_the_services_out(tmp_path):

@@ -1,6 +1,8 @@
 """The session record: a node joins with the launcher's resolved config, and runs a config module only when
 its name passes the allow-list and its bytes are the ones the session was launched with."""
 
+from pathlib import Path
+
 import pytest
 
 from services.shared import keys, session
@@ -51,6 +53,22 @@ def test_an_allowed_module_runs_only_with_the_bytes_the_session_names(redis_clie
     with pytest.raises(SourceMismatch):  # allowed by its folder, but not the source the session was launched with
         session.join(redis_client, sid)
     assert not marker.exists()
+
+
+def test_joining_verifies_the_module_without_running_it(redis_client, tmp_path, monkeypatch):
+    """A service only starts the actors that run the module: it checks the allow-list and the bytes, and pays
+    for none of the module's imports (torch and the env stack: seconds of every Start on 2 cores)."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "mine.py"
+    path.write_text(Path(load("cartpole").module.__file__).read_text()
+                    + f"\nopen({str(marker)!r}, 'a').write('ran')\n")
+    monkeypatch.setenv("MSO_CONFIG_PATH", str(tmp_path))
+    sid = session.create(redis_client, load(str(path)))  # the launcher runs it
+    marker.unlink()
+    joined = session.join(redis_client, sid)
+    assert not marker.exists()
+    joined.source.load()  # as the node's actors do
+    assert marker.read_text() == "ran"
 
 
 def test_a_session_config_with_an_interpolation_is_refused():

@@ -28,6 +28,7 @@ from tests.trainer import ddp_rank
 def make_spec(redis_server, tmp_path, sid, *overrides):
     loaded = load("cartpole", [f"rollout_config.fragment_length={ddp_rank.L}", "train_config.context_length=4",
                                "train_config.epochs_per_iteration=2", "rollout_config.max_pending_fragments=10000",
+                               "train_config.batch_size_per_gpu=8", "rollout_config.replay_buffer_config.max_chunks=8",
                                *overrides])
     return LearnerSpec(Joined.of(sid, loaded), redis_server.url, "t", str(tmp_path))
 
