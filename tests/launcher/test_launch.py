@@ -214,6 +214,20 @@ def test_an_env_generator_that_raises_fails_the_launch_naming_the_module_and_the
     assert rollout_status(stack).workers == 0  # stopped again
 
 
+def test_a_module_that_cannot_run_on_the_node_fails_its_start_with_the_module_s_own_error(stack):
+    """The node's actors run the config module (its service only verifies it): the error they raise reaches
+    the Launch as the module's own, not as Ray's traceback of every actor it passed through."""
+    client = stack["redis"]
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        Launcher(client).launch(str(Path(__file__).with_name("node_only_config.py")), [])
+    assert time.monotonic() - started < 60  # the Start failed; nobody waited for fragments
+    message = str(err.value)
+    assert "node_only_config.py failed while loading: ImportError: stand-in: the simulator's package" in message
+    assert "Traceback" not in message and "ray::" not in message, message
+    assert rollout_status(stack).workers == 0
+
+
 @pytest.fixture
 def cluster_actors(stack):
     """The named actors on the stack's Ray cluster, seen from a driver of the test's own."""
