@@ -34,14 +34,13 @@ def ensure() -> None:
     with _lock:
         if ray.is_initialized():
             return
-        address = os.environ.get("RAY_ADDRESS") or None
-        # A service's own instance serves this machine only: on loopback, where the container's network (an
-        # address that changes when it is reconnected, a partition) cannot cut the service off its actors.
-        kwargs = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+        address, kwargs = os.environ.get("RAY_ADDRESS") or None, {}
         if not address:
             # "local": a new instance. Without an address ray.init joins the last cluster `ray start` started on
-            # this machine (/tmp/ray/ray_current_cluster: `mso run`'s head, a user's own, or a dead one).
-            address = "local"
+            # this machine (/tmp/ray/ray_current_cluster: `mso run`'s head, a user's own, or a dead one). It
+            # serves this machine only: on loopback, where the container's network (an address that changes
+            # when it is reconnected, a partition) cannot cut the service off its actors.
+            address, kwargs = "local", {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
             # Ray waits 30 s for its GCS to publish its port, then fails the start (and the session's Start with
             # it); on a loaded 2-core host (three rollout containers starting their instances at once) that
             # took longer in CI. RAY_gcs_server_port_wait_time_s is Ray's own override.
