@@ -16,7 +16,6 @@ import time
 
 from services.launcher.reaper import signal_sessions
 from services.shared.ports import free_port
-from services.shared.ray_runtime import GCS_PORT_WAIT_S
 from services.shared.redis_server import RedisServer
 from services.shared.rpc import wait_serving
 
@@ -136,7 +135,6 @@ class Embedded:
             self.redis_url = self.redis.url
             self.reaper.watch(self.redis.process.pid)
         env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-        env.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_PORT_WAIT_S))  # as ray_runtime, for the head
         # The head and both services start together: each spends seconds importing; the services join Ray
         # only when a session starts.
         head, self.ray_env = spawn_ray_head(self.num_cpus, env)

@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "online"
 WARM_READY_TIMEOUT = 60.0
-GCS_PORT_WAIT_S = 120  # seconds a starting local Ray instance may take to publish its GCS port
 _lock = threading.Lock()
 
 
@@ -41,10 +40,6 @@ def ensure() -> None:
             # serves this machine only: on loopback, where the container's network (an address that changes
             # when it is reconnected, a partition) cannot cut the service off its actors.
             address, kwargs = "local", {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-            # Ray waits 30 s for its GCS to publish its port, then fails the start (and the session's Start with
-            # it); on a loaded 2-core host (three rollout containers starting their instances at once) that
-            # took longer in CI. RAY_gcs_server_port_wait_time_s is Ray's own override.
-            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_PORT_WAIT_S))
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 

@@ -39,7 +39,7 @@ CHANNEL_OPTIONS = [
 MAX_STREAMS = 8
 UNARY_THREADS = 8
 # Default deadline of a unary client call, in seconds. Start calls get longer ones: a node's Start may start
-# its own Ray instance (Ray waits up to ray_runtime.GCS_PORT_WAIT_S = 120 s for it) and then its actors (up to
+# its own Ray instance (Ray waits up to 30 s for its GCS) and then its actors (up to
 # 180 s); a shorter deadline gave up on a node that was still starting on a loaded host.
 CALL_TIMEOUT = 10.0
 START_TIMEOUT = 300.0
