@@ -18,7 +18,7 @@ from services.launcher.embedded import Embedded
 from services.launcher.launch import ENDED, FINISHED, RUNNING, STOPPED, Launcher, LaunchError, Progress
 from services.launcher.server import start_server
 from services.shared import queue, trainer_status
-from services.shared.config import ConfigError, allow_locally, load
+from services.shared.config import ConfigError, allow_locally, load_in_child
 from services.shared.redis_server import connect, redact
 
 MILESTONES = [195.0, 475.0]  # mean returns whose first-reached times the summary reports (CartPole's bars)
@@ -145,7 +145,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
         return 2
     started_at = psutil.Process().create_time()  # start-up is counted from the command, imports included
     try:
-        loaded = load(name, overrides)
+        loaded = load_in_child(name, overrides)  # torch and the env stack stay out of this process
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ class ConfigSource:
 @dataclass
 class LoadedConfig:
     name: str             # how it was asked for: built-in name, dotted path or file path
-    module: ModuleType
+    module: ModuleType | None  # None when a child interpreter ran it (load_in_child)
     source: str           # the module's source text (stored with the session and every checkpoint)
     source_hash: str      # SHA-256 of the module file's bytes: what every node verifies before executing it
     cfg: OnlineConfig     # online_dict, validated, with overrides applied and interpolations resolved
@@ -312,6 +313,30 @@ def load(name: str, overrides: list[str] = ()) -> LoadedConfig:
     raw = Path(module.__file__).read_bytes()
     return LoadedConfig(name=name, module=module, source=raw.decode("utf-8", errors="replace"),
                         source_hash=hashlib.sha256(raw).hexdigest(), cfg=validate(module.online_dict, overrides))
+
+
+def load_in_child(name: str, overrides: list[str] = ()) -> LoadedConfig:
+    """load(), run by a child interpreter (`mso config`), for a process that must not hold what the module
+    imports for as long as it lives: `mso run` would keep torch and the env stack (~150 MB) that only its
+    actors use. The same checks, errors and resolved config; `module` is None."""
+    try:
+        path = _locate(name)[1]
+        before = path.read_bytes()
+    except ConfigError:  # the child says why, as load() would
+        path = before = None
+    child = subprocess.run([sys.executable, "-m", "services.cli", "config", name, *overrides],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        said = child.stderr.strip()
+        if child.returncode == 2 and said.startswith("error: "):
+            raise ConfigError(said.removeprefix("error: "))
+        raise ConfigError(f"config module {name}: loading it exited with code {child.returncode}: {said[-2000:]}")
+    if path is None:
+        raise ConfigError(f"config module {name} loaded, but its source file cannot be found from here")
+    if path.read_bytes() != before:
+        raise ConfigError(f"config module {name} at {path} changed while it was loading; run again")
+    return LoadedConfig(name=name, module=None, source=before.decode("utf-8", errors="replace"),
+                        source_hash=hashlib.sha256(before).hexdigest(), cfg=from_yaml(child.stdout))
 
 
 def to_yaml(cfg: OnlineConfig) -> str:
