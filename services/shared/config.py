@@ -310,9 +310,13 @@ def load(name: str, overrides: list[str] = ()) -> LoadedConfig:
         if not hasattr(module, attr):
             raise ConfigError(f"config module {name} defines no {attr} (a config module needs env_generator, "
                               f"policy_generator and online_dict)")
-    raw = Path(module.__file__).read_bytes()
+    return _loaded(name, module, Path(module.__file__).read_bytes(), validate(module.online_dict, overrides))
+
+
+def _loaded(name: str, module: ModuleType | None, raw: bytes, cfg: OnlineConfig) -> LoadedConfig:
+    """A LoadedConfig whose source and SHA-256 are those of the module file's bytes `raw`."""
     return LoadedConfig(name=name, module=module, source=raw.decode("utf-8", errors="replace"),
-                        source_hash=hashlib.sha256(raw).hexdigest(), cfg=validate(module.online_dict, overrides))
+                        source_hash=hashlib.sha256(raw).hexdigest(), cfg=cfg)
 
 
 def load_in_child(name: str, overrides: list[str] = ()) -> LoadedConfig:
@@ -335,8 +339,7 @@ def load_in_child(name: str, overrides: list[str] = ()) -> LoadedConfig:
         raise ConfigError(f"config module {name} loaded, but its source file cannot be found from here")
     if path.read_bytes() != before:
         raise ConfigError(f"config module {name} at {path} changed while it was loading; run again")
-    return LoadedConfig(name=name, module=None, source=before.decode("utf-8", errors="replace"),
-                        source_hash=hashlib.sha256(before).hexdigest(), cfg=from_yaml(child.stdout))
+    return _loaded(name, None, before, from_yaml(child.stdout))
 
 
 def to_yaml(cfg: OnlineConfig) -> str:
