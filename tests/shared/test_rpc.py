@@ -43,7 +43,7 @@ def test_watchers_cannot_starve_the_other_calls(redis_client):
 def test_a_service_can_start_processes_while_it_serves_calls():
     """A service starts Ray's GCS and raylet (Popen with a preexec_fn: a fork) while its gRPC server answers
     GetStatus, health checks and Starts. With gRPC's fork handlers on, a child now and then died before exec:
-    Ray then waited 120 s for a GCS that did not exist, and the node's Start failed ("Timed out waiting for
+    Ray then waited out its whole GCS-port wait for a GCS that did not exist, and the node's Start failed ("Timed out waiting for
     file .../gcs_server_port_..."). A fresh interpreter, as `mso rollout serve` is; every child must exec."""
     forks = 300
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("fork_while_serving.py")), str(forks)],
