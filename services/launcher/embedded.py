@@ -114,6 +114,7 @@ class Embedded:
         self.quiet = quiet
         self.redis: RedisServer | None = None
         self.children: list[ChildProcess] = []
+        self._head: ChildProcess | None = None
         self.reaper: Reaper | None = None
         self.redis_url = os.environ.get("REDIS_URL") or ""
         self.ray_env: dict = {}
@@ -122,13 +123,26 @@ class Embedded:
         self._dead_since: dict[str, float] = {}
 
     def start(self) -> None:
+        self.spawn()
+        self.wait()
+
+    def spawn(self) -> None:
+        """Start Redis and begin starting the Ray head and both services (each spends seconds importing);
+        wait() waits until they serve. Either stops everything when it fails."""
         try:
-            self._start()
+            self._spawn()
         except BaseException:
             self.stop()
             raise
 
-    def _start(self) -> None:
+    def wait(self) -> None:
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self) -> None:
         self.reaper = Reaper()
         if not self.redis_url:
             # A password nobody else knows: anyone who can write this Redis can steer every node.
@@ -136,25 +150,25 @@ class Embedded:
             self.redis_url = self.redis.url
             self.reaper.watch(self.redis.process.pid)
         env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-        # The head and both services start together: each spends seconds importing; the services join Ray
-        # only when a session starts.
-        head, self.ray_env = spawn_ray_head(self.num_cpus, env)
+        # The head and both services start together; the services join the head as soon as it is up.
+        self._head, self.ray_env = spawn_ray_head(self.num_cpus, env)
         env.update(self.ray_env)
-        self._add(head)
-        services = []
+        self._add(self._head)
         for kind in ("rollout", "trainer"):
             port = free_port()
-            child = ChildProcess(kind, [sys.executable, "-m", "services.cli", kind, "serve", "--host=127.0.0.1",
-                                        f"--port={port}"], env, quiet=self.quiet)  # REDIS_URL: not in `ps`
-            self._add(child)
-            services.append((child, f"127.0.0.1:{port}"))
+            self._add(ChildProcess(kind, [sys.executable, "-m", "services.cli", kind, "serve", "--host=127.0.0.1",
+                                          f"--port={port}"], env, quiet=self.quiet))  # REDIS_URL: not in `ps`
             self.addresses[kind] = f"127.0.0.1:{port}"
-        wait_ray_head(head)
-        for child, address in services:
-            try:
-                wait_serving(address, timeout=60)
-            except TimeoutError as exc:
-                raise RuntimeError(f"{child.name} service did not come up: {exc}\n" + "".join(child.lines[-20:])) from None
+
+    def _wait(self) -> None:
+        wait_ray_head(self._head)
+        for child in self.children:
+            if child.name in self.addresses:
+                try:
+                    wait_serving(self.addresses[child.name], timeout=60)
+                except TimeoutError as exc:
+                    raise RuntimeError(f"{child.name} service did not come up: {exc}\n"
+                                       + "".join(child.lines[-20:])) from None
 
     def supervise(self) -> list[str]:
         """Restart dead service processes whose backoff has passed; returns what was restarted. Raises
@@ -204,7 +218,7 @@ class Embedded:
             child.finish(deadline - 1.0)
         for child in self.children:
             if child.name == "ray":  # a private head that only served this run: a second to stop is enough,
-                child.stop(grace=1.0)  # its graceful teardown takes seconds on these machines
+                child.stop(grace=min(grace, 1.0))  # its graceful teardown takes seconds on these machines
         self.children = []
         if self.redis is not None:
             self.redis.stop()

@@ -18,9 +18,12 @@ from services.launcher.embedded import Embedded
 from services.launcher.launch import ENDED, FINISHED, RUNNING, STOPPED, Launcher, LaunchError, Progress
 from services.launcher.server import start_server
 from services.shared import queue, trainer_status
-from services.shared.config import ConfigError, allow_locally, load_in_child
+from services.shared.config import ChildLoad, ConfigError, allow_locally
 from services.shared.redis_server import connect, redact
 
+# The private head's logical CPUs: Ray only counts them to place actors, and the head starts before the
+# config that says how many actors it needs is resolved, so it has enough for any config.
+HEAD_CPUS = 1024
 MILESTONES = [195.0, 475.0]  # mean returns whose first-reached times the summary reports (CartPole's bars)
 
 
@@ -144,25 +147,30 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
               "(the CA that signed the certificate) too", file=sys.stderr)
         return 2
     started_at = psutil.Process().create_time()  # start-up is counted from the command, imports included
-    try:
-        loaded = load_in_child(name, overrides)  # torch and the env stack stay out of this process
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    allow_locally(name)
+    # The config module runs in a child (torch and the env stack stay out of this process) while Redis, the
+    # Ray head and the services start: each takes seconds on a small machine.
+    loading = ChildLoad(name, overrides)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminated)
-    cfg = loaded.cfg
-    needed = (cfg.rollout_config.num_rollout_workers * cfg.rollout_config.num_cpus_per_worker
-              + cfg.train_config.num_workers + 1)
-    embedded = Embedded(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), quiet=options.quiet)
+    embedded = Embedded(num_cpus=HEAD_CPUS, quiet=options.quiet)
     started = time.monotonic()
     server = None
     summary: dict = {"config": name, "overrides": overrides}
     followed = Followed()
-    code = 1
+    code, grace = 1, 10.0  # seconds the processes get to stop: less when interrupted, none when nothing ran
     try:
-        embedded.start()
+        try:
+            embedded.spawn()
+            loaded = loading.result()
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            summary.update(phase="CONFIG_ERROR", error=str(exc))
+            code, grace = 2, 0.0
+            return code
+        finally:
+            loading.cancel()
+        allow_locally(name)
+        embedded.wait()
         client = connect(embedded.redis_url)
         launcher = Launcher(client)
         server = start_server(launcher, f"{options.host}:{options.port}")
@@ -181,7 +189,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"\nmso: {signal.Signals(signum).name}: stopping", file=sys.stderr)
         summary["phase"] = "INTERRUPTED"
-        code = 128 + signum
+        code, grace = 128 + signum, 4.0
     except (LaunchError, ConfigError, RuntimeError, ConnectionError) as exc:
         print(f"mso: error: {exc}{embedded.post_mortem()}", file=sys.stderr)
         summary.update(phase="FAILED", error=str(exc))
@@ -193,10 +201,9 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
                 _conclude(summary, followed, embedded, client, name, overrides, options, time.monotonic() - started)
             except Exception as exc:  # a report that failed must not leave the processes running
                 print(f"mso: no summary: {exc!r}", file=sys.stderr)
-        interrupted = summary.get("phase") == "INTERRUPTED"
         if server is not None:
-            server.stop(grace=0.5 if interrupted else 2.0)
-        embedded.stop(grace=4.0 if interrupted else 10.0)
+            server.stop(grace=min(grace, 2.0))
+        embedded.stop(grace=grace)
         if options.summary:
             with open(options.summary, "w") as f:
                 json.dump(summary, f, indent=2, default=float)

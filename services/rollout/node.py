@@ -114,8 +114,10 @@ class RolloutNode:
         return new_worker(self.node_id, resources)
 
     def fill_warm(self) -> None:
-        self.warm_manager.fill()
+        # The worker first: Ray starts as many actor processes at once as the machine has cores, and the
+        # worker's (torch, the envs) is the longer start that the first fragment waits for.
         self.warm_worker.fill()
+        self.warm_manager.fill()
 
     def _release(self) -> None:
         manager, self.manager = self.manager, None

@@ -57,7 +57,7 @@ class ConfigSource:
 @dataclass
 class LoadedConfig:
     name: str             # how it was asked for: built-in name, dotted path or file path
-    module: ModuleType | None  # None when a child interpreter ran it (load_in_child)
+    module: ModuleType | None  # None when a child interpreter ran it (ChildLoad)
     source: str           # the module's source text (stored with the session and every checkpoint)
     source_hash: str      # SHA-256 of the module file's bytes: what every node verifies before executing it
     cfg: OnlineConfig     # online_dict, validated, with overrides applied and interpolations resolved
@@ -319,27 +319,42 @@ def _loaded(name: str, module: ModuleType | None, raw: bytes, cfg: OnlineConfig)
                         source_hash=hashlib.sha256(raw).hexdigest(), cfg=cfg)
 
 
-def load_in_child(name: str, overrides: list[str] = ()) -> LoadedConfig:
-    """load(), run by a child interpreter (`mso config`), for a process that must not hold what the module
-    imports for as long as it lives: `mso run` would keep torch and the env stack (~150 MB) that only its
-    actors use. The same checks, errors and resolved config; `module` is None."""
-    try:
-        path = _locate(name)[1]
-        before = path.read_bytes()
-    except ConfigError:  # the child says why, as load() would
-        path = before = None
-    child = subprocess.run([sys.executable, "-m", "services.cli", "config", name, *overrides],
-                           capture_output=True, text=True)
-    if child.returncode != 0:
-        said = child.stderr.strip()
-        if child.returncode == 2 and said.startswith("error: "):
-            raise ConfigError(said.removeprefix("error: "))
-        raise ConfigError(f"config module {name}: loading it exited with code {child.returncode}: {said[-2000:]}")
-    if path is None:
-        raise ConfigError(f"config module {name} loaded, but its source file cannot be found from here")
-    if path.read_bytes() != before:
-        raise ConfigError(f"config module {name} at {path} changed while it was loading; run again")
-    return _loaded(name, None, before, from_yaml(child.stdout))
+class ChildLoad:
+    """load(), run by a child interpreter (`mso config`) that starts at construction, for a process that must
+    not hold what the module imports for as long as it lives: `mso run` would keep torch and the env stack
+    (~150 MB) that only its actors use, and it starts its Ray head and services while the child runs. result()
+    gives the same checks, errors and resolved config as load(); `module` is None."""
+
+    def __init__(self, name: str, overrides: list[str] = ()):
+        self.name = name
+        try:
+            self.path: Path | None = _locate(name)[1]
+            self.before: bytes | None = self.path.read_bytes()
+        except ConfigError:  # the child says why, as load() would
+            self.path = self.before = None
+        self.child = subprocess.Popen([sys.executable, "-m", "services.cli", "config", name, *overrides],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                      text=True)
+
+    def result(self) -> LoadedConfig:
+        out, said = self.child.communicate()
+        said = said.strip()
+        if self.child.returncode != 0:
+            if self.child.returncode == 2 and said.startswith("error: "):
+                raise ConfigError(said.removeprefix("error: "))
+            raise ConfigError(f"config module {self.name}: loading it exited with code {self.child.returncode}: "
+                              f"{said[-2000:]}")
+        if self.path is None:
+            raise ConfigError(f"config module {self.name} loaded, but its source file cannot be found from here")
+        if self.path.read_bytes() != self.before:
+            raise ConfigError(f"config module {self.name} at {self.path} changed while it was loading; run again")
+        return _loaded(self.name, None, self.before, from_yaml(out))
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs (the command ends before it needed the result)."""
+        if self.child.poll() is None:
+            self.child.kill()
+        self.child.communicate()
 
 
 def to_yaml(cfg: OnlineConfig) -> str:

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 NAMESPACE = "online"
 WARM_READY_TIMEOUT = 60.0
 _lock = threading.Lock()
+_early_done = threading.Event()  # connect_early's work (joining, warming) is over, or there was none
+_early_done.set()
 
 
 class _SigtermNotice(logging.Filter):
@@ -30,6 +32,14 @@ logging.getLogger("ray._private.worker").addFilter(_SigtermNotice())
 
 
 def ensure() -> None:
+    """Join Ray (see _join). A Start calls it: when connect_early is still joining and starting the warm
+    actors, it waits for that first, or it would start actors of its own beside the warm ones (each a process
+    importing torch, on a machine that is still starting everything else)."""
+    _early_done.wait()
+    _join()
+
+
+def _join() -> None:
     with _lock:
         if ray.is_initialized():
             return
@@ -73,12 +83,15 @@ def connect_early(then: Callable[[], None] | None = None) -> None:
 
     def connect() -> None:
         try:
-            ensure()
+            _join()
             if then is not None:
                 then()
         except Exception as exc:  # reported by the Start that needs it
             log.warning("cannot join the Ray cluster at %s yet: %s", os.environ["RAY_ADDRESS"], exc)
+        finally:
+            _early_done.set()
 
+    _early_done.clear()
     threading.Thread(target=connect, name="ray-connect", daemon=True).start()
 
 

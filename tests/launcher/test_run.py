@@ -127,7 +127,7 @@ def test_ctrl_c_and_sigterm_stop_everything_within_5_seconds(how):
 
 def test_mso_run_itself_never_imports_torch():
     """The config module imports torch and the env stack; only the actors use them. `mso run` resolves the
-    config in a child interpreter (config.load_in_child), so for the whole run it does not hold ~150 MB it
+    config in a child interpreter (config.ChildLoad), so for the whole run it does not hold ~150 MB it
     never uses (it did: libtorch was mapped into it, 190 MB of PSS against ~40 without)."""
     proc, _descendants = start_running()
     try:
@@ -233,3 +233,25 @@ def test_a_clean_run_prints_progress_and_results_and_nothing_that_looks_like_an_
     assert re.search(r"mso: finished after \S+: \d+ env steps", proc.stdout)
     assert f"TensorBoard logs in {tmp_path / 'runs'}/" in proc.stdout and "mso tensorboard" in proc.stdout
     assert "no checkpoint was written (train_config.save_interval=N" in proc.stdout
+
+
+def test_the_ray_head_starts_while_the_config_loads_and_a_bad_config_leaves_nothing_behind():
+    """`mso run` starts Redis, its Ray head and the services while the config module runs in a child
+    interpreter (they take seconds each on a small machine), and a config that then fails stops all of them:
+    exit 2, the module's own error, nothing left running."""
+    proc = subprocess.Popen(MSO + ["run", "tests/launcher/sees_the_head_config.py", "--port=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    me, seen, names = psutil.Process(proc.pid), {}, set()
+    while proc.poll() is None:  # every process it brings up, to check afterwards that none is left
+        try:
+            for p in me.children(recursive=True):
+                seen[p.pid] = p
+                names.add(p.name())
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)  # a sampling interval
+    said = proc.stderr.read()
+    assert proc.returncode == 2, said[-3000:]
+    assert "error: " in said and "the Ray head was starting while this module loaded" in said, said[-3000:]
+    assert {"gcs_server", "redis-server"} <= names, names
+    wait_all_gone(list(seen.values()), 5.0)
