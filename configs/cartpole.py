@@ -1,5 +1,5 @@
 """CartPole-v1 with a small MLP policy: the fast smoke test of the whole pipeline (a mean return of 475 in
-~41 k env steps, median of 3 seeds).
+~30 k env steps, median of 3 seeds).
 
 rl-zoo's PPO hyper-parameters (8 envs, 256 steps an iteration, 20 epochs, lr 1e-3 annealed over 1e5 steps,
 gamma 0.98, lambda 0.8, no entropy term). What is ours is the pipeline depth: an iteration's data must not
