@@ -1,6 +1,6 @@
 """CartPole env steps/s through the rollout service (env subprocesses -> batched inference -> fragments
-into Redis, drained by a consumer) with 1 and 2 workers, against raw single-process gymnasium vector-env
-stepping with the same policy, measured in the same run.
+into Redis, drained by a consumer) with 1 and 2 workers, against raw gymnasium vector-env stepping with the
+same policy in as many processes at once (1 and 2), measured in the same run.
 
     python -m benchmarks.rollout_throughput [--seconds 15] [--envs 8]
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import threading
@@ -42,6 +43,12 @@ def raw_vector_env(num_envs: int, seconds: float) -> float:
             obs, *_ = envs.step(action)
             steps += num_envs
     return steps / (time.perf_counter() - start)
+
+
+def raw_in_processes(processes: int, num_envs: int, seconds: float) -> float:
+    """The summed steps/s of raw_vector_env in `processes` processes stepping at the same time."""
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return sum(pool.starmap(raw_vector_env, [(num_envs, seconds)] * processes))
 
 
 def through_service(workers: int, num_envs: int, seconds: float, redis_url: str, address: str) -> float:
@@ -88,10 +95,11 @@ def main(argv=None) -> dict:
                                     f"--port={port}", f"--redis-url={redis.url}"], env, quiet=True)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=60)
-        raw = raw_vector_env(args.envs, args.seconds)
-        results = {"raw_vector_env_steps_per_s": raw}
+        results = {}
         for workers in (1, 2):
+            raw = raw_in_processes(workers, args.envs, args.seconds)
             rate = through_service(workers, args.envs, args.seconds, redis.url, f"127.0.0.1:{port}")
+            results[f"raw_{workers}_process_steps_per_s"] = raw
             results[f"service_{workers}_worker_steps_per_s"] = rate
             results[f"ratio_{workers}_worker"] = rate / raw
     finally:
