@@ -202,7 +202,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
             except Exception as exc:  # a report that failed must not leave the processes running
                 print(f"mso: no summary: {exc!r}", file=sys.stderr)
         if server is not None:
-            server.stop(grace=min(grace, 2.0))
+            server.stop(grace=2.0 if grace >= 10.0 else 0.5)  # its calls in flight: less when hurried
         embedded.stop(grace=grace)
         if options.summary:
             with open(options.summary, "w") as f:
