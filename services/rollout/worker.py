@@ -112,7 +112,12 @@ class RolloutLoop:
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
         producer = FragmentProducer(client, self.session_id, stream_bound(self.cfg), self.node_id)
-        self.outbox: queue.Queue = queue.Queue(maxsize=rc.to_send_queue_size)
+        # What the sender pushes: fragments, at most to_send_queue_size of them (the backpressure: the stepping
+        # thread waits for room), and episode records, which never wait (a CartPole worker ends hundreds of
+        # episodes a second; waiting for the sender's round trip on each stalled its stepping). Records are
+        # bounded all the same: each needs a step, and steps stop when the fragments have no room.
+        self.outbox: queue.Queue = queue.Queue()
+        self.fragment_room = threading.Semaphore(rc.to_send_queue_size)
         sender = threading.Thread(target=self._send_loop, args=(producer, client), name="sender", daemon=True)
         sender.start()
         self.procs = self._start_envs(wc)
@@ -281,7 +286,8 @@ class RolloutLoop:
             chosen[slot.index] = (act, slot.video)
             slot.video = None
             if fragment is not None:
-                self.outbox.put(("fragment", fragment))  # blocks while the sender is behind: backpressure
+                self.fragment_room.acquire()  # waits while the sender is behind: backpressure
+                self.outbox.put(("fragment", fragment))
         for p in sorted({slot.process for slot in batch}):
             try:
                 self.procs[p].send([chosen.pop(i) for i in self.procs[p].slots])
@@ -309,6 +315,7 @@ class RolloutLoop:
             for kind, fragment in filter(None, items):
                 if kind == "fragment":
                     self._push(producer, fragment)
+                    self.fragment_room.release()
             if items[-1] is None:
                 return
 

@@ -154,6 +154,33 @@ def test_a_full_stream_blocks_the_workers_and_memory_stays_flat(redis_server, re
         wait_until(lambda: run.loop.stats["fragments_pushed"] > bound, 30, "production to resume")
 
 
+def test_episode_records_never_wait_for_the_sender(redis_server, redis_client):
+    """Only fragments wait for room (to_send_queue_size); an episode record is queued at once. Here the
+    stream holds one fragment, so the sender blocks on the second fragment of each slot's first cut (at
+    step L), and the envs end an episode every 5 steps. The stepping must go on to a slot's next cut (step
+    2L); when records counted against the fragments' room it stalled at the second record after step L."""
+    length = 50
+    with Running(redis_client, redis_server.url, [f"rollout_config.fragment_length={length}",
+                                                  "rollout_config.max_pending_fragments=1",
+                                                  "rollout_config.to_send_queue_size=1",
+                                                  "train_config.batch_size_per_gpu=1",
+                                                  "train_config.batches_per_iteration=1"]) as run:
+        stream = f"mso:s:{run.sid}:fragments"
+        wait_until(lambda: redis_client.xlen(stream) == 1, 60, "the stream to fill")
+
+        def stalled():
+            before = run.loop.stats["env_steps"]
+            time.sleep(0.5)  # a measurement window, not a synchronisation
+            return run.loop.stats["env_steps"] == before
+        wait_until(stalled, 30, "the stepping to stall")
+        # Stalled waiting for room for a slot's second fragment: it has cut it (seq 2). Stalled by a record,
+        # no slot would have got past its first.
+        assert max(slot.cutter.seq for slot in run.loop.slots) == 2, run.loop.stats
+        got = run.consumer.read(10)  # unblocked, it goes on
+        run.consumer.retire([i for i, _ in got], "consumed")
+        wait_until(lambda: run.loop.stats["fragments_pushed"] >= 2, 30, "production to resume")
+
+
 def test_videos_are_recorded_when_a_version_divisible_by_the_interval_arrives(redis_server, redis_client, tmp_path):
     import av
     overrides = ["train_config.record_video_interval=2", f"rollout_config.worker_config.video_output_dir={tmp_path}"]
