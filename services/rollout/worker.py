@@ -112,12 +112,14 @@ class RolloutLoop:
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
         producer = FragmentProducer(client, self.session_id, stream_bound(self.cfg), self.node_id)
-        # What the sender pushes: fragments, at most to_send_queue_size of them (the backpressure: the stepping
-        # thread waits for room), and episode records, which never wait (a CartPole worker ends hundreds of
-        # episodes a second; waiting for the sender's round trip on each stalled its stepping). Records are
-        # bounded all the same: each needs a step, and steps stop when the fragments have no room.
+        # What the sender pushes: the fragments each batch cut, and episode records. The backpressure: a batch
+        # that cut fragments waits until fewer than to_send_queue_size wait for the sender, then queues all of
+        # them together, so the sender pushes them in one round trip (a worker's envs finish their fragments in
+        # the same step; pushed one by one, with the stepping thread waiting on each, the round trips were a
+        # quarter of a CartPole worker's time). Records never wait (a CartPole worker ends hundreds of episodes
+        # a second); they are bounded all the same: each needs a step, and steps stop with the fragments.
         self.outbox: queue.Queue = queue.Queue()
-        self.fragment_room = threading.Semaphore(rc.to_send_queue_size)
+        self.room, self.held = threading.Condition(), 0  # fragments queued or being pushed
         sender = threading.Thread(target=self._send_loop, args=(producer, client), name="sender", daemon=True)
         sender.start()
         self.procs = self._start_envs(wc)
@@ -273,6 +275,7 @@ class RolloutLoop:
         self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + 0.1 * 1000 * (time.perf_counter() - started)
         max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
         chosen: dict[int, tuple] = {}  # slot index -> (action, video path) to send to its process
+        cut: list[Fragment] = []
         for j, (slot, step) in enumerate(zip(batch, steps)):
             act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
             cutter = slot.cutter
@@ -286,8 +289,12 @@ class RolloutLoop:
             chosen[slot.index] = (act, slot.video)
             slot.video = None
             if fragment is not None:
-                self.fragment_room.acquire()  # waits while the sender is behind: backpressure
-                self.outbox.put(("fragment", fragment))
+                cut.append(fragment)
+        if cut:
+            with self.room:
+                self.room.wait_for(lambda: self.held < self.cfg.rollout_config.to_send_queue_size)
+                self.held += len(cut)
+            self.outbox.put(("fragments", cut))
         for p in sorted({slot.process for slot in batch}):
             try:
                 self.procs[p].send([chosen.pop(i) for i in self.procs[p].slots])
@@ -302,7 +309,7 @@ class RolloutLoop:
 
     # -- send: fragments and episode records, off the stepping thread ------------------------------------
     def _send_loop(self, producer: FragmentProducer, client) -> None:
-        """Pushes fragments and episode records; the records queued together share one round trip (short
+        """Pushes fragments and episode records; what is queued together shares one round trip (short
         CartPole episodes end a thousand times a second)."""
         while True:
             items = [self.outbox.get()]
@@ -312,10 +319,12 @@ class RolloutLoop:
                 except queue.Empty:
                     break
             self._write_episodes(client, [record for kind, record in filter(None, items) if kind == "episode"])
-            for kind, fragment in filter(None, items):
-                if kind == "fragment":
-                    self._push(producer, fragment)
-                    self.fragment_room.release()
+            fragments = [f for kind, cut in filter(None, items) if kind == "fragments" for f in cut]
+            if fragments:
+                self._push(producer, fragments)
+                with self.room:
+                    self.held -= len(fragments)
+                    self.room.notify()
             if items[-1] is None:
                 return
 
@@ -330,15 +339,14 @@ class RolloutLoop:
             self.stats["last_error"] = f"cannot write episode statistics: {exc}"
             log.error(self.stats["last_error"])
 
-    def _push(self, producer: FragmentProducer, fragment: Fragment) -> None:
+    def _push(self, producer: FragmentProducer, fragments: list[Fragment]) -> None:
         try:
-            # Stopping while the stream is full: the fragment is never produced, the ledger stays exact.
-            size = producer.push(fragment, should_stop=self.stop_event.is_set)
-            if size:
-                self.stats["bytes_pushed"] += size
-                self.stats["fragments_pushed"] += 1
+            # Stopping while the stream is full: what is not pushed is never produced, the ledger stays exact.
+            sizes = [size for size in producer.push_many(fragments, should_stop=self.stop_event.is_set) if size]
+            self.stats["bytes_pushed"] += sum(sizes)
+            self.stats["fragments_pushed"] += len(sizes)
         except Exception as exc:
-            self.stats["last_error"] = f"cannot push fragment: {exc}"
+            self.stats["last_error"] = f"cannot push fragments: {exc}"
             log.error(self.stats["last_error"])
 
 

@@ -21,16 +21,24 @@ from services.shared.fragment import Fragment
 
 log = logging.getLogger(__name__)
 
-# KEYS: stream, ledger, produced by node. ARGV: max_pending, payload, env_steps, now, node. The entry id, or
-# false when full.
+# KEYS: stream, ledger, produced by node. ARGV: max_pending, now, node, then env_steps and payload of each
+# fragment. Appends them in order while the stream has room; returns how many it appended.
 _PUSH = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-local id = redis.call('XADD', KEYS[1], '*', 'f', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'produced', 1)
-redis.call('HINCRBY', KEYS[2], 'env_steps', ARGV[3])
-redis.call('HSETNX', KEYS[2], 'first_fragment_at', ARGV[4])
-redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
-return id
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local n, steps = 0, 0
+for i = 4, #ARGV, 2 do
+  if n >= room then break end
+  redis.call('XADD', KEYS[1], '*', 'f', ARGV[i + 1])
+  n = n + 1
+  steps = steps + tonumber(ARGV[i])
+end
+if n > 0 then
+  redis.call('HINCRBY', KEYS[2], 'produced', n)
+  redis.call('HINCRBY', KEYS[2], 'env_steps', steps)
+  redis.call('HSETNX', KEYS[2], 'first_fragment_at', ARGV[2])
+  redis.call('HINCRBY', KEYS[3], ARGV[3], n)
+end
+return n
 """
 # KEYS: stream, ledger, uses. ARGV: group, outcome, ids... The number of entries really removed.
 _RETIRE = """
@@ -42,6 +50,7 @@ redis.call('HDEL', KEYS[3], unpack(ids))
 return removed
 """
 RETIRE_BATCH = 1000          # ids per script call (Lua's unpack has a stack limit)
+PUSH_BYTES = 8 << 20         # payload bytes per push call (several fragments share one round trip up to it)
 RECLAIM_IDLE_SECONDS = 600   # a live node's consumer that has not touched the stream this long is taken over
 
 
@@ -63,18 +72,38 @@ class FragmentProducer:
         """Append one fragment once the stream has room; returns its encoded size in bytes, or 0 when
         should_stop() became true first (the fragment was never produced). Raises Backpressure after
         timeout seconds of a full stream."""
-        payload, env_steps = fragment.encode(), len(fragment.reward)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.002
-        while not self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
-                             args=[self.max_pending, payload, env_steps, time.time(), self.node_id]):
+        return self.push_many([fragment], should_stop, timeout)[0]
+
+    def push_many(self, fragments: list[Fragment], should_stop=lambda: False,
+                  timeout: float | None = None) -> list[int]:
+        """push() for several fragments, in order, as many in each round trip as the stream has room for (up
+        to PUSH_BYTES of payload): a worker's envs tend to finish their fragments in the same step. Returns
+        each one's size, 0 for those should_stop() left unproduced; Backpressure after timeout seconds
+        without room (the fragments before the one that found none were appended)."""
+        payloads = [(len(f.reward), f.encode()) for f in fragments]
+        sizes, deadline, delay = [], None if timeout is None else time.monotonic() + timeout, 0.002
+        while len(sizes) < len(payloads):
+            args, nbytes = [], 0
+            for steps, payload in payloads[len(sizes):]:
+                if args and nbytes + len(payload) > PUSH_BYTES:
+                    break
+                args += [steps, payload]
+                nbytes += len(payload)
+            appended = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
+                                  args=[self.max_pending, time.time(), self.node_id, *args])
+            sizes += [len(payload) for _steps, payload in payloads[len(sizes):len(sizes) + appended]]
+            if appended:
+                delay = 0.002
+                if deadline is not None:
+                    deadline = time.monotonic() + timeout
+                continue
             if should_stop():
-                return 0
+                return sizes + [0] * (len(payloads) - len(sizes))
             if deadline is not None and time.monotonic() > deadline:
                 raise Backpressure(f"fragment stream {self.keys.fragments} full for {timeout}s")
             time.sleep(delay)  # the consumer frees room by deleting retired entries; no event to wait on
             delay = min(delay * 2, 0.05)
-        return len(payload)
+        return sizes
 
 
 def node_of(consumer: str) -> str:

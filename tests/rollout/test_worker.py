@@ -181,6 +181,26 @@ def test_episode_records_never_wait_for_the_sender(redis_server, redis_client):
         wait_until(lambda: run.loop.stats["fragments_pushed"] >= 2, 30, "production to resume")
 
 
+def test_the_fragments_a_batch_cuts_reach_redis_in_one_script_call(redis_server, redis_client):
+    """Envs stepped together finish their fragments in the same step: the worker queues them together and
+    the sender appends them in one call of the push script (one by one, with the stepping thread waiting on
+    each, the round trips were a quarter of a CartPole worker's time: benchmarks/README, measure 2). Even
+    with to_send_queue_size 1, which admits a batch's fragments together. Redis itself counts the calls."""
+    envs = 4
+    redis_client.config_resetstat()
+    with Running(redis_client, redis_server.url, [f"rollout_config.worker_config.num_envs={envs}",
+                                                  f"rollout_config.worker_config.batch_size={envs}",
+                                                  "rollout_config.worker_config.envs_per_process=0",
+                                                  "rollout_config.to_send_queue_size=1"]) as run:
+        wait_until(lambda: run.loop.stats["fragments_pushed"] >= 10 * envs, 60, "ten fragments from each env")
+    pushed = run.loop.stats["fragments_pushed"]
+    assert int(redis_client.hget(f"mso:s:{run.sid}:ledger", "produced")) == pushed
+    stats = redis_client.info("commandstats")
+    scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) - stats.get(f"cmdstat_{c}", {}).get("failed_calls", 0)
+                  for c in ("eval", "evalsha"))
+    assert pushed % envs == 0 and scripts <= pushed // envs, (scripts, pushed)
+
+
 def test_videos_are_recorded_when_a_version_divisible_by_the_interval_arrives(redis_server, redis_client, tmp_path):
     import av
     overrides = ["train_config.record_video_interval=2", f"rollout_config.worker_config.video_output_dir={tmp_path}"]

@@ -3,8 +3,10 @@ counted once; the stream's bound holds exactly however many producers race; a li
 taken by another consumer. Every ledger is asserted as an equation at a quiet moment."""
 
 import threading
+from dataclasses import replace
 
 from services.shared import keys, queue, session
+from services.shared.codec import decode
 from services.shared.queue import Backpressure, FragmentConsumer, FragmentProducer, ledger
 from tests.shared.test_codec import make_fragment
 
@@ -100,6 +102,21 @@ def test_a_producer_asked_to_stop_while_the_stream_is_full_produces_nothing(redi
     assert producer.push(make_fragment(), should_stop=stop.is_set) == 0
     counts = ledger(redis_client, "s1")
     assert counts["produced"] == 1 and counts["pending"] == 1 and balanced(redis_client)
+
+
+def test_several_fragments_go_in_order_as_far_as_the_stream_has_room(redis_client):
+    """push_many appends in order up to the bound in one call, then waits for room for the rest; asked to
+    stop while waiting, it leaves the rest unproduced and the ledger exact."""
+    producer = FragmentProducer(redis_client, "s1", max_pending=3, node_id="n")
+    frags = [replace(make_fragment(), seq=i) for i in range(5)]
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    sizes = producer.push_many(frags, should_stop=stop.is_set)
+    assert [s > 0 for s in sizes] == [True, True, True, False, False]
+    assert [decode(f[b"f"])["seq"] for _i, f in redis_client.xrange("mso:s:s1:fragments")] == [0, 1, 2]
+    counts = ledger(redis_client, "s1")
+    assert counts["produced"] == 3 and counts["env_steps"] == 3 * len(frags[0].reward) and balanced(redis_client)
+    assert queue.produced_by_node(redis_client, "s1") == {"n": 3}
 
 
 def test_each_rollout_nodes_fragments_are_counted_and_add_up(redis_client):
