@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import traceback
@@ -22,12 +21,11 @@ import torch
 
 from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal
 from services.rollout.fragments import FragmentCutter, Step
-from services.shared import episode
+from services.rollout.sender import Ack, Sender, SenderGone, Settings
 from services.shared.config import stream_bound
 from services.shared.episode import Episode
 from services.shared.fragment import Fragment, signature
 from services.shared.minestudio import adapt
-from services.shared.queue import FragmentProducer
 from services.shared.redis_server import connect
 from services.shared.session import Joined
 from services.shared.trees import stack, tree_map
@@ -38,7 +36,8 @@ log = logging.getLogger(__name__)
 # Seconds to wait for a fuller batch once one observation is ready. Every env in the batch waits this long
 # for its action: at 5 ms, 8 Minecraft-paced envs (50 ms steps) reached 0.89 of their own speed, at 1 ms 0.93.
 BATCH_DEADLINE = 0.001
-SEND_BATCH = 64         # queued items the sender takes at once
+SENDER_RESTART_PAUSE = 1.0  # seconds between restarts of a sender process that keeps dying
+RECORDS_EVERY = 0.05        # seconds: episode records wait at most this long for the next message to the sender
 
 
 def check_weights(policy: torch.nn.Module, state: dict) -> None:
@@ -105,23 +104,21 @@ class RolloutLoop:
 
     def _run(self) -> None:
         rc, wc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config
-        client = connect(self.redis_url)
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
         self.policy = adapt(self.module.policy_generator())  # a MineStudio policy gets mso's contract
         self.policy.eval()
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
-        producer = FragmentProducer(client, self.session_id, stream_bound(self.cfg), self.node_id)
-        # What the sender pushes: the fragments each batch cut, and episode records. The backpressure: a batch
-        # that cut fragments waits until fewer than to_send_queue_size wait for the sender, then queues all of
-        # them together, so the sender pushes them in one round trip (a worker's envs finish their fragments in
-        # the same step; pushed one by one, with the stepping thread waiting on each, the round trips were a
-        # quarter of a CartPole worker's time). Records never wait (a CartPole worker ends hundreds of episodes
-        # a second); they are bounded all the same: each needs a step, and steps stop with the fragments.
-        self.outbox: queue.Queue = queue.Queue()
-        self.room, self.held = threading.Condition(), 0  # fragments queued or being pushed
-        sender = threading.Thread(target=self._send_loop, args=(producer, client), name="sender", daemon=True)
-        sender.start()
+        # The sender process pushes what each batch cut or ended (services/rollout/sender.py). The backpressure:
+        # a batch that cut fragments waits until fewer than to_send_queue_size are with the sender, then sends
+        # all of them together, pushed in one round trip (a worker's envs finish their fragments in the same
+        # step). Episode records never wait (a CartPole worker ends hundreds of episodes a second); they are
+        # bounded all the same: each needs a step, and steps stop with the fragments.
+        self.sender_settings = Settings(self.redis_url, self.session_id, stream_bound(self.cfg), self.node_id)
+        self.sender, self.sender_started = Sender(self.sender_settings), time.monotonic()
+        self.held = 0          # fragments with the sender that it has not acknowledged
+        self.records: list[Episode] = []  # finished episodes not yet sent
+        self.records_sent = time.monotonic()
         self.procs = self._start_envs(wc)
         slot_id = f"{self.node_id}-w{self.index}-e{{}}".format
         self.slots = [_Slot(i, slot_id(i), p, FragmentCutter(self.session_id, slot_id(i), rc.fragment_length),
@@ -138,9 +135,12 @@ class RolloutLoop:
                 if batch:
                     self._take_weights(watcher)
                     self._act(batch)
+                    self._take_acks()
         finally:
-            self.outbox.put(None)
-            sender.join(timeout=10)
+            if self.records:
+                self._send([])
+            for ack in self.sender.finish(timeout=10):
+                self._acked(ack)
             watcher.stop()
             for proc in self.procs:
                 proc.close(timeout=2)
@@ -290,11 +290,8 @@ class RolloutLoop:
             slot.video = None
             if fragment is not None:
                 cut.append(fragment)
-        if cut:
-            with self.room:
-                self.room.wait_for(lambda: self.held < self.cfg.rollout_config.to_send_queue_size)
-                self.held += len(cut)
-            self.outbox.put(("fragments", cut))
+        if cut or (self.records and time.monotonic() - self.records_sent > RECORDS_EVERY):
+            self._send(cut)
         for p in sorted({slot.process for slot in batch}):
             try:
                 self.procs[p].send([chosen.pop(i) for i in self.procs[p].slots])
@@ -305,49 +302,47 @@ class RolloutLoop:
     def _episode(self, finished: Episode, slot_id: str) -> None:
         self.stats["episodes"] += 1
         self.stats["videos"] += bool(finished.video)
-        self.outbox.put(("episode", replace(finished, version=self.version, slot=slot_id, worker=self.index)))
+        self.records.append(replace(finished, version=self.version, slot=slot_id, worker=self.index))
 
-    # -- send: fragments and episode records, off the stepping thread ------------------------------------
-    def _send_loop(self, producer: FragmentProducer, client) -> None:
-        """Pushes fragments and episode records; what is queued together shares one round trip (short
-        CartPole episodes end a thousand times a second)."""
-        while True:
-            items = [self.outbox.get()]
-            while items[-1] is not None and len(items) < SEND_BATCH:
-                try:
-                    items.append(self.outbox.get_nowait())
-                except queue.Empty:
-                    break
-            self._write_episodes(client, [record for kind, record in filter(None, items) if kind == "episode"])
-            fragments = [f for kind, cut in filter(None, items) if kind == "fragments" for f in cut]
-            if fragments:
-                self._push(producer, fragments)
-                with self.room:
-                    self.held -= len(fragments)
-                    self.room.notify()
-            if items[-1] is None:
-                return
-
-    def _write_episodes(self, client, records: list[Episode]) -> None:
-        if not records:
-            return
+    # -- send: to the sender process ---------------------------------------------------------------------
+    def _send(self, cut: list[Fragment]) -> None:
+        """Hand a batch's fragments and records to the sender, once fewer than to_send_queue_size fragments
+        are with it (the backpressure; a stop does not wait)."""
+        bound = self.cfg.rollout_config.to_send_queue_size
+        while cut and self.held >= bound and not self.stop_event.is_set():
+            self._take_acks(timeout=0.05)
+        records, self.records, self.records_sent = self.records, [], time.monotonic()
         try:
-            pipe = client.pipeline(transaction=False)
-            episode.append(pipe, self.session_id, records)
-            pipe.execute()
-        except Exception as exc:
-            self.stats["last_error"] = f"cannot write episode statistics: {exc}"
-            log.error(self.stats["last_error"])
+            self.sender.send((cut, records))
+            self.held += len(cut)
+        except SenderGone as exc:
+            self._sender_gone(exc, len(cut))
 
-    def _push(self, producer: FragmentProducer, fragments: list[Fragment]) -> None:
+    def _take_acks(self, timeout: float = 0.0) -> None:
         try:
-            # Stopping while the stream is full: what is not pushed is never produced, the ledger stays exact.
-            sizes = [size for size in producer.push_many(fragments, should_stop=self.stop_event.is_set) if size]
-            self.stats["bytes_pushed"] += sum(sizes)
-            self.stats["fragments_pushed"] += len(sizes)
-        except Exception as exc:
-            self.stats["last_error"] = f"cannot push fragments: {exc}"
-            log.error(self.stats["last_error"])
+            for ack in self.sender.acks(timeout):
+                self._acked(ack)
+        except SenderGone as exc:
+            self._sender_gone(exc, 0)
+
+    def _acked(self, ack: Ack) -> None:
+        self.held -= ack.done
+        self.stats["fragments_pushed"] += ack.pushed
+        self.stats["bytes_pushed"] += ack.bytes
+        if ack.error:
+            self.stats["last_error"] = ack.error
+
+    def _sender_gone(self, exc: SenderGone, unsent: int) -> None:
+        """Start a new sender process; the fragments the old one held, never produced, are dropped steps."""
+        lost = self.held + unsent
+        self.stats["steps_dropped"] += lost * self.cfg.rollout_config.fragment_length
+        self.stats["last_error"] = f"{exc}; {lost} fragments lost, restarting it"
+        log.error(self.stats["last_error"])
+        self.sender.close()
+        if time.monotonic() - self.sender_started < SENDER_RESTART_PAUSE:
+            time.sleep(SENDER_RESTART_PAUSE)  # one that dies at once must not be restarted in a tight loop
+        self.held = 0
+        self.sender, self.sender_started = Sender(self.sender_settings), time.monotonic()
 
 
 def truncation_values(policy, final_obs: list, states: list, use_normalized_vf: bool) -> list[float]:

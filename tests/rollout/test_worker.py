@@ -2,6 +2,7 @@
 backpressure. (The Ray actor around it is covered in test_service.py.)"""
 
 import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -14,6 +15,7 @@ import torch
 
 from services.shared import session, weights
 from services.shared import episode
+from services.shared.codec import decode
 from services.shared.config import load
 from services.shared.session import Joined
 from services.shared.queue import FragmentConsumer
@@ -199,6 +201,31 @@ def test_the_fragments_a_batch_cuts_reach_redis_in_one_script_call(redis_server,
     scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) - stats.get(f"cmdstat_{c}", {}).get("failed_calls", 0)
                   for c in ("eval", "evalsha"))
     assert pushed % envs == 0 and scripts <= pushed // envs, (scripts, pushed)
+
+
+def test_a_sender_killed_with_sigkill_is_replaced_and_the_stream_stays_exact(redis_server, redis_client):
+    """The sender is a process of its own (it must not share the worker's GIL); one that dies is replaced, the
+    worker goes on, and what reached the stream is whole: every produced fragment is there once, in order."""
+    with Running(redis_client, redis_server.url) as run:
+        wait_until(lambda: run.loop.stats["fragments_pushed"] >= 4, 60, "fragments from the first sender")
+        first = run.loop.sender.process
+        assert first.pid != os.getpid() and psutil.Process(first.pid).ppid() == os.getpid()
+        os.kill(first.pid, signal.SIGKILL)
+        wait_until(lambda: run.loop.sender.process is not first, 30, "a new sender")
+        assert first.poll() == -signal.SIGKILL  # reaped, not left a zombie
+        assert f"sender process {first.pid} is gone" in run.loop.stats["last_error"]
+        run.loop.stats["last_error"] = ""  # reported; the run goes on
+        pushed = run.loop.stats["fragments_pushed"]
+        wait_until(lambda: run.loop.stats["fragments_pushed"] >= pushed + 4, 60, "fragments from the new sender")
+        second = run.loop.sender.process
+    assert second.poll() == 0  # the worker's stop ended it
+    stream = f"mso:s:{run.sid}:fragments"
+    assert int(redis_client.hget(f"mso:s:{run.sid}:ledger", "produced")) == redis_client.xlen(stream)
+    seqs = defaultdict(list)
+    for _id, fields in redis_client.xrange(stream):
+        f = decode(fields[b"f"])
+        seqs[f["slot"]].append(f["seq"])
+    assert len(seqs) == 2 and all(s == sorted(set(s)) for s in seqs.values()), dict(seqs)
 
 
 def test_videos_are_recorded_when_a_version_divisible_by_the_interval_arrives(redis_server, redis_client, tmp_path):
