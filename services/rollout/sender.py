@@ -85,6 +85,8 @@ class Sender:
                 out.append(pickle.loads(self.conn.recv_bytes()))
                 timeout = 0.0
         except (OSError, EOFError) as exc:
+            if out:
+                return out  # its last words; the next call finds the pipe closed again
             raise SenderGone(f"sender process {self.process.pid} is gone"
                              f" (exit code {self.process.poll()}): {exc or 'pipe closed'}") from None
         return out
