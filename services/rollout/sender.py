@@ -7,9 +7,10 @@ to Redis (benchmarks/README, measure 2). The process imports no torch: it starts
 Worker -> sender, over one pipe: first Settings, then (fragments, episodes) per batch that cut fragments or
 ended episodes, then None: push what the stream has room for now, and exit. The pipe's end (the worker died)
 means the same.
-Sender -> worker: an Ack after each round of pushing. `done` counts the fragments the sender is finished with
-(pushed, or given up at the finish): the worker's to_send_queue_size counts those it sent and was not told
-of. The episode records go first and never wait; fragments wait while the stream is full.
+Sender -> worker: an Ack after each round trip that appended fragments or found the stream newly full, and
+one for those it gave up or failed to push. `done` counts the fragments the sender is finished with; `full`
+says it is waiting for room, which is when the worker's to_send_queue_size applies. Episode records are
+written first and never wait; fragments wait while the stream is full.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Ack(NamedTuple):
     done: int               # fragments finished with: pushed, or not produced because the worker is finishing
     pushed: int
     bytes: int
+    full: bool = False      # the stream refused some of them: the sender waits for room
     error: str = ""         # what went wrong in this round, if anything
 
 
@@ -152,19 +154,28 @@ def _serve(conn: Connection) -> None:
                 pipe.execute()
             except Exception as exc:
                 errors.append(f"cannot write episode statistics: {exc}")
-        sizes = []
+        acked, was_full = 0, False
+
+        def ack(sizes: list[int], full: bool, given_up: int = 0, error: str = "") -> None:
+            nonlocal acked, was_full
+            if not (sizes or given_up or error or full != was_full):
+                return  # another round trip of a full stream: nothing new to say
+            acked, was_full = acked + len(sizes) + given_up, full
+            try:
+                conn.send_bytes(pickle.dumps(Ack(len(sizes) + given_up, len(sizes), sum(sizes), full, error)))
+            except (OSError, EOFError):
+                pass  # the worker is gone; what is left in the inbox is pushed all the same
+
         if fragments:
             try:
-                # Finishing while the stream is full: what is not pushed is never produced; the ledger stays exact.
-                sizes = [s for s in producer.push_many(fragments, should_stop=finishing.is_set) if s]
+                # After each round trip, so the worker knows at once when the stream is full. Finishing while it
+                # is: what is not pushed is never produced; the ledger stays exact.
+                producer.push_many(fragments, should_stop=finishing.is_set, each_round=ack)
             except Exception as exc:
                 errors.append(f"cannot push fragments: {exc}")
         for error in errors:
             log.error(error)
-        try:
-            conn.send_bytes(pickle.dumps(Ack(len(fragments), len(sizes), sum(sizes), "; ".join(errors))))
-        except (OSError, EOFError):
-            pass  # the worker is gone; what is left in the inbox is pushed all the same
+        ack([], False, given_up=len(fragments) - acked, error="; ".join(errors))
         if messages[-1] is None:
             return
 

@@ -109,14 +109,16 @@ class RolloutLoop:
         self.policy.eval()
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
-        # The sender process pushes what each batch cut or ended (services/rollout/sender.py). The backpressure:
-        # a batch that cut fragments waits until fewer than to_send_queue_size are with the sender, then sends
-        # all of them together, pushed in one round trip (a worker's envs finish their fragments in the same
-        # step). Episode records never wait (a CartPole worker ends hundreds of episodes a second); they are
-        # bounded all the same: each needs a step, and steps stop with the fragments.
+        # The sender process pushes what each batch cut or ended (services/rollout/sender.py): the fragments of a
+        # batch together, in one round trip (a worker's envs finish their fragments in the same step). The
+        # backpressure: while the stream is full, the envs step on only while at most to_send_queue_size
+        # fragments are with the sender (see _wait_for_room).
+        # Episode records never wait (a CartPole worker ends hundreds of episodes a second); they are bounded
+        # all the same: each needs a step, and steps stop with the fragments.
         self.sender_settings = Settings(self.redis_url, self.session_id, stream_bound(self.cfg), self.node_id)
         self.sender, self.sender_started = Sender(self.sender_settings), time.monotonic()
         self.held = 0          # fragments with the sender that it has not acknowledged
+        self.stream_full = False  # the sender's last word: it waits for room in the stream
         self.records: list[Episode] = []  # finished episodes not yet sent
         self.records_sent = time.monotonic()
         self.procs = self._start_envs(wc)
@@ -298,6 +300,7 @@ class RolloutLoop:
             except (BrokenPipeError, OSError):
                 self._restart(p, "env process died")
         self.stats["env_steps"] += len(batch)
+        self._wait_for_room()
 
     def _episode(self, finished: Episode, slot_id: str) -> None:
         self.stats["episodes"] += 1
@@ -306,17 +309,23 @@ class RolloutLoop:
 
     # -- send: to the sender process ---------------------------------------------------------------------
     def _send(self, cut: list[Fragment]) -> None:
-        """Hand a batch's fragments and records to the sender, once fewer than to_send_queue_size fragments
-        are with it (the backpressure; a stop does not wait)."""
-        bound = self.cfg.rollout_config.to_send_queue_size
-        while cut and self.held >= bound and not self.stop_event.is_set():
-            self._take_acks(timeout=0.05)
+        """Hand a batch's fragments (all together: pushed in one round trip) and the records to the sender."""
         records, self.records, self.records_sent = self.records, [], time.monotonic()
         try:
             self.sender.send((cut, records))
             self.held += len(cut)
         except SenderGone as exc:
             self._sender_gone(exc, len(cut))
+
+    def _wait_for_room(self) -> None:
+        """The backpressure: while the stream is full, the envs step on only while at most
+        to_send_queue_size fragments are with the sender; while it has room, only while one batch's more
+        are (the sender's round trip overlaps the stepping). A stop does not wait. Checked once the batch's
+        actions are sent, so the envs step meanwhile."""
+        bound = self.cfg.rollout_config.to_send_queue_size
+        while (self.held > bound and self.stream_full or self.held > bound + len(self.slots)) and \
+                not self.stop_event.is_set():
+            self._take_acks(timeout=0.05)
 
     def _take_acks(self, timeout: float = 0.0) -> None:
         try:
@@ -327,6 +336,7 @@ class RolloutLoop:
 
     def _acked(self, ack: Ack) -> None:
         self.held -= ack.done
+        self.stream_full = ack.full
         self.stats["fragments_pushed"] += ack.pushed
         self.stats["bytes_pushed"] += ack.bytes
         if ack.error:
@@ -341,7 +351,7 @@ class RolloutLoop:
         self.sender.close()
         if time.monotonic() - self.sender_started < SENDER_RESTART_PAUSE:
             time.sleep(SENDER_RESTART_PAUSE)  # one that dies at once must not be restarted in a tight loop
-        self.held = 0
+        self.held, self.stream_full = 0, False
         self.sender, self.sender_started = Sender(self.sender_settings), time.monotonic()
 
 

@@ -74,12 +74,14 @@ class FragmentProducer:
         timeout seconds of a full stream."""
         return self.push_many([fragment], should_stop, timeout)[0]
 
-    def push_many(self, fragments: list[Fragment], should_stop=lambda: False,
-                  timeout: float | None = None) -> list[int]:
+    def push_many(self, fragments: list[Fragment], should_stop=lambda: False, timeout: float | None = None,
+                  each_round=lambda sizes, full: None) -> list[int]:
         """push() for several fragments, in order, as many in each round trip as the stream has room for (up
-        to PUSH_BYTES of payload): a worker's envs tend to finish their fragments in the same step. Returns
-        each one's size, 0 for those should_stop() left unproduced; Backpressure after timeout seconds
-        without room (the fragments before the one that found none were appended)."""
+        to PUSH_BYTES of payload): a worker's envs tend to finish their fragments in the same step. Calls
+        each_round(sizes, full) after each round trip: the sizes it appended, and whether the stream refused
+        some. Returns each one's size, 0 for those
+        should_stop() left unproduced; Backpressure after timeout seconds without room (the fragments before
+        the one that found none were appended)."""
         payloads = [(len(f.reward), f.encode()) for f in fragments]
         sizes, deadline, delay = [], None if timeout is None else time.monotonic() + timeout, 0.002
         while len(sizes) < len(payloads):
@@ -89,10 +91,13 @@ class FragmentProducer:
                     break
                 args += [steps, payload]
                 nbytes += len(payload)
-            appended = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
+            asked = len(args) // 2
+            count = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
                                   args=[self.max_pending, time.time(), self.node_id, *args])
-            sizes += [len(payload) for _steps, payload in payloads[len(sizes):len(sizes) + appended]]
-            if appended:
+            new = [len(payload) for _steps, payload in payloads[len(sizes):len(sizes) + count]]
+            sizes += new
+            each_round(new, count < asked)
+            if new:
                 delay = 0.002
                 if deadline is not None:
                     deadline = time.monotonic() + timeout

@@ -187,7 +187,7 @@ def test_the_fragments_a_batch_cuts_reach_redis_in_one_script_call(redis_server,
     """Envs stepped together finish their fragments in the same step: the worker queues them together and
     the sender appends them in one call of the push script (one by one, with the stepping thread waiting on
     each, the round trips were a quarter of a CartPole worker's time: benchmarks/README, measure 2). Even
-    with to_send_queue_size 1, which admits a batch's fragments together. Redis itself counts the calls."""
+    with to_send_queue_size 1: a batch's fragments go to the sender together. Redis itself counts the calls."""
     envs = 4
     redis_client.config_resetstat()
     with Running(redis_client, redis_server.url, [f"rollout_config.worker_config.num_envs={envs}",
