@@ -28,14 +28,17 @@ class RolloutWorker:
     module does not import torch, so the service and the manager that create workers never pay for it."""
 
     def __init__(self):
+        from services.rollout.sender import Sender
         from services.rollout.worker import RolloutLoop  # torch, the env stack: in this actor's process only
 
         self._loop_type = RolloutLoop
+        self._sender = Sender()  # its process does its imports while this one waits for a session
         self.loop = None
         self.thread: threading.Thread | None = None
 
     def start(self, worker_index: int, joined: Joined, redis_url: str, node_id: str) -> bool:
-        self.loop = self._loop_type(worker_index, joined, redis_url, node_id)
+        self.loop = self._loop_type(worker_index, joined, redis_url, node_id, self._sender)
+        self._sender = None  # the loop's now: it ends it
         self.thread = threading.Thread(target=self.loop.run, name="rollout-loop", daemon=True)
         self.thread.start()
         return True

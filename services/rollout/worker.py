@@ -84,7 +84,8 @@ class RolloutLoop:
     if a version arrived, act on the batch (inference, fragments cut, actions sent). `stats` is read by
     status calls from other threads."""
 
-    def __init__(self, worker_index: int, joined: Joined, redis_url: str, node_id: str):
+    def __init__(self, worker_index: int, joined: Joined, redis_url: str, node_id: str,
+                 sender: Sender | None = None):
         self.index, self.session_id, self.redis_url = worker_index, joined.session_id, redis_url
         self.source, self.cfg, self.node_id = joined.source, joined.cfg, node_id
         # Run here, not in the loop's thread: a module that cannot run on this node fails the Start that asked.
@@ -94,6 +95,7 @@ class RolloutLoop:
                       "live_envs": 0, "inference_ms": 0.0, "videos": 0, "malformed_obs": 0, "last_error": "",
                       "fatal": False}  # fatal: no env of this worker can be built (a config error, not a crash)
         self.stop_event = threading.Event()
+        self.spare_sender = sender  # started beforehand by a warm actor
 
     def run(self) -> None:
         try:
@@ -116,8 +118,8 @@ class RolloutLoop:
         # Episode records never wait (a CartPole worker ends hundreds of episodes a second); they are bounded
         # all the same: each needs a step, and steps stop with the fragments.
         self.sender_settings = Settings(self.redis_url, self.session_id, stream_bound(self.cfg), self.node_id)
-        self.sender, self.sender_started = Sender(self.sender_settings), time.monotonic()
-        self.held = 0          # fragments with the sender that it has not acknowledged
+        self.sender = (self.spare_sender or Sender()).configure(self.sender_settings)
+        self.sender_started, self.held = time.monotonic(), 0  # held: fragments with the sender not acknowledged
         self.stream_full = False  # the sender's last word: it waits for room in the stream
         self.records: list[Episode] = []  # finished episodes not yet sent
         self.records_sent = time.monotonic()
@@ -352,7 +354,7 @@ class RolloutLoop:
         if time.monotonic() - self.sender_started < SENDER_RESTART_PAUSE:
             time.sleep(SENDER_RESTART_PAUSE)  # one that dies at once must not be restarted in a tight loop
         self.held, self.stream_full = 0, False
-        self.sender, self.sender_started = Sender(self.sender_settings), time.monotonic()
+        self.sender, self.sender_started = Sender().configure(self.sender_settings), time.monotonic()
 
 
 def truncation_values(policy, final_obs: list, states: list, use_normalized_vf: bool) -> list[float]:
