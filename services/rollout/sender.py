@@ -71,10 +71,6 @@ class Sender:
         self.send(settings)
         return self
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def send(self, message) -> None:
         try:
             # Plain pickle of our own records, in our own process tree (the pipe is the worker's and its child's

@@ -79,9 +79,8 @@ class FragmentProducer:
         """push() for several fragments, in order, as many in each round trip as the stream has room for (up
         to PUSH_BYTES of payload): a worker's envs tend to finish their fragments in the same step. Calls
         each_round(sizes, full) after each round trip: the sizes it appended, and whether the stream refused
-        some. Returns each one's size, 0 for those
-        should_stop() left unproduced; Backpressure after timeout seconds without room (the fragments before
-        the one that found none were appended)."""
+        some. Returns each one's size, 0 for those should_stop() left unproduced; Backpressure after timeout
+        seconds without room (the fragments before the one that found none were appended)."""
         payloads = [(len(f.reward), f.encode()) for f in fragments]
         sizes, deadline, delay = [], None if timeout is None else time.monotonic() + timeout, 0.002
         while len(sizes) < len(payloads):
@@ -93,7 +92,7 @@ class FragmentProducer:
                 nbytes += len(payload)
             asked = len(args) // 2
             count = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
-                                  args=[self.max_pending, time.time(), self.node_id, *args])
+                               args=[self.max_pending, time.time(), self.node_id, *args])
             new = [len(payload) for _steps, payload in payloads[len(sizes):len(sizes) + count]]
             sizes += new
             each_round(new, count < asked)

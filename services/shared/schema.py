@@ -52,7 +52,7 @@ class RolloutConfig:
     num_gpus_per_worker: float = 1.0        # Ray GPUs per worker (0 on a CPU machine)
     num_cpus_per_worker: float = 1          # Ray CPUs per worker
     fragment_length: int = 256              # steps per fragment
-    to_send_queue_size: int = 8             # a worker steps while fewer fragments wait for its sender
+    to_send_queue_size: int = 8             # fragments a worker's sender may hold while the stream is full
     worker_config: WorkerConfig = field(default_factory=WorkerConfig)
     replay_buffer_config: ReplayBufferConfig = field(default_factory=ReplayBufferConfig)
     episode_statistics_config: dict = field(default_factory=dict)  # reference: extra EpisodeStatistics kwargs
