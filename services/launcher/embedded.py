@@ -16,6 +16,7 @@ import time
 
 from services.launcher.reaper import signal_sessions
 from services.shared.ports import free_port
+from services.shared.ray_env import with_fast_start
 from services.shared.redis_server import RedisServer
 from services.shared.rpc import wait_serving
 
@@ -83,8 +84,8 @@ def spawn_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, dict]:
                                 # No autoscaler monitor: this one machine's cluster never scales (~50 MB PSS).
                                 "--disable-usage-stats", "--no-monitor"],
                         # No drain on SIGTERM: Ray 2.60 waits for a drain (made for Serve) before stopping.
-                        dict(env, RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                             RAY_AUTH_MODE=join["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=join["RAY_AUTH_TOKEN"]),
+                        with_fast_start(dict(env, RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                                             RAY_AUTH_MODE=join["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=join["RAY_AUTH_TOKEN"])),
                         ready_line="Ray runtime started", quiet=True)
     return head, join
 

@@ -10,6 +10,8 @@ from typing import Callable
 
 import ray
 
+from services.shared import ray_env
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "online"
@@ -50,6 +52,7 @@ def _join() -> None:
             # serves this machine only: on loopback, where the container's network (an address that changes
             # when it is reconnected, a partition) cannot cut the service off its actors.
             address, kwargs = "local", {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+            ray_env.set_fast_start()
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 

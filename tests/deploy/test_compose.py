@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from services.launcher.embedded import ChildProcess, start_ray_head
+from services.shared import ray_env
 from services.shared.ports import free_port
 from services.shared.redis_server import RedisServer
 from services.shared.rpc import wait_serving
@@ -43,6 +44,16 @@ def test_compose_shape_scales_rollout_and_orders_by_health():
     assert spec["launcher"]["ports"] == ["50050:50050"]
     assert spec["launcher"]["depends_on"]["rollout"]["condition"] == "service_healthy"
     assert "--appendonly yes" in spec["redis"]["command"][-1] and spec["redis"]["healthcheck"]
+
+
+def test_the_image_gives_the_ray_heads_it_runs_the_fast_object_store_retry():
+    """`ray start` in docker-compose.ray.yml is a shell command, not a head mso starts: the image's environment
+    carries services/shared/ray_env.py's settings to it, and must carry the same ones."""
+    env = {}
+    for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in line.split()[1:])
+    assert {k: env.get(k) for k in ray_env.FAST_START} == ray_env.FAST_START
 
 
 def env_file(path: Path = ENV_EXAMPLE) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.shared import episode, keys, queue, session, trainer_status
+from services.shared import episode, keys, queue, ray_env, session, trainer_status
 from services.launcher.embedded import ChildProcess
 from services.launcher.launch import Launcher, LaunchError, SessionBusy, Timeouts
 from services.shared.ports import free_port
@@ -121,6 +121,17 @@ def test_the_service_processes_never_import_torch(stack):
         service = next(p for p in psutil.process_iter(["cmdline"])
                        if "serve" in (p.info["cmdline"] or []) and f"--port={port}" in p.info["cmdline"])
         assert not [m.path for m in service.memory_maps() if "libtorch" in m.path], f"the {kind} service has torch"
+
+
+def test_the_ray_head_connects_its_raylet_to_the_object_store_without_the_one_second_retry(stack):
+    """Ray's client retried the raylet's connection to the object store it had just started once a second, and
+    the store was seldom up at the first attempt: most heads `mso run` started idled a full second before they
+    registered ("Plasma store debug dump" at t, "ObjectManager server started" at t + 1.000 s in the raylet's
+    log). The race makes the wait itself an unreliable witness; the retry interval the raylet runs with is not."""
+    token = stack["ray_env"]["RAY_AUTH_TOKEN"]  # this stack's head only
+    raylet = next(p for p in psutil.process_iter(["name"])
+                  if p.info["name"] == "raylet" and p.environ().get("RAY_AUTH_TOKEN") == token)
+    assert {k: raylet.environ().get(k) for k in ray_env.FAST_START} == ray_env.FAST_START
 
 
 def test_concurrent_launchers_start_one_session_and_one_trainer(stack):
