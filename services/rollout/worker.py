@@ -3,7 +3,8 @@ whichever envs are ready, cuts fragments and pushes them to the session's Redis 
 actor (services/rollout/manager.py, a module without torch) adds only the Ray boundary.
 
 The loop never busy-waits: it blocks on the env pipes and runs a batch as soon as batch_size observations
-are waiting, or BATCH_DEADLINE after the first one, so a slow or restarting env never stalls the others.
+are waiting, or BATCH_DEADLINE after the first one, so a slow or restarting env never stalls the others; and
+it waits that long only while waiting pays (see _wait_pays).
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ from services.shared.weights import WeightWatcher
 log = logging.getLogger(__name__)
 
 # Seconds to wait for a fuller batch once one observation is ready. Every env in the batch waits this long
-# for its action: at 5 ms, 8 Minecraft-paced envs (50 ms steps) reached 0.89 of their own speed, at 1 ms 0.93.
+# for its action: at 5 ms, 8 Minecraft-paced envs (50 ms steps) reached 0.89 of their own speed, at 1 ms 0.93,
+# not waiting at all 0.96. Envs that answer together (fast steps, one env per process) fill a batch within
+# it; envs whose answers come milliseconds apart (Minecraft's uneven ticks) seldom do: the loop measures what
+# its waits catch and waits only while they catch at least WAIT_PAYS observations on average, trying one wait
+# in PROBE_EVERY all the same so that it notices when they would again.
 BATCH_DEADLINE = 0.001
+WAIT_PAYS = 0.5
+PROBE_EVERY = 16
 SENDER_RESTART_PAUSE = 1.0  # seconds between restarts of a sender process that keeps dying
 RECORDS_EVERY = 0.05        # seconds: episode records wait at most this long for the next message to the sender
 
@@ -128,6 +135,8 @@ class RolloutLoop:
         self.slots = [_Slot(i, slot_id(i), p, FragmentCutter(self.session_id, slot_id(i), rc.fragment_length),
                             self.policy.initial_state(1)) for p, proc in enumerate(self.procs) for i in proc.slots]
         self.broken: set[int] = set()   # processes whose env cannot be built: reported, not respawned
+        # See _wait_pays: the loop waits until its waits are seen not to pay; batches formed, waits taken.
+        self.wait_caught, self.batch_waits, self.waits_taken = 1.0, 0, 0
         self.obs_signature = None       # structure, dtypes and shapes of the first observation seen
         self.stats["live_envs"] = wc.num_envs
         try:
@@ -166,14 +175,15 @@ class RolloutLoop:
     def _collect(self, target: int) -> list[_Slot]:
         """Wait on the env pipes until `target` slots have an answer, or BATCH_DEADLINE after the first one
         (a slow or restarting env never holds the others back); returns the batch, or [] on a stop."""
-        deadline = 0.0
+        deadline, before = 0.0, None  # before: the observations there when a wait for more began
         while not self.stop_event.is_set():
             waiting = [s for s in self.slots if s.waiting is not None]
             idle = [p for p in range(len(self.procs)) if p not in self.broken and
                     self.slots_of(p)[0].waiting is None]
-            if len(waiting) >= target or (waiting and not idle):
-                return waiting
-            if waiting and deadline and time.monotonic() >= deadline:
+            if len(waiting) >= target or (waiting and not idle) or (waiting and deadline and
+                                                                    time.monotonic() >= deadline):
+                if before is not None:
+                    self.wait_caught += 0.1 * (len(waiting) - before - self.wait_caught)
                 return waiting
             if len(self.broken) == len(self.procs):
                 return []
@@ -189,9 +199,19 @@ class RolloutLoop:
                 if p not in self.broken and self.slots_of(p)[0].waiting is None and now > self.procs[p].deadline:
                     self.stats["env_timeouts"] += 1
                     self._restart(p, "no answer within worker_config.env_timeout / env_start_timeout")
-            if any(s.waiting is not None for s in self.slots) and not deadline:
-                deadline = time.monotonic() + BATCH_DEADLINE
+            if not deadline and (count := sum(s.waiting is not None for s in self.slots)):
+                deadline = time.monotonic()
+                if self._wait_pays():
+                    deadline, before = deadline + BATCH_DEADLINE, count
         return []
+
+    def _wait_pays(self) -> bool:
+        """Whether to wait BATCH_DEADLINE for a fuller batch: while recent waits caught WAIT_PAYS observations
+        on average (wait_caught, their moving average), and once in PROBE_EVERY batches regardless."""
+        self.batch_waits += 1
+        wait = self.wait_caught >= WAIT_PAYS or self.batch_waits % PROBE_EVERY == 0
+        self.waits_taken += wait
+        return wait
 
     def slots_of(self, p: int) -> list[_Slot]:
         return [self.slots[i] for i in self.procs[p].slots]

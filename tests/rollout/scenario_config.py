@@ -6,6 +6,7 @@ MSO_TEST_FAULT="crash:N" | "die:N" | "hang:N" | "malformed:N" makes ONE env proc
 marker in MSO_TEST_FAULT_DIR) raise, exit, hang, or return a wrongly shaped observation at its N-th step
 of every env instance it builds; with MSO_TEST_FAULT_ENVS=N only the first N instances it builds are faulty
 (with several envs per process: one env of the process, not its process-mates or its own rebuild).
+MSO_TEST_STEP_MS="LO,HI" makes every step take between LO and HI ms, uneven like Minecraft's ticks.
 """
 
 import os
@@ -43,6 +44,7 @@ class CountingEnv(gym.Env):
     def __init__(self):
         global _built
         self.g, self.k, self.steps = -1, 0, 0
+        self.rng = np.random.default_rng()  # its own: forked env processes share the global one's state
         kind, _, n = os.environ.get("MSO_TEST_FAULT", "").partition(":")
         limit = int(os.environ.get("MSO_TEST_FAULT_ENVS", 0)) or None
         self.fault = (kind, int(n)) if kind and _is_faulty() and (limit is None or _built < limit) else None
@@ -59,6 +61,9 @@ class CountingEnv(gym.Env):
 
     def step(self, action):
         self.steps += 1
+        if os.environ.get("MSO_TEST_STEP_MS"):
+            lo, hi = (float(ms) / 1000 for ms in os.environ["MSO_TEST_STEP_MS"].split(","))
+            time.sleep(self.rng.uniform(lo, hi))
         if self.fault and self.steps == self.fault[1]:
             if self.fault[0] == "crash":
                 raise RuntimeError("stand-in simulator crash")
