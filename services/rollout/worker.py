@@ -201,7 +201,9 @@ class RolloutLoop:
                     self._restart(p, "no answer within worker_config.env_timeout / env_start_timeout")
             if not deadline and (count := sum(s.waiting is not None for s in self.slots)):
                 deadline = time.monotonic()
-                if self._wait_pays():
+                # A batch that is full, or has every answer it can get, is taken at once: no wait to judge.
+                more = any(p not in self.broken and self.slots_of(p)[0].waiting is None for p in range(len(self.procs)))
+                if count < target and more and self._wait_pays():
                     deadline, before = deadline + BATCH_DEADLINE, count
         return []
 
