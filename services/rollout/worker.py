@@ -135,8 +135,9 @@ class RolloutLoop:
         self.slots = [_Slot(i, slot_id(i), p, FragmentCutter(self.session_id, slot_id(i), rc.fragment_length),
                             self.policy.initial_state(1)) for p, proc in enumerate(self.procs) for i in proc.slots]
         self.broken: set[int] = set()   # processes whose env cannot be built: reported, not respawned
-        # See _wait_pays: the loop waits until its waits are seen not to pay; batches formed, waits taken.
-        self.wait_caught, self.batch_waits, self.waits_taken = 1.0, 0, 0
+        # See _wait_pays: the loop waits until its waits are seen not to pay; batches that could have waited
+        # for more, and those that did.
+        self.wait_caught, self.wait_chances, self.waits_taken = 1.0, 0, 0
         self.obs_signature = None       # structure, dtypes and shapes of the first observation seen
         self.stats["live_envs"] = wc.num_envs
         try:
@@ -202,7 +203,8 @@ class RolloutLoop:
             if not deadline and (count := sum(s.waiting is not None for s in self.slots)):
                 deadline = time.monotonic()
                 # A batch that is full, or has every answer it can get, is taken at once: no wait to judge.
-                more = any(p not in self.broken and self.slots_of(p)[0].waiting is None for p in range(len(self.procs)))
+                more = any(p not in self.broken and self.slots_of(p)[0].waiting is None
+                           for p in range(len(self.procs)))
                 if count < target and more and self._wait_pays():
                     deadline, before = deadline + BATCH_DEADLINE, count
         return []
@@ -210,8 +212,8 @@ class RolloutLoop:
     def _wait_pays(self) -> bool:
         """Whether to wait BATCH_DEADLINE for a fuller batch: while recent waits caught WAIT_PAYS observations
         on average (wait_caught, their moving average), and once in PROBE_EVERY batches regardless."""
-        self.batch_waits += 1
-        wait = self.wait_caught >= WAIT_PAYS or self.batch_waits % PROBE_EVERY == 0
+        self.wait_chances += 1
+        wait = self.wait_caught >= WAIT_PAYS or self.wait_chances % PROBE_EVERY == 0
         self.waits_taken += wait
         return wait
 

@@ -144,7 +144,7 @@ def test_envs_whose_answers_come_apart_are_not_held_waiting_for_a_fuller_batch(r
         run.fragments(per_slot=12, slots=4)  # 4 x 12 fragments of 4 steps: ~190 answers, most in batches of one
         loop = run.loop
         assert loop.wait_caught < WAIT_PAYS, f"waits caught {loop.wait_caught:.2f} observations on average"
-        decided, waited = loop.batch_waits, loop.waits_taken
+        decided, waited = loop.wait_chances, loop.waits_taken
     # Waits until they are seen not to pay (the average falls from 1 below 0.5 within ~10), then probes only.
     assert waited <= 12 + decided // PROBE_EVERY, f"{waited} waits in {decided} batches"
 
