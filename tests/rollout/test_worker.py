@@ -189,9 +189,12 @@ def test_episode_records_never_wait_for_the_sender(redis_server, redis_client):
         wait_until(lambda: redis_client.xlen(stream) == 1, 60, "the stream to fill")
 
         def stalled():
+            # Held back by backpressure (more fragments with the sender than to_send_queue_size, and the stream
+            # full), not merely slow: a busy host can leave the loop without a step for half a second anywhere.
             before = run.loop.stats["env_steps"]
             time.sleep(0.5)  # a measurement window, not a synchronisation
-            return run.loop.stats["env_steps"] == before
+            loop = run.loop
+            return loop.stats["env_steps"] == before and loop.stream_full and loop.held > 1
         wait_until(stalled, 30, "the stepping to stall")
         # Stalled waiting for room for a slot's second fragment: it has cut it (seq 2). Stalled by a record,
         # no slot would have got past its first.
