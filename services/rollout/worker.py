@@ -186,6 +186,10 @@ class RolloutLoop:
                 if before is not None:
                     self.wait_caught += 0.1 * (len(waiting) - before - self.wait_caught)
                 return waiting
+            if waiting and not deadline:  # the first answers of a batch that has room and more to come
+                if not self._wait_pays():
+                    return waiting
+                deadline, before = time.monotonic() + BATCH_DEADLINE, len(waiting)
             if len(self.broken) == len(self.procs):
                 return []
             ready = [p for p in idle if self.procs[p].conn is None]  # in-thread envs have answered already
@@ -200,18 +204,13 @@ class RolloutLoop:
                 if p not in self.broken and self.slots_of(p)[0].waiting is None and now > self.procs[p].deadline:
                     self.stats["env_timeouts"] += 1
                     self._restart(p, "no answer within worker_config.env_timeout / env_start_timeout")
-            if not deadline and (count := sum(s.waiting is not None for s in self.slots)):
-                deadline = time.monotonic()
-                # A batch that is full, or has every answer it can get, is taken at once: no wait to judge.
-                more = any(p not in self.broken and self.slots_of(p)[0].waiting is None
-                           for p in range(len(self.procs)))
-                if count < target and more and self._wait_pays():
-                    deadline, before = deadline + BATCH_DEADLINE, count
         return []
 
     def _wait_pays(self) -> bool:
         """Whether to wait BATCH_DEADLINE for a fuller batch: while recent waits caught WAIT_PAYS observations
-        on average (wait_caught, their moving average), and once in PROBE_EVERY batches regardless."""
+        on average (wait_caught, their moving average), and once in PROBE_EVERY batches regardless. Asked only
+        of a batch with room and an env still to answer: one already full, or with every answer it can get, is
+        taken at once and is no wait to judge."""
         self.wait_chances += 1
         wait = self.wait_caught >= WAIT_PAYS or self.wait_chances % PROBE_EVERY == 0
         self.waits_taken += wait
