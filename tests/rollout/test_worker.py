@@ -178,9 +178,12 @@ def test_episode_records_never_wait_for_the_sender(redis_server, redis_client):
     """Only fragments wait for room (to_send_queue_size); an episode record is queued at once. Here the
     stream holds one fragment, so the sender blocks on the second fragment of each slot's first cut (at
     step L), and the envs end an episode every 5 steps. The stepping must go on to a slot's next cut (step
-    2L); when records counted against the fragments' room it stalled at the second record after step L."""
+    2L); when records counted against the fragments' room it stalled at the second record after step L. Both
+    envs in one process, so that they step in lockstep: in two, a batch may take one env's answer alone (when
+    waiting for the other does not pay) and one slot can run a fragment ahead of the other."""
     length = 50
     with Running(redis_client, redis_server.url, [f"rollout_config.fragment_length={length}",
+                                                  "rollout_config.worker_config.envs_per_process=2",
                                                   "rollout_config.max_pending_fragments=1",
                                                   "rollout_config.to_send_queue_size=1",
                                                   "train_config.batch_size_per_gpu=1",
