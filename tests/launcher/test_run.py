@@ -150,16 +150,17 @@ def test_kill_9_leaves_no_process_and_no_ray_behind():
     print(f"\nkill -9: every process gone {time.monotonic() - killed:.2f}s after it")
 
 
-def test_supervision_restarts_dead_services_and_training_goes_on():
+def test_supervision_restarts_dead_services_and_training_goes_on(tmp_path):
     import grpc  # noqa: F401  (RpcError in wait conditions)
 
     from services.shared.ports import free_port
     from services.shared.rpc import channel
     from services.shared.protos import launcher_pb2, launcher_pb2_grpc
 
-    port = free_port()
+    port, summary = free_port(), tmp_path / "summary.json"
     proc = subprocess.Popen(MSO + ["run", "cartpole", "train_config.num_iterations=100000", f"--port={port}",
-                                   "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   "--quiet", f"--summary={summary}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
             if "running (" in line:
@@ -185,12 +186,16 @@ def test_supervision_restarts_dead_services_and_training_goes_on():
                        p.model_version > before.model_version + 2 and p.iteration > before.iteration, 120,
                        f"training to go on after the {kind} restart")
             assert service(kind).pid != victim.pid
-        with channel(f"127.0.0.1:{port}") as ch:  # a quiet moment: nothing produces or consumes any more
+        with channel(f"127.0.0.1:{port}") as ch:
             launcher_pb2_grpc.LauncherServiceStub(ch).StopSession(launcher_pb2.StopSessionRequest(), timeout=120)
-        ledger = progress().ledger
-        assert ledger.produced == ledger.consumed + ledger.dropped_stale + ledger.dropped_corrupt + ledger.pending
-        assert ledger.reused == 0  # cartpole's max_reuse is 1: what the new trainer reclaimed was not used twice
         assert proc.wait(120) == 0  # a session stopped as asked ends mso run cleanly (this raced a SIGINT)
+        # The ledger at a quiet moment: the one mso run read once the session had stopped. Not GetSession after
+        # StopSession: mso run ends with its session and takes its launcher down, so that call raced the exit
+        # (a CI run was refused).
+        ledger = {"dropped_stale": 0, "dropped_corrupt": 0, "reused": 0, **json.loads(summary.read_text())["ledger"]}
+        assert ledger["produced"] == ledger["consumed"] + ledger["dropped_stale"] + ledger["dropped_corrupt"] + \
+            ledger["pending"], ledger
+        assert ledger["reused"] == 0  # cartpole's max_reuse is 1: what the new trainer reclaimed was not used twice
     finally:
         if proc.poll() is None:
             proc.kill()
