@@ -46,9 +46,13 @@ def test_mso_top_shows_a_running_session_live_in_a_terminal_and_ctrl_c_leaves_it
         first = wait_until(ledger_line, 60, "mso top to show the ledger")
         screen = pane(name)
         assert "RUNNING" in screen and "cartpole" in screen and "no faults" in screen
-        rollout = re.search(r"rollout-\w+ +RUNNING +(\d+) +8 ", screen)  # its own env steps/s, 8 live envs
-        trainer = re.search(r"trainer-\w+ +RUNNING ", screen)
-        assert rollout and int(rollout.group(1)) > 0 and trainer, screen  # each node, its own env steps/s
+        assert re.search(r"trainer-\w+ +RUNNING ", screen), screen
+        # Each node with its own env steps/s and 8 live envs. Waited for, not read off the first screen: a rollout
+        # node's rate is its steps over its last window of a second or more, and 0 is true of a window it spent
+        # waiting for the learner to drain a full queue (a CI run's first screen said 0 at iteration 5, the queue
+        # just drained, the learner slowed by the load to 112 env steps/s).
+        wait_until(lambda: (m := re.search(r"rollout-\w+ +RUNNING +(\d+) +8 ", pane(name))) and int(m.group(1)) > 0,
+                   30, "mso top to show the rollout node's own env steps/s")
         wait_until(lambda: (ledger_line() or 0) > first, 30, "the view to refresh with new numbers")
         subprocess.run([TMUX, "send-keys", "-t", name, "C-c"], check=True, timeout=10)
         wait_until(lambda: subprocess.run([TMUX, "has-session", "-t", name], capture_output=True).returncode != 0,
