@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -66,6 +67,10 @@ class Sender:
                                         pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         child.close()
         self.conn = conn
+        # Asked after every batch: a poll object made once costs 0.4 us a look, Connection.poll 2.5 us (it builds
+        # a selector each time).
+        self.poller = select.poll()
+        self.poller.register(conn.fileno(), select.POLLIN)
 
     def configure(self, settings: Settings) -> Sender:
         self.send(settings)
@@ -83,7 +88,7 @@ class Sender:
         """The acks that arrived, waiting up to timeout for the first one."""
         out = []
         try:
-            while self.conn.poll(timeout):
+            while self.poller.poll(timeout * 1000):  # readable, or closed: recv_bytes then says which
                 out.append(pickle.loads(self.conn.recv_bytes()))
                 timeout = 0.0
         except (OSError, EOFError) as exc:

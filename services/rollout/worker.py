@@ -56,12 +56,11 @@ def check_weights(policy: torch.nn.Module, state: dict) -> None:
         raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
 
-def one_step(policy, observations: list, states: list, first: list[bool]):
-    """The policy on one time step of several envs: their (B,) observations as (B, 1, ...) tensors, their
-    states merged; returns (latents, state_out)."""
-    device = policy.device
+def one_step(policy, device: torch.device, observations: list, states: list, first: list[bool]):
+    """The policy (its parameters on device) on one time step of several envs: their (B,) observations as
+    (B, 1, ...) tensors, their states merged; returns (latents, state_out)."""
     obs = tree_map(lambda a: torch.as_tensor(a[:, None], device=device), stack(observations))
-    context = {"first": torch.tensor([[f] for f in first], device=device)}
+    context = {"first": torch.from_numpy(np.array(first)[:, None]).to(device)}
     return policy(obs, policy.merge_state(states), context=context)
 
 
@@ -116,6 +115,7 @@ class RolloutLoop:
         torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
         self.policy = adapt(self.module.policy_generator())  # a MineStudio policy gets mso's contract
         self.policy.eval()
+        self.device = self.policy.device  # a property that walks the parameters: once, not every batch
         self.version, self.watcher_error = 0, ""
         watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
         # The sender process pushes what each batch cut or ended (services/rollout/sender.py): the fragments of a
@@ -284,8 +284,8 @@ class RolloutLoop:
         steps = [slot.waiting for slot in batch]
         for slot in batch:
             slot.waiting = None
-        cut_values = truncation_values(policy, [s.final_obs for s in steps], [slot.state for slot in batch],
-                                       use_normalized_vf)
+        cut_values = truncation_values(policy, self.device, [s.final_obs for s in steps],
+                                       [slot.state for slot in batch], use_normalized_vf)
         for slot, step in zip(batch, steps):
             if step.last_terminated or step.last_truncated:  # a new episode: fresh recurrent state
                 slot.state = policy.initial_state(1)
@@ -293,7 +293,7 @@ class RolloutLoop:
                 self._episode(step.finished, slot.id)
         started = time.perf_counter()
         with torch.inference_mode():
-            latents, state_out = one_step(policy, [s.obs for s in steps], [slot.state for slot in batch],
+            latents, state_out = one_step(policy, self.device, [s.obs for s in steps], [slot.state for slot in batch],
                                           [s.last_terminated or s.last_truncated for s in steps])
             action = policy.pi_head.sample(latents["pi_logits"])
             logp = policy.pi_head.logprob(action, latents["pi_logits"]).reshape(-1).cpu().numpy()
@@ -380,7 +380,8 @@ class RolloutLoop:
         self.sender, self.sender_started = Sender().configure(self.sender_settings), time.monotonic()
 
 
-def truncation_values(policy, final_obs: list, states: list, use_normalized_vf: bool) -> list[float]:
+def truncation_values(policy, device: torch.device, final_obs: list, states: list,
+                      use_normalized_vf: bool) -> list[float]:
     """V(final obs) for each env whose episode a time limit just cut, from the recurrent state that
     observation continues (the behaviour policy's value: the learner never sees that observation), so GAE can
     bootstrap the cut instead of treating it as a real end; 0.0 for the others."""
@@ -389,7 +390,7 @@ def truncation_values(policy, final_obs: list, states: list, use_normalized_vf: 
     if not cut:
         return out
     with torch.inference_mode():
-        latents, _ = one_step(policy, [final_obs[j] for j in cut], [states[j] for j in cut], [False] * len(cut))
+        latents, _ = one_step(policy, device, [final_obs[j] for j in cut], [states[j] for j in cut], [False] * len(cut))
         for j, x in zip(cut, values(policy, latents, use_normalized_vf).tolist()):
             out[j] = x
     return out
