@@ -5,6 +5,11 @@ of the transition that *led to* o_t. A fragment of L steps is cut when L+1 recor
 r_{L-1}, next_done_{L-1} and next_obs = o_L, and then becomes step 0 of the next fragment, so fragments of
 one slot tile its stream exactly. When a slot's stream breaks (env restart, stale partial buffer) the
 partial buffer is dropped and the next fragment says contiguous=False, so GAE never chains across the gap.
+
+A worker's slots finish their fragments in the same step, so the ready ones of a batch are built together, as
+one Fragments record with every field stacked: that is what crosses to the sender process, which splits it.
+Built and pickled one by one, a CartPole worker's 8 fragments cost 320 us every 16 steps of the stepping
+thread (more than a tenth of its time); together, under 60.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.shared.fragment import Fragment
-from services.shared.trees import stack
+from services.shared.trees import stack, tree_map
 
 
 @dataclass
@@ -52,28 +57,70 @@ class FragmentCutter:
         """Whether the next step will start a fragment (then its in-state must be recorded)."""
         return len(self.buffer) in (0, self.length)
 
-    def add(self, step: Step) -> Fragment | None:
+    def add(self, step: Step) -> bool:
+        """Append a step; whether a fragment is now ready (cut takes it)."""
         self.buffer.append(step)
-        if len(self.buffer) <= self.length:
-            return None
-        steps, nxt = self.buffer[:self.length], self.buffer[self.length]
-        fragment = self._build(steps, nxt)
-        self.buffer = [nxt]
-        return fragment
+        return len(self.buffer) > self.length
 
-    def _build(self, steps: list[Step], nxt: Step) -> Fragment:
-        following = steps[1:] + [nxt]
-        versions = np.array([s.version for s in steps], dtype=np.int64)
-        fragment = Fragment(
-            session_id=self.session_id, slot=self.slot_id, seq=self.seq, contiguous=self.contiguous,
-            version_first=int(versions[0]), obs=stack([s.obs for s in steps]), action=stack([s.action for s in steps]),
-            next_obs=nxt.obs, in_state=steps[0].state,
-            reward=np.array([s.last_reward for s in following], dtype=np.float32),
-            first=np.array([s.last_terminated or s.last_truncated for s in steps], dtype=bool),
-            next_done=np.array([s.last_terminated or s.last_truncated for s in following], dtype=bool),
-            next_truncated=np.array([s.last_truncated for s in following], dtype=bool),
-            truncation_value=np.array([s.last_truncation_value for s in following], dtype=np.float32),
-            logp=np.array([s.logp for s in steps], dtype=np.float32), model_version=versions)
-        self.seq += 1
-        self.contiguous = True
-        return fragment
+
+@dataclass
+class Fragments:
+    """The fragments of several slots of one worker, cut in the same step: every Fragment field, stacked along
+    a new axis 0 (one entry per fragment), except the recurrent in-states, which are kept one per fragment."""
+    session_id: str
+    slots: list[str]
+    seqs: list[int]
+    contiguous: list[bool]
+    in_states: list
+    obs: object                 # tree of (K, L, ...) arrays
+    action: object
+    next_obs: object            # tree of (K, ...) arrays
+    reward: np.ndarray          # (K, L), and so on: Fragment's per-step fields
+    first: np.ndarray
+    next_done: np.ndarray
+    next_truncated: np.ndarray
+    truncation_value: np.ndarray
+    logp: np.ndarray
+    model_version: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def split(self) -> list[Fragment]:
+        return [Fragment(session_id=self.session_id, slot=self.slots[i], seq=self.seqs[i], contiguous=self.contiguous[i],
+                         version_first=int(self.model_version[i, 0]), obs=tree_map(lambda a: a[i], self.obs),
+                         action=tree_map(lambda a: a[i], self.action), next_obs=tree_map(lambda a: a[i], self.next_obs),
+                         in_state=self.in_states[i], reward=self.reward[i], first=self.first[i],
+                         next_done=self.next_done[i], next_truncated=self.next_truncated[i],
+                         truncation_value=self.truncation_value[i], logp=self.logp[i],
+                         model_version=self.model_version[i]) for i in range(len(self))]
+
+
+def cut(cutters: list[FragmentCutter]) -> Fragments:
+    """Take the ready fragment of each cutter (cutters of one worker: one length, one observation shape); the
+    last step of each stays as step 0 of its next fragment."""
+    k, length = len(cutters), cutters[0].length
+    steps = [s for c in cutters for s in c.buffer[:length]]   # fragment after fragment, K x L
+    nxt = [c.buffer[length] for c in cutters]
+    # Step t's reward and done flags arrive with step t + 1.
+    following = [s for c in cutters for s in c.buffer[1:length + 1]]
+
+    def per_step(values, dtype):
+        return np.array(values, dtype=dtype).reshape(k, length)
+
+    fragments = Fragments(
+        session_id=cutters[0].session_id, slots=[c.slot_id for c in cutters], seqs=[c.seq for c in cutters],
+        contiguous=[c.contiguous for c in cutters], in_states=[c.buffer[0].state for c in cutters],
+        obs=tree_map(lambda a: a.reshape(k, length, *a.shape[1:]), stack([s.obs for s in steps])),
+        action=tree_map(lambda a: a.reshape(k, length, *a.shape[1:]), stack([s.action for s in steps])),
+        next_obs=stack([s.obs for s in nxt]),
+        reward=per_step([s.last_reward for s in following], np.float32),
+        first=per_step([s.last_terminated or s.last_truncated for s in steps], bool),
+        next_done=per_step([s.last_terminated or s.last_truncated for s in following], bool),
+        next_truncated=per_step([s.last_truncated for s in following], bool),
+        truncation_value=per_step([s.last_truncation_value for s in following], np.float32),
+        logp=per_step([s.logp for s in steps], np.float32),
+        model_version=per_step([s.version for s in steps], np.int64))
+    for c, n in zip(cutters, nxt):
+        c.buffer, c.seq, c.contiguous = [n], c.seq + 1, True
+    return fragments

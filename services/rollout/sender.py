@@ -4,8 +4,8 @@ GIL, and every torch op of the worker's inference hands the GIL to a waiting thr
 inference took twice as long (500 against 260 us a batch) whenever the sender was busy encoding or talking
 to Redis (benchmarks/README, measure 2). The process imports no torch: it starts in a fraction of a second.
 
-Worker -> sender, over one pipe: first Settings, then (fragments, episodes) per batch that cut fragments or
-ended episodes, then None: push what the stream has room for now, and exit. The pipe's end (the worker died)
+Worker -> sender, over one pipe: first Settings, then (Fragments or None, episodes) per batch that cut
+fragments or ended episodes (rollout/fragments.py: a batch's fragments stacked, split here), then None: push what the stream has room for now, and exit. The pipe's end (the worker died)
 means the same.
 Sender -> worker: an Ack after each round trip that appended fragments or found the stream newly full, and
 one for those it gave up or failed to push. `done` counts the fragments the sender is finished with; `full`
@@ -149,7 +149,7 @@ def _serve(conn: Connection) -> None:
                 messages.append(inbox.get_nowait())
             except queue.Empty:
                 break
-        fragments: list[Fragment] = [f for m in messages if m is not None for f in m[0]]
+        fragments: list[Fragment] = [f for m in messages if m is not None and m[0] is not None for f in m[0].split()]
         records: list[Episode] = [e for m in messages if m is not None for e in m[1]]
         errors = []
         if records:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal
-from services.rollout.fragments import FragmentCutter, Step
+from services.rollout.fragments import FragmentCutter, Fragments, Step, cut
 from services.rollout.sender import Ack, Sender, SenderGone, Settings
 from services.shared.config import stream_bound
 from services.shared.episode import Episode
-from services.shared.fragment import Fragment, signature
+from services.shared.fragment import signature
 from services.shared.minestudio import adapt
 from services.shared.redis_server import connect
 from services.shared.session import Joined
@@ -152,7 +152,7 @@ class RolloutLoop:
                     self._take_acks()
         finally:
             if self.records:
-                self._send([])
+                self._send(None)
             for ack in self.sender.finish(timeout=10):
                 self._acked(ack)
             watcher.stop()
@@ -302,23 +302,21 @@ class RolloutLoop:
         self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + 0.1 * 1000 * (time.perf_counter() - started)
         max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
         chosen: dict[int, tuple] = {}  # slot index -> (action, video path) to send to its process
-        cut: list[Fragment] = []
+        ready: list[FragmentCutter] = []  # the slots whose fragment this step completes
         for j, (slot, step) in enumerate(zip(batch, steps)):
             act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
             cutter = slot.cutter
             if cutter.buffer and self.version - cutter.buffer[0].version > max_staleness:
                 self.stats["steps_dropped"] += cutter.drop()
             state_np = tree_map(lambda t: t.detach().cpu().numpy(), slot.state) if cutter.needs_state() else None
-            fragment = cutter.add(Step(step.obs, state_np, act, float(logp[j]), step.last_reward,
-                                       step.last_terminated, step.last_truncated, self.version,
-                                       last_truncation_value=cut_values[j]))
+            if cutter.add(Step(step.obs, state_np, act, float(logp[j]), step.last_reward, step.last_terminated,
+                               step.last_truncated, self.version, last_truncation_value=cut_values[j])):
+                ready.append(cutter)
             slot.state = new_states[j]
             chosen[slot.index] = (act, slot.video)
             slot.video = None
-            if fragment is not None:
-                cut.append(fragment)
-        if cut or (self.records and time.monotonic() - self.records_sent > RECORDS_EVERY):
-            self._send(cut)
+        if ready or (self.records and time.monotonic() - self.records_sent > RECORDS_EVERY):
+            self._send(cut(ready) if ready else None)
         for p in sorted({slot.process for slot in batch}):
             try:
                 self.procs[p].send([chosen.pop(i) for i in self.procs[p].slots])
@@ -333,14 +331,15 @@ class RolloutLoop:
         self.records.append(replace(finished, version=self.version, slot=slot_id, worker=self.index))
 
     # -- send: to the sender process ---------------------------------------------------------------------
-    def _send(self, cut: list[Fragment]) -> None:
+    def _send(self, fragments: Fragments | None) -> None:
         """Hand a batch's fragments (all together: pushed in one round trip) and the records to the sender."""
         records, self.records, self.records_sent = self.records, [], time.monotonic()
+        count = len(fragments) if fragments is not None else 0
         try:
-            self.sender.send((cut, records))
-            self.held += len(cut)
+            self.sender.send((fragments, records))
+            self.held += count
         except SenderGone as exc:
-            self._sender_gone(exc, len(cut))
+            self._sender_gone(exc, count)
 
     def _wait_for_room(self) -> None:
         """The backpressure: while the stream is full, the envs step on only while at most

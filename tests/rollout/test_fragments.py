@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from services.rollout.fragments import FragmentCutter, Step
+from services.rollout.fragments import FragmentCutter, Step, cut
 
 
 def step(t, done_before=False, state=None, version=0):
@@ -10,9 +10,14 @@ def step(t, done_before=False, state=None, version=0):
                 last_reward=10.0 + t, last_terminated=done_before, last_truncated=False, version=version)
 
 
+def add(cutter, step):
+    """The fragment this step completes, cut alone, or None."""
+    return cut([cutter]).split()[0] if cutter.add(step) else None
+
+
 def test_alignment_of_rewards_dones_and_next_obs():
     cutter = FragmentCutter("s", "slot", 4)
-    out = [cutter.add(step(t, done_before=(t in (0, 3)), state=[np.zeros((1, 2))] if cutter.needs_state() else None))
+    out = [add(cutter, step(t, done_before=(t in (0, 3)), state=[np.zeros((1, 2))] if cutter.needs_state() else None))
            for t in range(5)]
     assert out[:4] == [None] * 4
     f = out[4]
@@ -30,7 +35,7 @@ def test_fragments_tile_the_stream_and_carry_the_in_state_of_their_first_step():
     fragments = []
     for t in range(10):
         state = [np.full((1, 1), t)] if cutter.needs_state() else None
-        f = cutter.add(step(t, state=state, version=t // 4))
+        f = add(cutter, step(t, state=state, version=t // 4))
         if f:
             fragments.append(f)
     assert [int(f.obs["x"][0, 0]) for f in fragments] == [0, 3, 6]
@@ -42,7 +47,42 @@ def test_fragments_tile_the_stream_and_carry_the_in_state_of_their_first_step():
 def test_a_dropped_buffer_marks_the_next_fragment_discontinuous():
     cutter = FragmentCutter("s", "slot", 2)
     for t in range(3):
-        cutter.add(step(t, state=[np.zeros(1)] if cutter.needs_state() else None))
+        add(cutter, step(t, state=[np.zeros(1)] if cutter.needs_state() else None))
     assert cutter.drop() == 1
-    out = [cutter.add(step(t, state=[np.zeros(1)] if cutter.needs_state() else None)) for t in range(3)]
+    out = [add(cutter, step(t, state=[np.zeros(1)] if cutter.needs_state() else None)) for t in range(3)]
     assert out[2].contiguous is False and out[2].seq == 1
+
+
+def test_the_fragments_of_several_slots_cut_together_are_those_each_would_cut_alone():
+    """A worker cuts the fragments its slots complete in one step together (one record to its sender); each is
+    what its slot's cutter would have cut by itself: its own steps, seq, contiguity and in-state."""
+    together = [FragmentCutter("s", f"slot-{i}", 3) for i in range(3)]
+    alone = [FragmentCutter("s", f"slot-{i}", 3) for i in range(3)]
+    together[1].drop(), alone[1].drop()  # one slot's stream broke before: its fragment is not contiguous
+    cut_together, cut_alone = [], []
+    for t in range(7):
+        ready = []
+        for i, (a, b) in enumerate(zip(together, alone)):
+            def record(c):
+                return step(10 * i + t, done_before=(t == i + 1), version=t // 2,
+                            state=[np.full((1, 2), 10 * i + t)] if c.needs_state() else None)
+            if a.add(record(a)):
+                ready.append(a)
+            if (f := add(b, record(b))) is not None:
+                cut_alone.append(f)
+        if ready:
+            assert len(ready) == 3  # the slots step in lockstep: all or none complete a fragment
+            cut_together += cut(ready).split()
+    assert len(cut_together) == len(cut_alone) == 6
+    for a, b in zip(cut_together, cut_alone):
+        assert (a.slot, a.seq, a.contiguous, a.version_first) == (b.slot, b.seq, b.contiguous, b.version_first)
+        for name in ("reward", "first", "next_done", "next_truncated", "truncation_value", "logp", "model_version"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and x.shape == y.shape == (3,), name
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        for x, y in ((a.obs["x"], b.obs["x"]), (a.action, b.action), (a.next_obs["x"], b.next_obs["x"]),
+                     (a.in_state[0], b.in_state[0])):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+    assert [f.contiguous for f in cut_together] == [True, False, True, True, True, True]
+    assert [int(f.obs["x"][0, 0]) for f in cut_together] == [0, 10, 20, 3, 13, 23]

@@ -7,7 +7,7 @@ import pytest
 from services.shared import keys
 from services.shared.codec import MAGIC, CodecError, decode, encode
 from services.shared.queue import FragmentConsumer, FragmentProducer, ledger
-from services.rollout.fragments import FragmentCutter, Step
+from services.rollout.fragments import FragmentCutter, Step, cut
 from tests.fragment_factory import tree
 
 
@@ -17,10 +17,10 @@ def make_fragment(length=8, session_id="s1"):
     fragment = None
     for t in range(length + 1):
         state = [rng.standard_normal((1, 3)).astype(np.float32)] if cutter.needs_state() else None
-        fragment = cutter.add(Step(obs={"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)}, state=state,
-                                   action={"buttons": np.array([t]), "camera": np.array([t % 3])},
-                                   logp=-0.5 * t, last_reward=float(t), last_terminated=t == 3,
-                                   last_truncated=False, version=7)) or fragment
+        if cutter.add(Step(obs={"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)}, state=state,
+                           action={"buttons": np.array([t]), "camera": np.array([t % 3])}, logp=-0.5 * t,
+                           last_reward=float(t), last_terminated=t == 3, last_truncated=False, version=7)):
+            fragment = cut([cutter]).split()[0]
     return fragment
 
 
