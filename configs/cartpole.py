@@ -39,7 +39,7 @@ class CartPoleEnv(gym.Wrapper):
         return {"obs": obs.astype(np.float32)}, info
 
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(int(np.asarray(action).reshape(-1)[0]))
+        obs, reward, terminated, truncated, info = self.env.step(int(action))  # a worker's action: one integer
         return {"obs": obs.astype(np.float32)}, float(reward), terminated, truncated, info
 
 

@@ -61,9 +61,11 @@ class _Episode:
         self.discount, self.video = discount, video
         self.ret = self.disc_ret = 0.0
         self.length = 0
+        self.weight = 1.0  # discount ** length
 
     def add(self, reward: float) -> None:
-        self.disc_ret += self.discount ** self.length * reward
+        self.disc_ret += self.weight * reward
+        self.weight *= self.discount
         self.ret += reward
         self.length += 1
 

@@ -29,7 +29,7 @@ from services.shared.fragment import signature
 from services.shared.minestudio import adapt
 from services.shared.redis_server import connect
 from services.shared.session import Joined
-from services.shared.trees import stack, tree_map
+from services.shared.trees import stack, tree_map, unstack
 from services.shared.weights import WeightWatcher
 
 log = logging.getLogger(__name__)
@@ -303,16 +303,17 @@ class RolloutLoop:
         max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
         chosen: dict[int, tuple] = {}  # slot index -> (action, video path) to send to its process
         ready: list[FragmentCutter] = []  # the slots whose fragment this step completes
-        for j, (slot, step) in enumerate(zip(batch, steps)):
-            act = tree_map(lambda a: a[j, 0], actions)  # this env's action at its one time step
+        acts = unstack(tree_map(lambda a: a[:, 0], actions), len(batch))  # each env's action at its one time step
+        for slot, step, act, act_logp, cut_value, state in zip(batch, steps, acts, logp.tolist(), cut_values,
+                                                               new_states):
             cutter = slot.cutter
             if cutter.buffer and self.version - cutter.buffer[0].version > max_staleness:
                 self.stats["steps_dropped"] += cutter.drop()
             state_np = tree_map(lambda t: t.detach().cpu().numpy(), slot.state) if cutter.needs_state() else None
-            if cutter.add(Step(step.obs, state_np, act, float(logp[j]), step.last_reward, step.last_terminated,
-                               step.last_truncated, self.version, last_truncation_value=cut_values[j])):
+            if cutter.add(Step(step.obs, state_np, act, act_logp, step.last_reward, step.last_terminated,
+                               step.last_truncated, self.version, last_truncation_value=cut_value)):
                 ready.append(cutter)
-            slot.state = new_states[j]
+            slot.state = state
             chosen[slot.index] = (act, slot.video)
             slot.video = None
         if ready or (self.records and time.monotonic() - self.records_sent > RECORDS_EVERY):

@@ -1,6 +1,6 @@
 """Operations on trees: nested dicts and lists whose leaves are arrays. Observations, actions and recurrent
 states are trees (MineStudio's are dicts of arrays; its VPT state is a list), and every part of mso handles
-them through these two functions."""
+them through these functions."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def stack(trees: list, leaf_stack=np.array):
     if isinstance(first, (list, tuple)):
         return [stack([t[i] for t in trees], leaf_stack) for i in range(len(first))]
     return leaf_stack([np.asarray(t) for t in trees])
+
+
+def unstack(tree, n: int) -> list:
+    """stack's inverse: one tree whose leaves have n entries along axis 0 -> n trees of those entries."""
+    if isinstance(tree, dict):
+        parts = {k: unstack(v, n) for k, v in tree.items()}
+        return [{k: p[i] for k, p in parts.items()} for i in range(n)]
+    if isinstance(tree, (list, tuple)):
+        parts = [unstack(v, n) for v in tree]
+        return [[p[i] for p in parts] for i in range(n)]
+    return list(tree)
