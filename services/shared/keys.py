@@ -30,6 +30,10 @@ class SessionKeys:
         return self._k("fragments")
 
     @property
+    def room_channel(self) -> str:    # pub/sub: a trainer rank retired entries, so the stream has room again
+        return self._k("fragments:room")
+
+    @property
     def ledger(self) -> str:          # hash of counters: produced, consumed, dropped_stale, ...
         return self._k("ledger")
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 from services.shared import keys, queue, session
 from services.shared.codec import decode
 from services.shared.queue import Backpressure, FragmentConsumer, FragmentProducer, ledger
+from tests.conftest import wait_until
 from tests.shared.test_codec import make_fragment
 
 
@@ -127,3 +128,25 @@ def test_each_rollout_nodes_fragments_are_counted_and_add_up(redis_client):
     by_node = queue.produced_by_node(redis_client, "s1")
     assert by_node == {"rollout-a": 3, "rollout-b": 2}
     assert sum(by_node.values()) == ledger(redis_client, "s1")["produced"] == 5
+
+
+def test_a_producer_waiting_for_room_is_woken_by_the_retirement_not_by_its_poll(redis_client, monkeypatch):
+    """A full stream empties when a trainer retires what it trained on; the producer waiting for room hears of
+    it at once (the retire script publishes on the session's room channel) instead of on its next look,
+    which came up to 50 ms late while a CartPole learner's whole update takes 30. Here its looks are an hour
+    apart: only the notification can wake it in time."""
+    monkeypatch.setattr(queue, "ROOM_POLL", (3600.0, 3600.0))
+    producer = FragmentProducer(redis_client, "s1", max_pending=1)
+    assert producer.push(make_fragment()) > 0
+    consumer = FragmentConsumer(redis_client, "s1", "node-rank0")
+    (entry_id, _), = consumer.read(1, block_ms=None)
+    pushed = []
+    waiting = threading.Thread(target=lambda: pushed.append(producer.push(make_fragment())), daemon=True)
+    waiting.start()
+    wait_until(lambda: redis_client.pubsub_numsub(keys.SessionKeys("s1").room_channel)[0][1] == 1, 10,
+               "the producer to listen for room")
+    assert consumer.retire([entry_id], "consumed") == 1
+    waiting.join(10)
+    assert not waiting.is_alive() and pushed[0] > 0, "the retirement did not wake the producer"
+    counts = ledger(redis_client, "s1")
+    assert counts["produced"] == 2 and counts["consumed"] == 1 and counts["pending"] == 1 and balanced(redis_client)
