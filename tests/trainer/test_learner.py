@@ -6,12 +6,13 @@ resumed session goes on from the session's newest weights; a trainer with nothin
 import logging
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from services.shared import trainer_status, weights
+from services.shared import keys, trainer_status, weights
 from services.shared.config import load
 from services.shared.queue import FragmentProducer, ledger
 from services.shared.redis_server import connect
@@ -133,3 +134,30 @@ def test_a_learner_stops_when_another_trainer_node_holds_the_lease(redis_server,
     with pytest.raises(RuntimeError, match="trainer node someone-else took over session lease1"):
         learner.run()
     assert weights.latest_pointer(client, "lease1")["version"] == 0  # it published nothing after version 0
+
+
+def test_the_new_version_is_announced_before_the_fragments_it_was_trained_on_leave_the_stream(redis_server,
+                                                                                               tmp_path):
+    """A rollout blocked on a full stream wakes when the trainer retires what it trained on; were the new
+    version announced only after, the woken rollout stepped a burst on the version just replaced, which is
+    stale an iteration later (mso run cartpole dropped 13-14 % of its fragments as stale, against 4-7 %).
+    Both announcements are Redis messages, heard here on one subscription in the order they were sent."""
+    client = connect(redis_server.url)
+    spec = make_spec(redis_server, tmp_path, "order1", "train_config.num_iterations=1")
+    produce(client, "order1", iterations=1)
+    sk = keys.SessionKeys("order1")
+    heard = client.pubsub(ignore_subscribe_messages=True)
+    heard.subscribe(sk.weights_channel, sk.room_channel)
+    learner = Learner(spec)
+    thread, outcome = run_in_thread(learner)
+    thread.join(60)
+    assert not thread.is_alive() and outcome.get("result") == {"iterations": 1, "stopped": False}, outcome
+    channels, deadline = [], time.monotonic() + 2  # all was sent: what is still on its way arrives within this
+    while time.monotonic() < deadline:
+        if (m := heard.get_message(timeout=0.1)) is not None:  # None too for a subscription's confirmation
+            channels.append((m["channel"].decode(), m["data"].decode()))
+    heard.close()
+    # Version 0 is published when the learner starts; version 1 after its one update.
+    assert channels[:2] == [(sk.weights_channel, "0"), (sk.weights_channel, "1")], channels
+    assert {c for c, _ in channels[2:]} == {sk.room_channel}, channels
+    assert ledger(client, "order1")["consumed"] == 8
