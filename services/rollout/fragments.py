@@ -87,8 +87,9 @@ class Fragments:
         return len(self.slots)
 
     def split(self) -> list[Fragment]:
-        return [Fragment(session_id=self.session_id, slot=self.slots[i], seq=self.seqs[i], contiguous=self.contiguous[i],
-                         version_first=int(self.model_version[i, 0]), obs=tree_map(lambda a: a[i], self.obs),
+        return [Fragment(session_id=self.session_id, slot=self.slots[i], seq=self.seqs[i],
+                         contiguous=self.contiguous[i], version_first=int(self.model_version[i, 0]),
+                         obs=tree_map(lambda a: a[i], self.obs),
                          action=tree_map(lambda a: a[i], self.action), next_obs=tree_map(lambda a: a[i], self.next_obs),
                          in_state=self.in_states[i], reward=self.reward[i], first=self.first[i],
                          next_done=self.next_done[i], next_truncated=self.next_truncated[i],

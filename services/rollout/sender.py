@@ -5,8 +5,8 @@ inference took twice as long (500 against 260 us a batch) whenever the sender wa
 to Redis (benchmarks/README, measure 2). The process imports no torch: it starts in a fraction of a second.
 
 Worker -> sender, over one pipe: first Settings, then (Fragments or None, episodes) per batch that cut
-fragments or ended episodes (rollout/fragments.py: a batch's fragments stacked, split here), then None: push what the stream has room for now, and exit. The pipe's end (the worker died)
-means the same.
+fragments or ended episodes (rollout/fragments.py: a batch's fragments stacked, split here), then None:
+push what the stream has room for now, and exit. The pipe's end (the worker died) means the same.
 Sender -> worker: an Ack after each round trip that appended fragments or found the stream newly full, and
 one for those it gave up or failed to push. `done` counts the fragments the sender is finished with; `full`
 says it is waiting for room, which is when the worker's to_send_queue_size applies. Episode records are
