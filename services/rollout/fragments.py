@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.shared.fragment import Fragment
-from services.shared.trees import stack, tree_map
+from services.shared.trees import stack, tree_map, unstack
 
 
 @dataclass
@@ -87,14 +87,15 @@ class Fragments:
         return len(self.slots)
 
     def split(self) -> list[Fragment]:
+        k = len(self)
         return [Fragment(session_id=self.session_id, slot=self.slots[i], seq=self.seqs[i],
-                         contiguous=self.contiguous[i], version_first=int(self.model_version[i, 0]),
-                         obs=tree_map(lambda a: a[i], self.obs),
-                         action=tree_map(lambda a: a[i], self.action), next_obs=tree_map(lambda a: a[i], self.next_obs),
-                         in_state=self.in_states[i], reward=self.reward[i], first=self.first[i],
-                         next_done=self.next_done[i], next_truncated=self.next_truncated[i],
+                         contiguous=self.contiguous[i], version_first=int(self.model_version[i, 0]), obs=obs,
+                         action=action, next_obs=next_obs, in_state=self.in_states[i], reward=self.reward[i],
+                         first=self.first[i], next_done=self.next_done[i], next_truncated=self.next_truncated[i],
                          truncation_value=self.truncation_value[i], logp=self.logp[i],
-                         model_version=self.model_version[i]) for i in range(len(self))]
+                         model_version=self.model_version[i])
+                for i, obs, action, next_obs in zip(range(k), unstack(self.obs, k), unstack(self.action, k),
+                                                    unstack(self.next_obs, k))]
 
 
 def cut(cutters: list[FragmentCutter]) -> Fragments:
@@ -109,11 +110,13 @@ def cut(cutters: list[FragmentCutter]) -> Fragments:
     def per_step(values, dtype):
         return np.array(values, dtype=dtype).reshape(k, length)
 
+    def per_step_trees(trees):
+        return tree_map(lambda a: a.reshape(k, length, *a.shape[1:]), stack(trees))
+
     fragments = Fragments(
         session_id=cutters[0].session_id, slots=[c.slot_id for c in cutters], seqs=[c.seq for c in cutters],
         contiguous=[c.contiguous for c in cutters], in_states=[c.buffer[0].state for c in cutters],
-        obs=tree_map(lambda a: a.reshape(k, length, *a.shape[1:]), stack([s.obs for s in steps])),
-        action=tree_map(lambda a: a.reshape(k, length, *a.shape[1:]), stack([s.action for s in steps])),
+        obs=per_step_trees([s.obs for s in steps]), action=per_step_trees([s.action for s in steps]),
         next_obs=stack([s.obs for s in nxt]),
         reward=per_step([s.last_reward for s in following], np.float32),
         first=per_step([s.last_terminated or s.last_truncated for s in steps], bool),
