@@ -47,15 +47,17 @@ TREES = ("obs", "action", "next_obs", "in_state")
 
 
 def signature(tree):
-    """The structure, dtypes and shapes of a tree of arrays, comparable with ==."""
-    if isinstance(tree, np.ndarray):
-        return (tree.dtype.str, tree.shape)
-    if isinstance(tree, dict):
-        return tuple(sorted((str(k), signature(v)) for k, v in tree.items()))
+    """The structure, dtypes and shapes of a tree of arrays, comparable with ==. A rollout worker takes the
+    signature of every observation (8 a CartPole batch), so the common kinds are tested first by exact type."""
+    kind = type(tree)
+    if kind is np.ndarray:
+        return (tree.dtype, tree.shape)
+    if kind is dict or isinstance(tree, dict):
+        return tuple(sorted([(str(k), signature(v)) for k, v in tree.items()]))
     if isinstance(tree, (list, tuple)):
-        return tuple(signature(v) for v in tree)
+        return tuple([signature(v) for v in tree])
     a = np.asarray(tree)
-    return (a.dtype.str, a.shape)
+    return (a.dtype, a.shape)
 
 
 def _leaves(tree, out: list) -> list:
@@ -140,7 +142,7 @@ def _strip_time(tree):
         return tuple(sorted((str(k), _strip_time(v)) for k, v in tree.items()))
     if isinstance(tree, (list, tuple)):
         return tuple(_strip_time(v) for v in tree)
-    return (tree.dtype.str, tree.shape[1:])
+    return (tree.dtype, tree.shape[1:])
 
 
 def _describe(a) -> str:
