@@ -134,6 +134,7 @@ class RolloutLoop:
         slot_id = f"{self.node_id}-w{self.index}-e{{}}".format
         self.slots = [_Slot(i, slot_id(i), p, FragmentCutter(self.session_id, slot_id(i), rc.fragment_length),
                             self.policy.initial_state(1)) for p, proc in enumerate(self.procs) for i in proc.slots]
+        self.proc_slots = [[self.slots[i] for i in proc.slots] for proc in self.procs]  # a process keeps its slots
         self.broken: set[int] = set()   # processes whose env cannot be built: reported, not respawned
         # See _wait_pays: the loop waits until its waits are seen not to pay; batches that could have waited
         # for more, and those that did.
@@ -222,7 +223,7 @@ class RolloutLoop:
         return wait
 
     def slots_of(self, p: int) -> list[_Slot]:
-        return [self.slots[i] for i in self.procs[p].slots]
+        return self.proc_slots[p]
 
     def _receive(self, p: int) -> None:
         """Take env process p's answer for each of its slots; a dead process, an env that cannot be built and
@@ -238,19 +239,22 @@ class RolloutLoop:
             self.broken.add(p)
             self.stats["live_envs"] -= len(self.procs[p].slots)
             return
+        malformed = set()
         for slot, step in zip(self.slots_of(p), answer):
             if step.restarted:  # the env rebuilt itself after an exception
                 self.stats["env_restarts"] += 1
                 self.stats["steps_dropped"] += slot.cutter.drop()
-            if step.final_obs is not None and signature(step.final_obs) != signature(step.obs):
+            shape = signature(step.obs)
+            self.obs_signature = self.obs_signature or shape
+            if shape != self.obs_signature:
+                malformed.add(shape)
+            if step.final_obs is not None and signature(step.final_obs) != shape:
                 self.stats["malformed_obs"] += 1  # not bootstrapped: the cut counts as an end
                 step = step._replace(final_obs=None)
             slot.waiting = step
-        shapes = {signature(s.waiting.obs) for s in self.slots_of(p)}
-        self.obs_signature = self.obs_signature or next(iter(shapes))
-        if shapes != {self.obs_signature}:
+        if malformed:
             self.stats["malformed_obs"] += 1
-            self._restart(p, f"malformed observation {shapes - {self.obs_signature}}, expected {self.obs_signature}")
+            self._restart(p, f"malformed observation {malformed}, expected {self.obs_signature}")
 
     def _restart(self, p: int, why: str) -> None:
         """Respawn env process p; every slot it steps loses its partial fragment."""
