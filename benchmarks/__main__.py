@@ -48,7 +48,7 @@ def main() -> None:
     rt = rollout_throughput.main(["--seconds", seconds])
     for w in (1, 2):
         rows.append((f"2 CartPole via rollout service, {w} worker(s)", f"{rt[f'service_{w}_worker_steps_per_s']:.0f}/s",
-                     f"{rt[f'raw_{w}_process_steps_per_s']:.0f}/s raw vec-env in {w} process(es)",
+                     f"{rt[f'raw_{w}_process_steps_per_s']:.0f}/s raw vec-env in {w} process(es), before+after",
                      rt[f"ratio_{w}_worker"], ">= 0.30"))
     dp = data_plane.main([])
     rows.append(("3 data plane, encode->Redis->decode", f"{dp['mso_mib_per_s']:.0f} MiB/s",

@@ -1,6 +1,6 @@
 """CartPole env steps/s through the rollout service (env subprocesses -> batched inference -> fragments
 into Redis, drained by a consumer) with 1 and 2 workers, against raw gymnasium vector-env stepping with the
-same policy in as many processes at once (1 and 2), measured in the same run.
+same policy in as many processes at once (1 and 2), measured in the same run, before and after the service.
 
     python -m benchmarks.rollout_throughput [--seconds 15] [--envs 8]
 """
@@ -97,8 +97,14 @@ def main(argv=None) -> dict:
         wait_serving(f"127.0.0.1:{port}", timeout=60)
         results = {}
         for workers in (1, 2):
-            raw = raw_in_processes(workers, args.envs, args.seconds)
+            # The baseline is measured before and after the service and averaged: this host's speed drifts by
+            # tens of percent over a minute, and a baseline on one side only carries that drift into the ratio.
+            before = raw_in_processes(workers, args.envs, args.seconds)
             rate = through_service(workers, args.envs, args.seconds, redis.url, f"127.0.0.1:{port}")
+            after = raw_in_processes(workers, args.envs, args.seconds)
+            raw = (before + after) / 2
+            results[f"raw_{workers}_process_steps_per_s_before"] = before
+            results[f"raw_{workers}_process_steps_per_s_after"] = after
             results[f"raw_{workers}_process_steps_per_s"] = raw
             results[f"service_{workers}_worker_steps_per_s"] = rate
             results[f"ratio_{workers}_worker"] = rate / raw
