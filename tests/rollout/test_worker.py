@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from services.shared import session, weights
+from services.shared import keys, session, weights
 from services.shared import episode
 from services.shared.codec import decode
 from services.shared.config import load
@@ -205,6 +205,25 @@ def test_episode_records_never_wait_for_the_sender(redis_server, redis_client):
         got = run.consumer.read(10)  # unblocked, it goes on
         run.consumer.retire([i for i, _ in got], "consumed")
         wait_until(lambda: run.loop.stats["fragments_pushed"] >= 2, 30, "production to resume")
+
+
+def test_an_error_writing_episode_records_reaches_the_worker_while_no_fragment_is_with_the_sender(
+        redis_server, redis_client):
+    """The worker reads its sender's acks after a batch only while the sender holds fragments, and otherwise
+    every RECORDS_EVERY: an error writing episode records still reaches it. Fragments of 100 000 steps, so
+    that none is cut while the envs end an episode every few steps, and an episode stream that is not a
+    stream, so that every record's XADD fails."""
+    run = Running(redis_client, redis_server.url, ["rollout_config.fragment_length=100000"])
+    redis_client.set(keys.SessionKeys(run.sid).episodes, "not a stream")
+    run.thread.start()
+    try:
+        wait_until(lambda: "cannot write episode statistics" in run.loop.stats["last_error"], 30,
+                   "the records' error to reach the worker")
+        assert run.loop.stats["episodes"] > 0 and run.loop.held == 0 and run.loop.stats["fragments_pushed"] == 0
+    finally:
+        run.loop.stop_event.set()
+        run.thread.join(30)
+    assert not run.thread.is_alive()
 
 
 def test_the_fragments_a_batch_cuts_reach_redis_in_one_script_call(redis_server, redis_client):
