@@ -48,11 +48,11 @@ TREES = ("obs", "action", "next_obs", "in_state")
 
 def signature(tree):
     """The structure, dtypes and shapes of a tree of arrays, comparable with ==. A rollout worker takes the
-    signature of every observation (8 a CartPole batch), so the common kinds are tested first by exact type."""
-    kind = type(tree)
-    if kind is np.ndarray:
+    signature of every observation (8 a CartPole batch): dtype objects, not their `.str` (a property that
+    builds a string each time)."""
+    if isinstance(tree, np.ndarray):
         return (tree.dtype, tree.shape)
-    if kind is dict or isinstance(tree, dict):
+    if isinstance(tree, dict):
         return tuple(sorted([(str(k), signature(v)) for k, v in tree.items()]))
     if isinstance(tree, (list, tuple)):
         return tuple([signature(v) for v in tree])
