@@ -51,10 +51,11 @@ def fragments(name: str, cfg, n: int, rng: np.random.Generator) -> list[Fragment
     return out
 
 
-def plain_loop(policy, frags: list[Fragment], tc, length: int) -> None:
-    """The same batches, chunks and epochs as the learner: forward, a policy-gradient + value + entropy loss,
-    backward, grad-norm clip, Adam step. No re-evaluation, GAE, ratio, guards or metrics."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.learning_rate)
+def plain_loop(policy, frags: list[Fragment], tc, length: int, amp: torch.dtype | None) -> None:
+    """The same batches, chunks and epochs as the learner: forward (in the learner's autocast dtype), a
+    policy-gradient + value loss (+ entropy when its coefficient is not 0), backward, grad-norm clip, a fused
+    AdamW step. No re-evaluation, GAE, ratio, guards or metrics."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=tc.learning_rate, fused=True)
     to_tensor = lambda leaves: torch.as_tensor(np.stack(leaves))  # noqa: E731
     obs = stack([f.obs for f in frags], to_tensor)
     action = torch.as_tensor(np.stack([f.action for f in frags]))
@@ -68,12 +69,15 @@ def plain_loop(policy, frags: list[Fragment], tc, length: int) -> None:
             state = policy.merge_state([in_states[i] for i in idx])
             for s in range(0, length, c_len):
                 e = min(s + c_len, length)
-                latents, state = policy(tree_map(lambda x: x[idx, s:e], obs), state, context={"first": first[idx, s:e]})
+                with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                    latents, state = policy(tree_map(lambda x: x[idx, s:e], obs), state,
+                                            context={"first": first[idx, s:e]})
                 state = tree_map(lambda x: x.detach(), state)
                 logp = policy.pi_head.logprob(action[idx, s:e], latents["pi_logits"])
                 a = adv[idx, s:e]
-                loss = -(logp * a).mean() + 0.5 * ((latents["vpred"].reshape(a.shape) - a) ** 2).mean() \
-                    - 0.01 * policy.pi_head.entropy(latents["pi_logits"]).mean()
+                loss = -(logp * a).mean() + 0.5 * ((latents["vpred"].reshape(a.shape) - a) ** 2).mean()
+                if tc.entropy_bonus_coef:
+                    loss = loss - tc.entropy_bonus_coef * policy.pi_head.entropy(latents["pi_logits"]).mean()
                 (loss * (e - s) / length).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.max_grad_norm)
             optimizer.step()
@@ -94,13 +98,13 @@ def measure(redis_url: str, name: str, repeats: int) -> dict:
     mso, plain = [], []
     policy = loaded.policy_generator()
     learner.update(frags, warmup=False)  # warm-up: allocator, first-call costs
-    plain_loop(policy, frags, tc, length)
+    plain_loop(policy, frags, tc, length, learner.amp)
     for _ in range(repeats):  # interleaved, so both see the same machine
         start = time.perf_counter()
         learner.update(frags, warmup=False)
         mso.append(time.perf_counter() - start)
         start = time.perf_counter()
-        plain_loop(policy, frags, tc, length)
+        plain_loop(policy, frags, tc, length, learner.amp)
         plain.append(time.perf_counter() - start)
     mso_rate, plain_rate = samples / float(np.median(mso)), samples / float(np.median(plain))
     return {"config": name, "samples_per_iteration": samples, "mso_samples_per_s": mso_rate,

@@ -16,6 +16,15 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def full_precision(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A head's linear layer in float32 even inside autocast (train_config.use_amp): bfloat16's 8-bit mantissa
+    would put steps of ~0.01 into the log-probs of PPO's ratio and into the values."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return linear(x.float())
+    return linear(x)
+
+
 class CategoricalHead(nn.Module):
     """One categorical action over n choices; logits are log-softmax normalised, shape (B,T,n)."""
 
@@ -27,7 +36,7 @@ class CategoricalHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.linear(x) / self.temperature, dim=-1)
+        return F.log_softmax(full_precision(self.linear, x) / self.temperature, dim=-1)
 
     def sample(self, logits: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         if deterministic:
@@ -89,7 +98,7 @@ class ValueHead(nn.Module):
         self.normalizer = EwmaNormalizer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        return full_precision(self.linear, x)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalizer.normalize(x)

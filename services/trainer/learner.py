@@ -33,6 +33,22 @@ from services.shared.trees import tree_map
 log = logging.getLogger(__name__)
 
 
+def autocast_dtype(use_amp: bool, device: torch.device) -> torch.dtype | None:
+    """What train_config.use_amp runs the forward passes in: float16 (with a gradient scaler) on CUDA,
+    bfloat16 on a CPU that computes it natively (AVX512-BF16, AMX or Arm's BF16: convolutions and matmuls
+    twice as fast as float32), None (float32) otherwise, with a warning. Parameters, gradients and the
+    optimizer stay float32 either way."""
+    if not use_amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    log.warning("train_config.use_amp=true needs CUDA or a CPU with native bfloat16 (AVX512-BF16, AMX or Arm "
+                "BF16); this one has neither, so the trainer runs in full precision")
+    return None
+
+
 class Learner:
     def __init__(self, spec: LearnerSpec):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -71,11 +87,10 @@ class Learner:
         self.replay = Replay(self.consumer, self.session_id, self.length, self.cfg.rollout_config.replay_buffer_config,
                              seed=self.cfg.seed * 7919 + self.rank, state_signature=signature(state),
                              stall_timeout=self.tc.stall_timeout, on_wait=self._waiting)
-        self.amp = self.tc.use_amp and self.device.type == "cuda"
-        if self.tc.use_amp and not self.amp:
-            log.warning("train_config.use_amp=true needs CUDA; this trainer runs on the CPU in full precision")
+        self.amp = autocast_dtype(self.tc.use_amp, self.device)
         self.learning = ppo.Learning(self.policy, self.ref_policy, self.optimizer,
-                                     torch.amp.GradScaler("cuda", enabled=self.amp), self.amp, self.device)
+                                     torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16), self.amp,
+                                     self.device)
         self.ranks = Ranks(self.world)
         self.version, self.start_iteration = 0, 0
         self.save_dir = Path(self.tc.save_path or "checkpoints") / self.session_id

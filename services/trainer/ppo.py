@@ -77,8 +77,12 @@ class Learning:
     ref_policy: torch.nn.Module | None   # the frozen initial policy of the KL term (None when rho is 0)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    amp: bool                           # autocast on CUDA
+    amp: torch.dtype | None             # autocast dtype of the forward passes (learner.autocast_dtype)
     device: torch.device
+
+
+def autocast(learning: Learning) -> torch.autocast:
+    return torch.autocast(learning.device.type, dtype=learning.amp, enabled=learning.amp is not None)
 
 
 def anneal_lr(optimizer: torch.optim.Optimizer, tc, iteration: int) -> None:
@@ -96,7 +100,8 @@ def decay_rho(rho: float, tc) -> float:
 def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ranks) -> dict:
     """One PPO iteration on this rank's batch; returns its metrics (each a mean over the batch)."""
     policy, n, t_len = learning.policy, len(batch.in_states), batch.rewards.shape[1]
-    raw_v, old_logp, values, boot = evaluate(policy, batch, tc, learning.device)
+    with autocast(learning):  # pi_old in the precision the epochs compute pi in: the first ratio is exactly 1
+        raw_v, old_logp, values, boot = evaluate(policy, batch, tc, learning.device)
     values, boot = values.cpu().numpy().astype(np.float64), boot.cpu().numpy()
     adv, target = gae(batch.rewards, values, batch.next_done, boot, batch.chains, tc.discount, tc.gae_lambda,
                       batch.cut_values)
@@ -129,7 +134,7 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
                 window = Window(obs=tree_map(sl, batch.obs), action=tree_map(sl, batch.action), first=sl(batch.first),
                                 behaviour_logp=sl(batch.behaviour_logp), old_logp=sl(old_logp), advantage=sl(adv),
                                 target=sl(target), old_vpred=sl(raw_v))
-                with torch.autocast(learning.device.type, enabled=learning.amp):
+                with autocast(learning):
                     loss, m, state, ref_state = window_loss(policy, learning.ref_policy, window, state, ref_state,
                                                             tc, rho, warmup)
                 state = tree_map(lambda x: x.detach(), state)

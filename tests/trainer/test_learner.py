@@ -1,4 +1,5 @@
-"""The learner outside the services: on a CPU, use_amp is refused with a warning, not a crash; an update
+"""The learner outside the services: use_amp on a CPU runs the forward passes in bfloat16 where the CPU computes
+it natively (float32 with a warning elsewhere) and keeps PPO's first ratio exactly 1; an update
 on real fragments moves the parameters and reports finite metrics; a Stop takes effect at the next
 iteration even with a backlog; a value warm-up does not make every fragment stale; a restarted trainer of a
 resumed session goes on from the session's newest weights; a trainer with nothing usable says so, then fails."""
@@ -57,17 +58,34 @@ def run_in_thread(learner):
     return thread, outcome
 
 
-def test_use_amp_on_a_cpu_warns_and_trains_in_full_precision(redis_server, tmp_path, caplog):
-    spec = make_spec(redis_server, tmp_path, "amp1", "train_config.use_amp=true")
+def test_use_amp_on_a_cpu_runs_the_forward_passes_in_bfloat16_where_the_cpu_computes_it(redis_server, tmp_path,
+                                                                                       caplog):
+    # These machines' CPUs compute bfloat16 natively (AVX512-BF16); on one that does not, the trainer says so
+    # and runs in float32. Either way the heads, parameters and optimizer stay float32.
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    spec = make_spec(redis_server, tmp_path, "amp1", "train_config.use_amp=true", "train_config.epochs_per_iteration=1",
+                     "train_config.batches_per_iteration=1")
     with caplog.at_level(logging.WARNING, logger="services.trainer.learner"):
         learner = Learner(spec)
-    assert "use_amp=true needs CUDA" in caplog.text
-    assert not learner.amp and learner.device.type == "cpu"
+    body, heads = [], []
+    learner.policy.pi_body[0].register_forward_hook(lambda m, i, out: body.append(out.dtype))
+    learner.policy.pi_head.register_forward_hook(lambda m, i, out: heads.append(out.dtype))
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
     metrics = learner.update(ddp_rank.fragments(8, "amp1"), warmup=False)
+    if native:
+        assert learner.amp == torch.bfloat16 and "use_amp" not in caplog.text
+        assert set(body) == {torch.bfloat16}  # the re-evaluation and the epoch alike
+    else:
+        assert learner.amp is None and "runs in full precision" in caplog.text
+        assert set(body) == {torch.float32}
+    assert set(heads) == {torch.float32} and len(body) == len(heads) > 1
+    # pi_old is computed in the precision the epoch computes pi in: before the one optimizer step (one epoch of
+    # one minibatch) every ratio is exactly 1. A float32 re-evaluation under a bfloat16 epoch moves it.
+    assert metrics["approx_kl"] == 0 and metrics["clip_fraction"] == 0
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
     assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in learner.optimizer.state.values())
 
 
 def test_a_stop_takes_effect_at_the_next_iteration_with_a_backlog(redis_server, tmp_path):
