@@ -19,6 +19,7 @@ from services.shared import achievements, config, episode, session, trainer_stat
 from services.shared.config import LoadedConfig
 from services.shared.protos import common_pb2, launcher_pb2, rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.shared.queue import ledger, produced_by_node
+from services.shared.rate import Rate
 from services.shared.rpc import CALL_TIMEOUT, START_TIMEOUT, channel
 from services.shared.session import HEARTBEAT_TTL, Node
 
@@ -71,7 +72,8 @@ class Launcher:
         self.client = client
         self.timeouts = timeouts or Timeouts()
         self._lock = threading.Lock()
-        self._rate = (time.monotonic(), 0, 0.0)  # (when, env_steps then, steps/s)
+        self._rates: dict[str, Rate] = {}  # session -> its env steps/s
+        self._rates_lock = threading.Lock()  # GetSession, WatchMetrics and mso run's loop read progress at once
         self._watcher: threading.Thread | None = None
         self._members: dict[str, dict[str, tuple[str, float | None]]] = {}  # session -> node -> (kind, lost at)
 
@@ -315,11 +317,9 @@ class Launcher:
         counts = ledger(self.client, sid)
         status = trainer_status.read(self.client, sid)
         recent = episode.latest(self.client, sid, episode.RECENT)
-        now, env_steps = time.monotonic(), counts.get("env_steps", 0)
-        then, steps_then, rate = self._rate
-        if now - then >= 1.0:
-            rate = (env_steps - steps_then) / (now - then)
-            self._rate = (now, env_steps, rate)
+        env_steps = counts.get("env_steps", 0)
+        with self._rates_lock:
+            rate = self._rates.setdefault(sid, Rate()).update(env_steps)
         scored, rates = achievements.success_rates(self.client, sid)
         return Progress(iteration=status.iteration, num_iterations=status.num_iterations, env_steps=env_steps,
                         env_steps_per_second=rate,

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 
 import ray
 
+from services.shared.rate import Rate
 from services.shared.session import Joined
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,7 @@ class RolloutManager:
         self.next_index = 0
         self.restarts = 0
         self.retired = {k: 0 for k in SUMMED}  # counters of workers gone (scaled away, died), so totals never go back
-        self._last = (time.monotonic(), 0)
-        self._rate = 0.0
+        self.rate = Rate()  # env steps/s
 
     def start(self, joined: Joined, redis_url: str, spare=None) -> int:
         """Start the session's workers; `spare`, a worker the service started ahead, becomes the first."""
@@ -180,12 +179,7 @@ class RolloutManager:
         total["worker_status"] = [{"index": w.index, "state": w.state, "env_steps": w.last.get("env_steps", 0),
                                    "live_envs": w.last.get("live_envs", 0) if w.state != "dead" else 0,
                                    "restarts": w.restarts, "last_error": w.error} for w in self.workers]
-        now = time.monotonic()
-        then, steps = self._last
-        if now - then >= 1.0:
-            self._rate = (total["env_steps"] - steps) / (now - then)
-            self._last = (now, total["env_steps"])
-        total["env_steps_per_second"] = self._rate
+        total["env_steps_per_second"] = self.rate.update(total["env_steps"])
         return total
 
     def stop(self) -> dict:
