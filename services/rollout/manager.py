@@ -1,6 +1,6 @@
 """RolloutManager: a Ray actor that starts this node's RolloutWorker actors for a session, scales them up
-and down, replaces the ones that die, stops them, and sums their status (env steps/s is measured here,
-between two status calls)."""
+and down, replaces the ones that die, stops them, and sums their status (env steps/s is measured here, over
+the last services.shared.rate.WINDOW seconds of status calls)."""
 
 from __future__ import annotations
 
