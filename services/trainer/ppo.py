@@ -119,9 +119,14 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
     weight_total, broken_nan, broken_kl = 0.0, 0, 0
     ga = tc.gradient_accumulation
     for _epoch in range(tc.epochs_per_iteration):
-        minibatches = np.array_split(torch.randperm(n).numpy(), tc.batches_per_iteration)
+        # One minibatch of every fragment needs no shuffle (its loss is a mean), and its windows are views of
+        # the batch where a shuffled one's are copies: cartpole's 20 epochs a minibatch each spent 9 % of the
+        # update shuffling and gathering.
+        minibatches = [np.arange(n)] if tc.batches_per_iteration == 1 else \
+            np.array_split(torch.randperm(n).numpy(), tc.batches_per_iteration)
         learning.optimizer.zero_grad()
         for bi, idx in enumerate(minibatches):
+            rows = slice(None) if len(idx) == n else idx
             if bi % ga == 0 and tc.use_normalized_vf:
                 update_normalizer(policy, target[np.concatenate(minibatches[bi:bi + ga])], ranks)
             saved = [None if p.grad is None else p.grad.clone() for p in params] if bi % ga else None
@@ -130,7 +135,7 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
             batch_sums, batch_weight = {}, 0.0
             for s in range(0, t_len, tc.context_length):  # truncated BPTT: the state carries across windows
                 e = min(s + tc.context_length, t_len)
-                sl = lambda x: x[idx, s:e]  # noqa: E731
+                sl = lambda x: x[rows, s:e]  # noqa: E731
                 window = Window(obs=tree_map(sl, batch.obs), action=tree_map(sl, batch.action), first=sl(batch.first),
                                 behaviour_logp=sl(batch.behaviour_logp), old_logp=sl(old_logp), advantage=sl(adv),
                                 target=sl(target), old_vpred=sl(raw_v))
@@ -147,7 +152,7 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
                     batch_sums, batch_weight = {}, 0.0
                     break
                 weight = (e - s) / t_len
-                learning.scaler.scale(loss * weight / ga).backward()
+                learning.scaler.scale(loss if weight == ga == 1 else loss * (weight / ga)).backward()
                 for k, v in m.items():
                     batch_sums[k] = batch_sums.get(k, 0.0) + v * weight
                 batch_weight += weight
