@@ -30,7 +30,8 @@ data pi_old = mu, w = 1 and this is exactly the reference's loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -112,6 +113,8 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
         mean = total / count
         adv = (adv - mean) / (max(total_sq / count - mean ** 2, 0.0) ** 0.5 + 1e-8)
 
+    whole = Window.of(batch.obs, batch.action, batch.first, batch.behaviour_logp, old_logp, adv, target, raw_v,
+                      tc.is_weight_clip)
     policy.train()
     policy.value_head.eval()  # the EWMA normaliser is updated once per optimizer step, below, not per loss
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -135,15 +138,11 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
             batch_sums, batch_weight = {}, 0.0
             for s in range(0, t_len, tc.context_length):  # truncated BPTT: the state carries across windows
                 e = min(s + tc.context_length, t_len)
-                sl = lambda x: x[rows, s:e]  # noqa: E731
-                window = Window(obs=tree_map(sl, batch.obs), action=tree_map(sl, batch.action), first=sl(batch.first),
-                                behaviour_logp=sl(batch.behaviour_logp), old_logp=sl(old_logp), advantage=sl(adv),
-                                target=sl(target), old_vpred=sl(raw_v))
                 with autocast(learning):
-                    loss, m, state, ref_state = window_loss(policy, learning.ref_policy, window, state, ref_state,
-                                                            tc, rho, warmup)
+                    loss, m, state, ref_state = window_loss(policy, learning.ref_policy, whole.rows(rows, s, e), state,
+                                                            ref_state, tc, rho, warmup)
                 state = tree_map(lambda x: x.detach(), state)
-                nan, kl_high = ranks.any([not torch.isfinite(loss).item(), m["approx_kl"] > tc.max_approx_kl])
+                nan, kl_high = ranks.any([not math.isfinite(m["total_loss"]), m["approx_kl"] > tc.max_approx_kl])
                 if nan or kl_high:
                     # Skip the whole minibatch on every rank together: drop what its earlier windows added.
                     broken_nan, broken_kl = broken_nan + nan, broken_kl + (kl_high and not nan)
@@ -239,15 +238,35 @@ LOGP_FLOOR = -11.0  # the reference's floor on log pi where the advantage is neg
 
 @dataclass
 class Window:
-    """One BPTT window (train_config.context_length steps) of a minibatch, as the loss sees it."""
+    """One BPTT window (train_config.context_length steps) of a minibatch, as the loss sees it. What stays the
+    same across an iteration's epochs is computed once for the whole batch (Window.of) and each window is a
+    slice of it (rows): on cartpole's 256-step windows every op in the loss's graph costs more than its
+    arithmetic."""
     obs: object                 # tree of (B, C, ...) tensors
     action: object              # tree of (B, C, ...) tensors
     first: torch.Tensor         # (B, C) bool
-    behaviour_logp: torch.Tensor  # (B, C) log mu(a|s), from the fragment
     old_logp: torch.Tensor      # (B, C) log pi_old(a|s), at the iteration start
-    advantage: torch.Tensor     # (B, C), normalised if configured
+    logp_floor: torch.Tensor    # (B, C) LOGP_FLOOR where the advantage is negative, -inf elsewhere
+    floored_old_logp: torch.Tensor  # (B, C) old_logp floored so
+    pg_weight: torch.Tensor     # (B, C) -A * w (w >= 0, so w * max(-A r, -A clip(r)) = max(-A w r, -A w clip(r)))
+    is_weight: torch.Tensor     # (B, C) w = min(pi_old(a|s) / mu(a|s), is_weight_clip)
     target: torch.Tensor        # (B, C) TD(lambda) return, denormalised
     old_vpred: torch.Tensor     # (B, C) value at iteration start, in the head's space
+
+    @classmethod
+    def of(cls, obs, action, first, behaviour_logp: torch.Tensor, old_logp: torch.Tensor, advantage: torch.Tensor,
+           target: torch.Tensor, old_vpred: torch.Tensor, is_weight_clip: float) -> Window:
+        """From log mu (the fragment's), log pi_old and the advantages (normalised if configured)."""
+        floor = torch.full_like(old_logp, -math.inf).masked_fill_(advantage < 0, LOGP_FLOOR)
+        weight = (old_logp - behaviour_logp).exp().clamp(max=is_weight_clip)
+        return cls(obs, action, first, old_logp, floor, old_logp.clamp(min=floor), -advantage * weight, weight,
+                   target, old_vpred)
+
+    def rows(self, rows, start: int, end: int) -> Window:
+        """Steps start:end of the fragments `rows` (an index array, or slice(None) for all: views, not copies)."""
+        if isinstance(rows, slice) and start == 0 and end == self.first.shape[1]:
+            return self
+        return Window(*(tree_map(lambda x: x[rows, start:end], getattr(self, f.name)) for f in fields(self)))
 
 
 def window_loss(policy, ref_policy, w: Window, state, ref_state, tc, rho: float, warmup: bool):
@@ -256,14 +275,7 @@ def window_loss(policy, ref_policy, w: Window, state, ref_state, tc, rho: float,
     logits = latents["pi_logits"]
     b, c = w.first.shape
     raw_logp = policy.pi_head.logprob(w.action, logits).reshape(b, c)
-    floor = w.advantage < 0
-    new_logp = torch.where(floor, raw_logp.clamp(min=LOGP_FLOOR), raw_logp)
-    old_logp = torch.where(floor, w.old_logp.clamp(min=LOGP_FLOOR), w.old_logp)
-    log_ratio = (new_logp - old_logp).clamp(max=tc.log_ratio_range)
-    ratio = log_ratio.exp()
-    weight = (w.old_logp - w.behaviour_logp).exp().clamp(max=tc.is_weight_clip)
-    adv = w.advantage
-    pg = (weight * torch.max(-adv * ratio, -adv * ratio.clamp(1 - tc.ppo_clip, 1 + tc.ppo_clip))).mean()
+    pg, policy_stats = Surrogate.apply(raw_logp, w, tc.ppo_clip, tc.log_ratio_range)
 
     vpred = latents["vpred"].reshape(b, c)
     if tc.use_normalized_vf:
@@ -287,20 +299,50 @@ def window_loss(policy, ref_policy, w: Window, state, ref_state, tc, rho: float,
             ref_latents, ref_state = ref_policy(w.obs, ref_state, context={"first": w.first})
         kl = policy.pi_head.kl_divergence(logits, ref_latents["pi_logits"]).mean()
 
-    if warmup:
-        loss = tc.ppo_vf_coef * vf + kl
-    else:
-        loss = tc.ppo_policy_coef * pg + rho * kl + tc.ppo_vf_coef * vf - tc.entropy_bonus_coef * entropy
+    # Terms whose coefficient is 0 stay out of the graph.
+    loss = tc.ppo_vf_coef * vf if warmup else tc.ppo_policy_coef * pg + tc.ppo_vf_coef * vf
+    if ref_policy is not None:
+        loss = loss + (kl if warmup else rho * kl)
+    if tc.entropy_bonus_coef != 0 and not warmup:
+        loss = loss - tc.entropy_bonus_coef * entropy
     with torch.no_grad():
-        # KL(pi_old || pi) as mean((r - 1) - log r) (Schulman's k3), from the unfloored log-probs: the floor
-        # at -11 would show a ratio of e^2 for an action pi_old gave e^-13, though pi has not moved, and trip
-        # the max_approx_kl guard on a large action space (VPT's 8641 buttons) for nothing.
-        raw_log_ratio = raw_logp - w.old_logp
-        approx_kl = ((raw_log_ratio.exp() - 1) - raw_log_ratio).mean()
-        clip_fraction = ((ratio - 1).abs() > tc.ppo_clip).float().mean()
-        values = torch.stack([pg, vf, entropy, kl, approx_kl, clip_fraction, weight.mean(), loss]).tolist()
+        values = torch.cat([torch.stack([pg, vf, entropy, kl, w.is_weight.mean(), loss]), policy_stats]).tolist()
     return loss, dict(zip(METRICS, values)), state_out, ref_state
 
 
-METRICS = ("policy_loss", "value_loss", "entropy", "kl_divergence", "approx_kl", "clip_fraction", "is_weight",
-           "total_loss")  # what window_loss reports, one host transfer for all
+METRICS = ("policy_loss", "value_loss", "entropy", "kl_divergence", "is_weight", "total_loss", "approx_kl",
+           "clip_fraction")  # what window_loss reports, one host transfer for all
+
+
+class Surrogate(torch.autograd.Function):
+    """PPO's policy loss on a window as one autograd node: pg = mean(max(-A w r, -A w clip(r))) with
+    r = exp(min(floor(log pi) - floor(log pi_old), log_ratio_range)), and beside it [approx_kl, clip_fraction]
+    (no gradient). Written as a dozen autograd ops it cost a tenth of cartpole's update in graph bookkeeping;
+    its gradient is one product: d pg / d log pi = -A w r / N where the unclipped term is the one taken (or
+    ties), log pi is not below its floor and the log-ratio not above its cap, and 0 elsewhere, which is what
+    autograd computes for the same expression (tests/trainer/test_ppo.py checks them against each other)."""
+
+    @staticmethod
+    def forward(ctx, logp: torch.Tensor, w: Window, clip: float, cap: float):
+        log_ratio = logp.clamp(min=w.logp_floor) - w.floored_old_logp
+        ratio = log_ratio.clamp(max=cap).exp()
+        clipped = ratio.clamp(1 - clip, 1 + clip)
+        unclipped_term, clipped_term = w.pg_weight * ratio, w.pg_weight * clipped
+        taken = unclipped_term >= clipped_term
+        live = taken.logical_and_(logp >= w.logp_floor).logical_and_(log_ratio <= cap)
+        ctx.save_for_backward(unclipped_term.where(live, 0.0))
+        # KL(pi_old || pi) as mean((r - 1) - log r) (Schulman's k3), from the unfloored log-probs: the floor
+        # at -11 would show a ratio of e^2 for an action pi_old gave e^-13, though pi has not moved, and trip
+        # the max_approx_kl guard on a large action space (VPT's 8641 buttons) for nothing.
+        raw = logp - w.old_logp
+        per_step = torch.stack([torch.maximum(unclipped_term, clipped_term), raw.exp().sub_(1).sub_(raw),
+                                clipped != ratio])
+        pg, approx_kl, clip_fraction = per_step.view(3, -1).mean(1).unbind()
+        stats = torch.stack([approx_kl, clip_fraction])
+        ctx.mark_non_differentiable(stats)
+        return pg, stats
+
+    @staticmethod
+    def backward(ctx, grad_pg: torch.Tensor, _grad_stats):
+        (coef,) = ctx.saved_tensors
+        return coef * (grad_pg / coef.numel()), None, None, None

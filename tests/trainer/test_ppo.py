@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from services.shared.config import validate
 from services.shared.policy import CategoricalHead, StatelessPolicy, ValueHead
-from services.trainer.ppo import Window, window_loss
+from services.trainer.ppo import Surrogate, Window, window_loss
 
 
 class TablePolicy(StatelessPolicy):
@@ -36,11 +36,11 @@ def log_softmax(row):
     return [v - z for v in row]
 
 
-def make_window(action, behaviour, old, adv, target, old_vpred=None):
+def make_window(action, behaviour, old, adv, target, old_vpred=None, is_weight_clip=1.0):
     t = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)  # noqa: E731
-    return Window(obs={"x": t([0, 1, 2], torch.long)}, action=t(action, torch.long), first=t([False] * 3, torch.bool),
-                 behaviour_logp=t(behaviour), old_logp=t(old), advantage=t(adv), target=t(target),
-                 old_vpred=t(old_vpred if old_vpred is not None else VALUES))
+    return Window.of(obs={"x": t([0, 1, 2], torch.long)}, action=t(action, torch.long), first=t([False] * 3, torch.bool),
+                     behaviour_logp=t(behaviour), old_logp=t(old), advantage=t(adv), target=t(target),
+                     old_vpred=t(old_vpred if old_vpred is not None else VALUES), is_weight_clip=is_weight_clip)
 
 
 def tc(*overrides):
@@ -101,7 +101,8 @@ def test_importance_weight_is_truncated_at_is_weight_clip():
     case = CASES["stale"]
     for clip in (0.5, 1.0, 5.0):
         cfg = tc(f"train_config.is_weight_clip={clip}")
-        _l, m, _s, _r = window_loss(TablePolicy(LOGITS, VALUES), None, make_window(**case), [], None, cfg, 0.0, False)
+        window = make_window(**case, is_weight_clip=clip)
+        _l, m, _s, _r = window_loss(TablePolicy(LOGITS, VALUES), None, window, [], None, cfg, 0.0, False)
         weights = [min(math.exp(o - b), clip) for o, b in zip(case["old"], case["behaviour"])]
         assert m["is_weight"] == pytest.approx(sum(weights) / 3, rel=1e-5)
         assert m["policy_loss"] == pytest.approx(expected(**case, cfg=cfg)[1], rel=1e-5)
@@ -192,3 +193,39 @@ def test_fragments_decoded_from_redis_become_a_batch_without_a_warning():
         batch = Batch.of([decoded], torch.device("cpu"))
     assert [str(w.message) for w in caught] == []
     assert batch.in_states[0][0].tolist() == [[1.0] * 4]
+
+
+def test_the_fused_surrogate_matches_autograd_on_the_plain_expression():
+    """ppo.Surrogate computes the policy loss and its gradient by hand: both must equal what autograd gives for
+    the loss written out op by op, on steps that are floored, capped, clipped on either side and inside."""
+    g = torch.Generator().manual_seed(0)
+    n, cap, clip, w_clip = 4096, 1.5, 0.2, 1.0
+    old = -torch.rand(1, n, generator=g) * 20                 # log pi_old from 0 down to -20: some below the floor
+    logp = old + torch.randn(1, n, generator=g)               # pi has moved: ratios e^-3..e^3, some above the cap
+    behaviour = old + 0.3 * torch.randn(1, n, generator=g)    # stale data: weights below and at the clip
+    adv = torch.randn(1, n, generator=g)
+    window = Window.of({}, torch.zeros(1, n), torch.zeros(1, n, dtype=torch.bool), behaviour, old, adv,
+                       torch.zeros(1, n), torch.zeros(1, n), w_clip)
+
+    fused_logp = logp.clone().requires_grad_()
+    pg, (approx_kl, clip_fraction) = Surrogate.apply(fused_logp, window, clip, cap)
+    pg.backward()
+
+    plain_logp = logp.clone().requires_grad_()
+    floor = adv < 0
+    new = torch.where(floor, plain_logp.clamp(min=-11.0), plain_logp)
+    prox = torch.where(floor, old.clamp(min=-11.0), old)
+    log_ratio = new - prox
+    ratio = log_ratio.clamp(max=cap).exp()
+    weight = (old - behaviour).exp().clamp(max=w_clip)
+    plain = (weight * torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))).mean()
+    plain.backward()
+
+    # every branch of the gradient is exercised
+    assert (floor & (logp < -11)).sum() > 100 and (log_ratio > cap).sum() > 100
+    assert (ratio > 1 + clip).sum() > 100 and (ratio < 1 - clip).sum() > 100 and ((ratio - 1).abs() < clip).sum() > 100
+    assert pg.item() == pytest.approx(plain.item(), rel=1e-5)
+    torch.testing.assert_close(fused_logp.grad, plain_logp.grad, rtol=1e-5, atol=1e-9)
+    raw = logp - old
+    assert approx_kl.item() == pytest.approx(((raw.exp() - 1) - raw).mean().item(), rel=1e-5)
+    assert clip_fraction.item() == pytest.approx(((ratio - 1).abs() > clip).float().mean().item(), abs=1e-7)
