@@ -151,7 +151,7 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
                     batch_sums, batch_weight = {}, 0.0
                     break
                 weight = (e - s) / t_len
-                learning.scaler.scale(loss if weight == ga == 1 else loss * (weight / ga)).backward()
+                learning.scaler.scale(loss * weight / ga).backward()
                 for k, v in m.items():
                     batch_sums[k] = batch_sums.get(k, 0.0) + v * weight
                 batch_weight += weight
