@@ -18,7 +18,7 @@ from services.launcher.embedded import Embedded
 from services.launcher.launch import ENDED, FINISHED, RUNNING, STOPPED, Launcher, LaunchError, Progress
 from services.launcher.server import start_server
 from services.shared import queue, trainer_status
-from services.shared.config import ChildLoad, ConfigError, allow_locally
+from services.shared.config import ConfigError, LaunchLoad, allow_locally
 from services.shared.redis_server import connect, redact
 
 # The private head's logical CPUs: Ray only counts them to place actors, and the head starts before the
@@ -147,9 +147,9 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
               "(the CA that signed the certificate) too", file=sys.stderr)
         return 2
     started_at = psutil.Process().create_time()  # start-up is counted from the command, imports included
-    # The config module runs in a child (torch and the env stack stay out of this process) while Redis, the
-    # Ray head and the services start: each takes seconds on a small machine.
-    loading = ChildLoad(name, overrides)
+    # The config is read (or its module run in a child: torch and the env stack stay out of this process) while
+    # Redis, the Ray head and the services start: each takes seconds on a small machine.
+    loading = LaunchLoad(name, overrides)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminated)
     embedded = Embedded(num_cpus=HEAD_CPUS, quiet=options.quiet)
@@ -160,6 +160,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
     code, grace = 1, 10.0  # seconds the processes get to stop: less when interrupted, none when nothing ran
     try:
         try:
+            allow_locally(name)  # before the services start: they inherit the allow-list from this environment
             embedded.spawn()
             loaded = loading.result()
         except ConfigError as exc:
@@ -169,7 +170,6 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
             return code
         finally:
             loading.cancel()
-        allow_locally(name)
         embedded.wait()
         client = connect(embedded.redis_url)
         launcher = Launcher(client)

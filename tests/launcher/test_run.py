@@ -126,9 +126,9 @@ def test_ctrl_c_and_sigterm_stop_everything_within_5_seconds(how):
 
 
 def test_mso_run_itself_never_imports_torch():
-    """The config module imports torch and the env stack; only the actors use them. `mso run` resolves the
-    config in a child interpreter (config.ChildLoad), so for the whole run it does not hold ~150 MB it
-    never uses (it did: libtorch was mapped into it, 190 MB of PSS against ~40 without)."""
+    """The config module imports torch and the env stack; only the actors use them. `mso run` reads the
+    config's literal or runs the module in a child interpreter (config.LaunchLoad), so for the whole run it
+    does not hold ~150 MB it never uses (it did: libtorch was mapped into it, 190 MB of PSS against ~40 without)."""
     proc, _descendants = start_running()
     try:
         me = psutil.Process(proc.pid)
@@ -259,4 +259,39 @@ def test_the_ray_head_starts_while_the_config_loads_and_a_bad_config_leaves_noth
     assert proc.returncode == 2, said[-3000:]
     assert "error: " in said and "the Ray head was starting while this module loaded" in said, said[-3000:]
     assert {"gcs_server", "redis-server"} <= names, names
+    wait_all_gone(list(seen.values()), 5.0)
+
+
+def test_a_config_file_outside_the_project_trains(tmp_path):
+    """`mso run path/to/mine.py`: the services that run it must be allowed to. They inherit the allow-list
+    from `mso run`, which added the file's folder only after it had started them, so every file config
+    failed with "outside the folders in MSO_CONFIG_PATH"."""
+    mine = tmp_path / "mine.py"
+    mine.write_text(open(load("cartpole").module.__file__).read())
+    proc, s = run([str(mine), "train_config.num_iterations=2"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert s["phase"] == "SESSION_PHASE_FINISHED" and s["iterations"] == 2
+
+
+def test_a_literal_config_is_read_not_run_and_its_own_failure_is_reported_from_where_it_runs():
+    """A module whose online_dict is a literal is not run by `mso run` (a child interpreter importing torch
+    cost 1.6-1.9 CPU-s of start-up); the actors run it, and when its top-level code fails there the run
+    stops with the module's own error and leaves nothing behind."""
+    proc = subprocess.Popen(MSO + ["run", "tests/launcher/fails_where_it_runs_config.py", "--port=0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    me, seen, commands = psutil.Process(proc.pid), {}, set()
+    while proc.poll() is None:
+        try:
+            for p in me.children(recursive=True):
+                if p.pid not in seen:
+                    seen[p.pid] = p
+                    commands.add(" ".join(p.cmdline()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)  # a sampling interval
+    said = proc.stderr.read()
+    assert proc.returncode == 1, said[-3000:]
+    assert "failed while loading: RuntimeError: stand-in: this module fails wherever it runs" in said, said[-3000:]
+    assert not [c for c in commands if "services.cli config" in c], commands
+    assert any("gcs_server" in c for c in commands)
     wait_all_gone(list(seen.values()), 5.0)

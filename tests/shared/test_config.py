@@ -71,3 +71,67 @@ def test_config_command_prints_yaml_or_the_error():
     bad = subprocess.run([sys.executable, "-m", "services.cli", "config", "cartpole", "train_config.lr=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key train_config.lr" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["cartpole", "crafter"])
+def test_a_literal_online_dict_read_without_running_the_module_resolves_as_running_it(name):
+    """`mso run` reads such a module's online_dict from its source (LaunchLoad): the config it launches with
+    must be the one running the module gives, overrides included."""
+    from pathlib import Path
+
+    from services.shared.config import literal_online_dict, validate
+
+    loaded = load(name, ["seed=7", "train_config.learning_rate=1e-3"])
+    literal = literal_online_dict(Path(loaded.module.__file__).read_bytes())
+    assert literal is not None
+    assert validate(literal, ["seed=7", "train_config.learning_rate=1e-3"]) == loaded.cfg
+
+
+LITERAL = '''
+import os
+
+def env_generator():
+    return None
+
+def policy_generator():
+    return None
+
+online_dict = {"seed": 3, "train_config": {"learning_rate": 1e-3}}
+'''
+
+
+@pytest.mark.parametrize("change", [
+    "online_dict['seed'] = 4",                          # changed after it is assigned
+    "globals()['online_dict'] = {'seed': 5}",            # reassigned by its name as a string
+    "import sys\nsetattr(sys.modules[__name__], 'online_dict', {})",
+    "def f():\n    global online_dict",
+    "from os.path import *",                            # a star import may rebind it
+    "import no_such_package_anywhere_xyz",              # the module cannot load: its child says so
+])
+def test_a_module_that_could_change_its_online_dict_is_run_not_read(change):
+    from services.shared.config import literal_online_dict
+
+    assert literal_online_dict(LITERAL.encode()) == {"seed": 3, "train_config": {"learning_rate": 1e-3}}
+    assert literal_online_dict((LITERAL + change + "\n").encode()) is None
+
+
+@pytest.mark.parametrize("source", [
+    LITERAL.replace('"seed": 3', '"seed": SEED'),        # not a literal
+    LITERAL.replace("def policy_generator", "def other_generator"),
+    LITERAL.replace("online_dict = {", "online_dict = dict(**{"),
+    "online_dict = [1, 2]\ndef env_generator(): pass\ndef policy_generator(): pass\n",
+    "this is not python",
+])
+def test_a_module_whose_online_dict_is_not_a_plain_literal_is_run_not_read(source):
+    from services.shared.config import literal_online_dict
+
+    assert literal_online_dict(source.encode()) is None
+
+
+def test_gate_kl_is_run_not_read():
+    """MineStudio's module builds its online_dict from names, so `mso run` runs it in a child."""
+    from pathlib import Path
+
+    from services.shared.config import literal_online_dict
+
+    assert literal_online_dict(Path(load("gate_kl").module.__file__).read_bytes()) is None
