@@ -50,6 +50,9 @@ def start_learner_actor(node_id: str, resources: dict):
 def run_learner(spec: LearnerSpec, warm: ray_runtime.WarmActor) -> None:
     """Run the learner to completion (blocking) with as many ranks as train_config.num_workers."""
     tc = spec.joined.cfg.train_config
+    ray_runtime.check_placeable({"CPU": (1, "train_config.num_workers"),
+                                 "GPU": (tc.num_gpus_per_worker, "train_config.num_gpus_per_worker")},
+                                tc.num_workers, "trainer rank")
     if tc.num_workers == 1:
         resources = {"num_cpus": 1, "num_gpus": tc.num_gpus_per_worker}
         actor = warm.take(resources) or start_learner_actor(spec.node_id, resources)

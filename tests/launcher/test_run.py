@@ -295,3 +295,21 @@ def test_a_literal_config_is_read_not_run_and_its_own_failure_is_reported_from_w
     assert not [c for c in commands if "services.cli config" in c], commands
     assert any("gcs_server" in c for c in commands)
     wait_all_gone(list(seen.values()), 5.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout_config.num_gpus_per_worker=1", "rollout_config.num_gpus_per_worker=1: a rollout worker asks for 1 GPU "
+                                             "in all, and this Ray cluster has 0; set rollout_config.num_gpus_per_"
+                                             "worker=0 to run on CPUs"),
+    ("train_config.num_gpus_per_worker=0.5", "train_config.num_gpus_per_worker=0.5: a trainer rank asks for 0.5 GPU "
+                                             "in all, and this Ray cluster has 0"),
+])
+def test_a_session_asking_for_gpus_a_cpu_machine_lacks_fails_at_once_naming_the_key(override, message):
+    """The reference's default is a GPU per worker and per rank. Ray leaves an actor it can never place pending
+    without a word: a rollout Start timed out after 180 s saying "Get timed out", and a learner waited for ever."""
+    started = time.monotonic()
+    proc = subprocess.run(MSO + ["run", "cartpole", override, "--port=0", "--quiet"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    print(f"\n{override}: failed after {time.monotonic() - started:.1f}s")
