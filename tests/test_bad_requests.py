@@ -91,6 +91,16 @@ def test_services_are_still_serving_after_the_table(stack):
     assert_serving(stack)
 
 
+def test_a_config_module_that_kills_its_process_while_loading_fails_the_launch_not_the_launcher(stack):
+    """The launcher resolves a Launch's config in a child interpreter (config.LaunchLoad) unless its online_dict
+    is a literal it can read; it used to import the module into its own process, which this module ended."""
+    with pytest.raises(grpc.RpcError) as err:
+        call(stack, "launcher", "Launch", L.LaunchRequest(config="exits_while_loading_config"))
+    assert err.value.code() == C.INVALID_ARGUMENT, err.value.details()
+    assert "exits_while_loading_config: loading it exited with code 3" in err.value.details()
+    assert_serving(stack)
+
+
 ALLOWED = {C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION}
 
 

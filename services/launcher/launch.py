@@ -81,7 +81,7 @@ class Launcher:
     def launch(self, name: str, overrides: list[str], loaded: LoadedConfig | None = None) -> str:
         """Start a session and return its id; raises config.ConfigError for a bad config, LaunchError when
         a step fails, SessionBusy when another session runs. `loaded`: the config, when the caller has it."""
-        loaded = loaded or config.load(name, list(overrides))
+        loaded = loaded or config.LaunchLoad(name, list(overrides)).result()
         # The check-and-create is atomic across launchers (processes, machines), not only threads.
         with self._lock, self.client.lock(LAUNCH_LOCK, timeout=60, blocking_timeout=60):
             running = self.running_session()

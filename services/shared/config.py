@@ -29,6 +29,7 @@ from services.shared.schema import OnlineConfig
 BUILTIN_PACKAGE = "configs"
 CONFIG_PATH_ENV = "MSO_CONFIG_PATH"  # extra folders searched for config modules (os.pathsep separated)
 MODULES_ENV = "MSO_CONFIG_MODULES"   # dotted module prefixes a remote Launch may name (comma separated)
+LOAD_TIMEOUT = 300.0  # seconds a launch waits for a config module to load in its child (LaunchLoad)
 
 
 class ConfigError(ValueError):
@@ -369,8 +370,10 @@ def literal_online_dict(raw: bytes) -> dict | None:
 
 
 class LaunchLoad:
-    """load() for `mso run`, a process that must not hold what a config module imports for as long as it lives
-    (torch and the env stack, ~150 MB that only its actors use). A module whose online_dict is a literal
+    """load() for a launch (`mso run`, LauncherService/Launch): the launcher never runs a config module in its own
+    process, so it does not hold what the module imports for as long as it lives (torch and the env stack,
+    ~150 MB that only the actors use), and a module that exits, crashes or hangs while loading takes only a
+    child with it (LOAD_TIMEOUT). A module whose online_dict is a literal
     (literal_online_dict: the built-ins' and most MineStudio-style modules') is read without running it: the
     actors run it anyway, and one that fails to import there fails the session with the module's own error.
     Any other module runs in a child interpreter (`mso config`) that starts at construction, while `mso run`
@@ -396,7 +399,11 @@ class LaunchLoad:
     def result(self) -> LoadedConfig:
         if self.child is None:
             return _loaded(self.name, None, self.before, validate(self.literal, self.overrides))
-        out, said = self.child.communicate()
+        try:
+            out, said = self.child.communicate(timeout=LOAD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise ConfigError(f"config module {self.name}: loading it took longer than {LOAD_TIMEOUT:.0f} s") from None
         said = said.strip()
         if self.child.returncode != 0:
             if self.child.returncode == 2 and said.startswith("error: "):
