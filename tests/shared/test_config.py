@@ -135,3 +135,20 @@ def test_gate_kl_is_run_not_read():
     from services.shared.config import literal_online_dict
 
     assert literal_online_dict(Path(load("gate_kl").module.__file__).read_bytes()) is None
+
+
+def test_a_module_that_hangs_while_loading_fails_the_launch_after_the_limit_and_its_child_is_gone(tmp_path,
+                                                                                                 monkeypatch):
+    import time
+
+    from services.shared import config
+
+    module = tmp_path / "hangs.py"
+    module.write_text("import time\ntime.sleep(3600)\n")
+    monkeypatch.setattr(config, "LOAD_TIMEOUT", 3.0)
+    loading = config.LaunchLoad(str(module))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="loading it took longer than 3 s"):
+        loading.result()
+    assert time.monotonic() - started < 10
+    assert loading.child.poll() is not None  # killed, not left behind
