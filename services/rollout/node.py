@@ -64,11 +64,12 @@ class RolloutNode:
             try:
                 ray_runtime.ensure()
                 rc = joined.cfg.rollout_config
-                ray_runtime.check_placeable({"CPU": (rc.num_cpus_per_worker, "rollout_config.num_cpus_per_worker"),
-                                             "GPU": (rc.num_gpus_per_worker, "rollout_config.num_gpus_per_worker")},
+                resources = worker_resources(rc)
+                ray_runtime.check_placeable(resources, {"num_cpus": "rollout_config.num_cpus_per_worker",
+                                                        "num_gpus": "rollout_config.num_gpus_per_worker"},
                                             rc.num_rollout_workers, "rollout worker")
                 self.manager = self.warm_manager.take({}) or self._new_manager({})
-                spare = self.warm_worker.take(worker_resources(joined.cfg.rollout_config))
+                spare = self.warm_worker.take(resources)
                 ray.get(self.manager.start.remote(joined, self.redis_url, spare), timeout=180)
             except Exception as exc:
                 self.last_error = f"cannot start rollout workers: {ray_runtime.cause(exc)}"

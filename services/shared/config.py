@@ -321,9 +321,6 @@ def _loaded(name: str, module: ModuleType | None, raw: bytes, cfg: OnlineConfig)
                         source_hash=hashlib.sha256(raw).hexdigest(), cfg=cfg)
 
 
-
-
-
 def literal_online_dict(raw: bytes) -> dict | None:
     """A config module's online_dict read from its source without running it, or None unless that is sure to
     be what running it gives: online_dict is one top-level assignment of a literal (ast.literal_eval) and the

@@ -68,14 +68,15 @@ class Unplaceable(RuntimeError):
     """A session asks for more CPUs or GPUs than the whole Ray cluster has."""
 
 
-def check_placeable(asks: dict[str, tuple[float, str]], count: int, what: str) -> None:
-    """Raise Unplaceable unless `count` actors, each asking asks[resource] = (amount, config key), fit in the
-    Ray cluster's total of each resource. Ray leaves such actors pending without an error: a rollout Start
-    timed out after 180 s saying only "Get timed out", and a learner waited for ever (the reference's
-    num_gpus_per_worker default is 1, on a machine without a GPU)."""
+def check_placeable(resources: dict[str, float], keys: dict[str, str], count: int, what: str) -> None:
+    """Raise Unplaceable unless `count` actors, each created with the Ray options `resources` (num_cpus,
+    num_gpus), fit in the Ray cluster's total of each; keys[option] names the config key that sets it. Ray
+    leaves such actors pending without an error: a rollout Start timed out after 180 s saying only "Get timed
+    out", and a learner waited for ever (the reference's num_gpus_per_worker default is 1, on a machine without
+    a GPU)."""
     totals = ray.cluster_resources()
-    for resource, (amount, key) in asks.items():
-        have = totals.get(resource, 0.0)
+    for option, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        amount, have, key = resources.get(option, 0), totals.get(resource, 0.0), keys[option]
         if amount * count > have:
             who = f"a {what} asks" if count == 1 else f"{count} {what}s ask"
             raise Unplaceable(f"{key}={amount:g}: {who} for {amount * count:g} {resource} in all, and this Ray "

@@ -50,11 +50,11 @@ def start_learner_actor(node_id: str, resources: dict):
 def run_learner(spec: LearnerSpec, warm: ray_runtime.WarmActor) -> None:
     """Run the learner to completion (blocking) with as many ranks as train_config.num_workers."""
     tc = spec.joined.cfg.train_config
-    ray_runtime.check_placeable({"CPU": (1, "train_config.num_workers"),
-                                 "GPU": (tc.num_gpus_per_worker, "train_config.num_gpus_per_worker")},
+    resources = {"num_cpus": 1, "num_gpus": tc.num_gpus_per_worker}  # a rank's, as an actor or a Ray Train worker
+    ray_runtime.check_placeable(resources, {"num_cpus": "train_config.num_workers",
+                                            "num_gpus": "train_config.num_gpus_per_worker"},
                                 tc.num_workers, "trainer rank")
     if tc.num_workers == 1:
-        resources = {"num_cpus": 1, "num_gpus": tc.num_gpus_per_worker}
         actor = warm.take(resources) or start_learner_actor(spec.node_id, resources)
         try:
             ray.get(actor.run.remote(spec))

@@ -118,7 +118,7 @@ def test_a_module_that_could_change_its_online_dict_is_run_not_read(change):
 @pytest.mark.parametrize("source", [
     LITERAL.replace('"seed": 3', '"seed": SEED'),        # not a literal
     LITERAL.replace("def policy_generator", "def other_generator"),
-    LITERAL.replace("online_dict = {", "online_dict = dict(**{"),
+    LITERAL.replace('online_dict = {"seed": 3,', 'online_dict = dict(seed=3, **{').replace("1e-3}}", "1e-3}})"),
     "online_dict = [1, 2]\ndef env_generator(): pass\ndef policy_generator(): pass\n",
     "this is not python",
 ])
