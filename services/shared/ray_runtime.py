@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import time
 from typing import Callable
 
 import ray
@@ -16,6 +18,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "online"
 WARM_READY_TIMEOUT = 60.0
+HEAD_WAIT = 30.0   # seconds a service waits for a head that is still starting before ray.init waits its own way
+HEAD_POLL = 0.05   # seconds between its looks
 _lock = threading.Lock()
 _early_done = threading.Event()  # connect_early's work (joining, warming) is over, or there was none
 _early_done.set()
@@ -53,7 +57,39 @@ def _join() -> None:
             # when it is reconnected, a partition) cannot cut the service off its actors.
             address, kwargs = "local", {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
             ray_env.set_fast_start()
+        else:
+            wait_for_head(address, time.monotonic() + HEAD_WAIT)
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
+
+
+def wait_for_head(address: str, deadline: float) -> None:
+    """Return once the head at address ("host:port") has a live node, looking every HEAD_POLL seconds, or at
+    deadline (time.monotonic()). ray.init, joining a head whose raylet has not registered yet, looks again
+    once a second (services.get_node_to_connect_for_driver): the services of `mso run`, which start with the
+    head, waited half a second on average with the machine idle before their warm actors could start. Nothing
+    else depends on this wait: on any failure ray.init waits, and reports, as it always did."""
+    host, _, port = address.rpartition(":")
+    if not host or "/" in host or not port.isdigit():  # "auto", "ray://...": left to ray.init
+        return
+    from ray._raylet import GcsClient  # Ray's own GCS client (ray.init's), not part of its public API
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    try:
+        while True:  # the port first: a GcsClient made before the GCS listens blocks for up to ~40 s
+            try:
+                socket.create_connection((host, int(port)), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(HEAD_POLL)
+        client = GcsClient(address=address)
+        while time.monotonic() < deadline:
+            if client.get_all_node_info(timeout=1, state_filter=GcsNodeInfo.GcsNodeState.ALIVE):
+                return
+            time.sleep(HEAD_POLL)
+    except Exception as exc:  # only the head start lost
+        log.debug("could not watch the Ray head at %s start: %r", address, exc)
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -120,9 +156,9 @@ def connect_early(then: Callable[[], None] | None = None) -> None:
 
 class WarmActor:
     """One actor started before a session needs it, so a Start does not wait seconds for a process to start
-    and import torch (and, for a learner, torch._dynamo, which the first optimizer imports). Services make
-    one when they join a shared cluster and again after each session. take() hands it over only to a
-    session that asks for the same resources; a mismatched one is killed so its resources are free."""
+    and import torch. Services make one when they join a shared cluster and again after each session. take()
+    hands it over only to a session that asks for the same resources; a mismatched one is killed so its
+    resources are free."""
 
     def __init__(self, make: Callable[[dict], object], resources: dict):
         self._make, self.resources = make, resources
