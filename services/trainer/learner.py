@@ -23,6 +23,7 @@ from services.shared.queue import FragmentConsumer, ledger
 from services.shared.redis_server import connect
 from services.trainer import checkpoints
 from services.trainer import ppo
+from services.trainer.optim import AdamW
 from services.trainer.lease import holder
 from services.trainer.spec import LearnerSpec
 from services.trainer.logs import IterationLog
@@ -74,9 +75,8 @@ class Learner:
         if self.tc.kl_divergence_coef_rho != 0:
             self.ref_policy = copy.deepcopy(self.policy).eval()
             self.ref_policy.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
-                                           lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay,
-                                           eps=self.tc.adam_eps, fused=True)
+        self.optimizer = AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=self.tc.learning_rate,
+                               weight_decay=self.tc.weight_decay, eps=self.tc.adam_eps, fused=True)
         self.node_id = spec.node_id
         self.consumer = FragmentConsumer(self.client, self.session_id, f"{self.node_id}-rank{self.rank}")
         # What a dead trainer had read but not retired; a live rank's entries are never taken.
@@ -258,7 +258,6 @@ def train_loop(config: dict) -> dict:
 
 
 def warm() -> None:
-    """Pay the first-use costs before a session: the first optimizer imports torch._dynamo (a second on these
-    machines), and the logs import TensorBoard."""
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    """Pay the first-use costs before a session: the learner's modules (imported by the caller) and TensorBoard,
+    which the logs import."""
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
