@@ -77,7 +77,7 @@ def wait_for_head(address: str, deadline: float) -> None:
     try:
         while True:  # the port first: a GcsClient made before the GCS listens blocks for up to ~40 s
             try:
-                socket.create_connection((host, int(port)), timeout=1.0).close()
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()  # [::1]: IPv6
                 break
             except OSError:
                 if time.monotonic() >= deadline:
