@@ -282,12 +282,15 @@ def test_a_literal_config_is_read_not_run_and_its_own_failure_is_reported_from_w
     me, seen, commands = psutil.Process(proc.pid), {}, set()
     while proc.poll() is None:
         try:
-            for p in me.children(recursive=True):
-                if p.pid not in seen:
-                    seen[p.pid] = p
-                    commands.add(" ".join(p.cmdline()))
+            children = me.children(recursive=True)
         except psutil.Error:
-            pass
+            children = []
+        for p in children:
+            seen.setdefault(p.pid, p)
+            try:  # read every sample: a child caught between fork and exec still shows its parent's command
+                commands.add(" ".join(p.cmdline()))
+            except psutil.Error:
+                pass
         time.sleep(0.02)  # a sampling interval
     said = proc.stderr.read()
     assert proc.returncode == 1, said[-3000:]
