@@ -1,5 +1,5 @@
 """Environment for the Ray processes mso starts (a head of `mso run`, a service's own local instance); kept
-apart from ray_runtime so `mso run` sets it without importing Ray.
+apart from ray_runtime so `mso run` sets it without importing Ray (leave_out_unused imports it when called).
 
 A raylet connects to the object store it has just started in a thread of its own, and Ray 2.60's client
 retries that connection once a second (raylet_client_connect_timeout_milliseconds = 1000): the store is
@@ -25,3 +25,27 @@ def set_fast_start() -> None:
     """FAST_START into this process's environment (what a local Ray instance started from here inherits)."""
     for key, value in FAST_START.items():
         os.environ.setdefault(key, value)
+
+
+def leave_out_unused() -> None:
+    """Make a Ray head started from this process (`ray start` in services.launcher.ray_head, a service's local
+    ray.init) leave out three processes nothing of mso uses:
+    - the dashboard head: with include_dashboard=False Ray 2.60 still starts it, loading only its usage-stats
+      module (usage stats are off in every Ray mso starts), and waits for it to register before it starts the
+      raylet, so its imports (~0.6 CPU-s) sat on the path to the first actor. A head was ready 0.7-1.0 s later
+      with it than without, on an idle 2-core machine;
+    - Ray's client server (ray:// connections; ~0.8 CPU-s of imports beside the services' and actors'):
+      `ray start` starts one whenever grpcio is installed and offers no switch to leave it out;
+    - the autoscaler's monitor, which a one-machine instance never needs (~50 MB): `ray start --no-monitor`
+      leaves it out, ray.init has no such switch.
+    All three are methods of Ray's private Node class, replaced in this process only. Ray is pinned; a Ray without
+    them fails here by name rather than starting them unnoticed."""
+    from ray._private import node
+
+    for name in ("start_api_server", "start_ray_client_server", "start_monitor"):
+        getattr(node.Node, name)
+        setattr(node.Node, name, _not_started)
+
+
+def _not_started(*args, **kwargs) -> None:
+    return None

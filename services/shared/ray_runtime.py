@@ -57,6 +57,7 @@ def _join() -> None:
             # when it is reconnected, a partition) cannot cut the service off its actors.
             address, kwargs = "local", {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
             ray_env.set_fast_start()
+            ray_env.leave_out_unused()
         else:
             wait_for_head(address, time.monotonic() + HEAD_WAIT)
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)

@@ -1,0 +1,73 @@
+"""The Ray instances mso starts leave out the head processes nothing of mso uses (ray_env.leave_out_unused): the
+dashboard head, which Ray 2.60 starts even with the dashboard off and waits for before it starts the raylet,
+Ray's client server, and the autoscaler's monitor. `mso run`'s head (`ray start` in services.launcher.ray_head)
+and a service's own local instance (ray_runtime without RAY_ADDRESS) still run actors, still carry an actor's
+output to its driver (the log monitor stays), and the head still stops every process of it on SIGTERM."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import psutil
+
+from services.launcher.embedded import start_ray_head
+from tests.conftest import wait_until
+
+UNUSED = ("dashboard/dashboard.py", "ray.util.client.server", "autoscaler/_private/monitor.py")
+
+DRIVER = textwrap.dedent("""
+    import psutil, ray
+    from services.shared import ray_runtime
+    ray_runtime.ensure()
+    @ray.remote
+    class Echo:
+        def hello(self, word):
+            print("actor says", word, flush=True)
+            return word * 2
+    assert ray.get(Echo.remote().hello.remote("hi")) == "hihi"
+    for p in psutil.Process().children(recursive=True):
+        print("child:", " ".join(p.cmdline()), flush=True)
+    print("driver done", flush=True)
+""")
+
+
+def session_commands(sid: int) -> list[str]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                found.append(" ".join(p.cmdline()))
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+    return found
+
+
+def drive(env: dict) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "driver done" in out.stdout
+    assert "actor says hi" in out.stdout + out.stderr  # carried by the log monitor
+    return out
+
+
+def test_mso_runs_head_runs_actors_without_the_unused_processes_and_stops_on_sigterm():
+    head, join = start_ray_head(1, dict(os.environ))
+    try:
+        drive(dict(os.environ, **join))
+        commands = session_commands(head.process.pid)
+        assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
+        assert any("log_monitor" in c for c in commands), commands
+        assert not [c for c in commands if any(u in c for u in UNUSED)], commands
+        assert head.process.poll() is None
+    finally:
+        head.stop(grace=10)
+    wait_until(lambda: not session_commands(head.process.pid), 10, "every process of the head gone")
+
+
+def test_a_services_local_instance_runs_actors_without_the_unused_processes():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = drive(env)
+    children = [line for line in out.stdout.splitlines() if line.startswith("child:")]
+    assert any("raylet" in c for c in children) and any("log_monitor" in c for c in children), children
+    assert not [c for c in children if any(u in c for u in UNUSED)], children
