@@ -46,8 +46,8 @@ def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict
                 obs, rew, term, trunc, info = envs.step(act[:, 0].numpy())
                 done = term | trunc
                 cut = torch.zeros(n_envs)  # V(final obs) where the time limit cut an episode, else 0
-                if (trunc & ~term).any():
-                    at = np.flatnonzero(trunc & ~term)
+                at = np.flatnonzero(trunc & ~term)
+                if at.size:
                     final = torch.as_tensor(np.stack([info["final_obs"][i] for i in at]), dtype=torch.float32)
                     cut[at] = policy({"obs": final[:, None]}, [])[0]["vpred"][:, 0, 0]
                 running += rew

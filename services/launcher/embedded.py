@@ -73,10 +73,10 @@ class ChildProcess:
 def spawn_ray_head(num_cpus: int, env: dict) -> tuple[ChildProcess, dict]:
     """A Ray head on free loopback ports (never Redis's 6379), without the dashboard or the client server
     (services.launcher.ray_head), starting; returns it and what a process needs in its environment to join
-    it: RAY_ADDRESS, and a token of this head only (a
-    ~/.ray/auth_token left by another Ray, which Ray would otherwise pick up on one side and not the other,
-    cannot lock anyone out, and nobody without the token can join). Its raylet and workers share its
-    session, so stopping it stops them. wait_ray_head() waits until it is up."""
+    it: RAY_ADDRESS, and a token of this head only (a ~/.ray/auth_token left by another Ray, which Ray would
+    otherwise pick up on one side and not the other, cannot lock anyone out, and nobody without the token can
+    join). Its raylet and workers share its session, so stopping it stops them. wait_ray_head() waits until
+    it is up."""
     port = free_port()
     join = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = ChildProcess("ray", [sys.executable, "-m", "services.launcher.ray_head", "start", "--head", "--block",

@@ -12,6 +12,7 @@ import textwrap
 import psutil
 
 from services.launcher.embedded import start_ray_head
+from services.launcher.reaper import members
 from tests.conftest import wait_until
 
 UNUSED = ("dashboard/dashboard.py", "ray.util.client.server", "autoscaler/_private/monitor.py")
@@ -34,11 +35,10 @@ DRIVER = textwrap.dedent("""
 
 def session_commands(sid: int) -> list[str]:
     found = []
-    for p in psutil.process_iter():
+    for pid in members({sid}):
         try:
-            if os.getsid(p.pid) == sid:
-                found.append(" ".join(p.cmdline()))
-        except (psutil.Error, ProcessLookupError, PermissionError):
+            found.append(" ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:
             pass
     return found
 
