@@ -11,6 +11,9 @@ the store the same way, inherit it."""
 from __future__ import annotations
 
 import os
+import sys
+
+from services.shared import ray_agents
 
 FAST_START = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
               "RAY_raylet_client_num_connect_attempts": "200"}
@@ -29,7 +32,7 @@ def set_fast_start() -> None:
 
 def leave_out_unused() -> None:
     """Make a Ray head started from this process (`ray start` in services.launcher.ray_head, a service's local
-    ray.init) leave out three processes nothing of mso uses:
+    ray.init) leave out what nothing of mso uses:
     - the dashboard head: with include_dashboard=False Ray 2.60 still starts it, loading only its usage-stats
       module (usage stats are off in every Ray mso starts), and waits for it to register before it starts the
       raylet, so its imports (~0.6 CPU-s) sat on the path to the first actor. A head was ready 0.7-1.0 s later
@@ -37,14 +40,33 @@ def leave_out_unused() -> None:
     - Ray's client server (ray:// connections; ~0.8 CPU-s of imports beside the services' and actors'):
       `ray start` starts one whenever grpcio is installed and offers no switch to leave it out;
     - the autoscaler's monitor, which a one-machine instance never needs (~50 MB): `ray start --no-monitor`
-      leaves it out, ray.init has no such switch.
-    All three are methods of Ray's private Node class, replaced in this process only. Ray is pinned; a Ray without
-    them fails here by name rather than starting them unnoticed."""
-    from ray._private import node
+      leaves it out, ray.init has no such switch;
+    - the raylet's wait for its two agents' imports before it registers the node (~1 s, the last wait before
+      the first actor): services.shared.ray_agents runs in their place, and says what it keeps.
+    All of these are private parts of Ray (Node's methods, the function that builds an agent's command line,
+    the names of the port files), replaced in this process only. Ray is pinned; a Ray without them fails here
+    by name rather than starting them unnoticed."""
+    from ray import _raylet
+    from ray._private import node, ray_constants, services
 
     for name in ("start_api_server", "start_ray_client_server", "start_monitor"):
         getattr(node.Node, name)
         setattr(node.Node, name, _not_started)
+    ports = (_raylet.METRICS_AGENT_PORT_NAME, _raylet.METRICS_EXPORT_PORT_NAME, _raylet.DASHBOARD_AGENT_LISTEN_PORT_NAME)
+    if ports != ray_agents.DASHBOARD_PORTS or _raylet.RUNTIME_ENV_AGENT_PORT_NAME != ray_agents.RUNTIME_ENV_PORT:
+        raise RuntimeError(f"this Ray names its agents' port files {ports} and {_raylet.RUNTIME_ENV_AGENT_PORT_NAME!r}, "
+                           f"not {ray_agents.DASHBOARD_PORTS} and {ray_agents.RUNTIME_ENV_PORT!r}")
+    python_command = services._build_python_executable_command_memory_profileable
+    stand_ins = {ray_constants.PROCESS_TYPE_DASHBOARD_AGENT: "dashboard",
+                 ray_constants.PROCESS_TYPE_RUNTIME_ENV_AGENT: "runtime_env"}
+
+    def command(component: str, session_dir: str, unbuffered: bool = True) -> list[str]:
+        if component in stand_ins:
+            return [sys.executable, "-S", "-u", ray_agents.__file__, stand_ins[component]]
+        return python_command(component, session_dir, unbuffered)
+
+    if getattr(python_command, "__name__", "") != command.__name__:  # once per process
+        services._build_python_executable_command_memory_profileable = command
 
 
 def _not_started(*args, **kwargs) -> None:

@@ -1,8 +1,10 @@
 """The Ray instances mso starts leave out the head processes nothing of mso uses (ray_env.leave_out_unused): the
 dashboard head, which Ray 2.60 starts even with the dashboard off and waits for before it starts the raylet,
-Ray's client server, and the autoscaler's monitor. `mso run`'s head (`ray start` in services.launcher.ray_head)
-and a service's own local instance (ray_runtime without RAY_ADDRESS) still run actors, still carry an actor's
-output to its driver (the log monitor stays), and the head still stops every process of it on SIGTERM."""
+Ray's client server, the autoscaler's monitor, and the dashboard agent (services.shared.ray_agents stands in for
+it, and starts the runtime env agent after the raylet's wait). `mso run`'s head (`ray start` in
+services.launcher.ray_head) and a service's own local instance (ray_runtime without RAY_ADDRESS) still run
+actors, actors with a runtime env (Ray Train's ranks have one), still carry an actor's output to its driver (the
+log monitor stays), and the head still stops every process of it on SIGTERM."""
 
 import os
 import subprocess
@@ -10,12 +12,16 @@ import sys
 import textwrap
 
 import psutil
+from ray._private import ray_constants
 
 from services.launcher.embedded import start_ray_head
 from services.launcher.reaper import members
+from services.shared import ray_agents
 from tests.conftest import wait_until
 
 UNUSED = ("dashboard/dashboard.py", "ray.util.client.server", "autoscaler/_private/monitor.py")
+STAND_IN = f"{sys.executable} -S -u {ray_agents.__file__} dashboard "  # (the raylet names it in its own arguments)
+AGENT_TITLES = (ray_constants.AGENT_PROCESS_TYPE_DASHBOARD_AGENT, ray_constants.AGENT_PROCESS_TYPE_RUNTIME_ENV_AGENT)
 
 DRIVER = textwrap.dedent("""
     import psutil, ray
@@ -27,6 +33,11 @@ DRIVER = textwrap.dedent("""
             print("actor says", word, flush=True)
             return word * 2
     assert ray.get(Echo.remote().hello.remote("hi")) == "hihi"
+    @ray.remote
+    def variable():
+        import os
+        return os.environ.get("MSO_TEST_VARIABLE")
+    assert ray.get(variable.options(runtime_env={"env_vars": {"MSO_TEST_VARIABLE": "set"}}).remote()) == "set"
     for p in psutil.Process().children(recursive=True):
         print("child:", " ".join(p.cmdline()), flush=True)
     print("driver done", flush=True)
@@ -58,7 +69,7 @@ def test_mso_runs_head_runs_actors_without_the_unused_processes_and_stops_on_sig
         commands = session_commands(head.process.pid)
         assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
         assert any("log_monitor" in c for c in commands), commands
-        assert not [c for c in commands if any(u in c for u in UNUSED)], commands
+        assert_agents(commands)
         assert head.process.poll() is None
     finally:
         head.stop(grace=10)
@@ -68,6 +79,15 @@ def test_mso_runs_head_runs_actors_without_the_unused_processes_and_stops_on_sig
 def test_a_services_local_instance_runs_actors_without_the_unused_processes():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     out = drive(env)
-    children = [line for line in out.stdout.splitlines() if line.startswith("child:")]
+    children = [line.removeprefix("child: ") for line in out.stdout.splitlines() if line.startswith("child: ")]
     assert any("raylet" in c for c in children) and any("log_monitor" in c for c in children), children
-    assert not [c for c in children if any(u in c for u in UNUSED)], children
+    assert_agents(children)
+
+
+def assert_agents(commands: list[str]) -> None:
+    assert not [c for c in commands if any(u in c for u in UNUSED)], commands
+    assert len([c for c in commands if c.startswith(STAND_IN)]) == 1, commands
+    # Each agent names its process once it has imported Ray: the runtime env agent does (the stand-in started it),
+    # the dashboard agent does not run.
+    titles = [c.strip() for c in commands if c.strip() in AGENT_TITLES]
+    assert titles == [ray_constants.AGENT_PROCESS_TYPE_RUNTIME_ENV_AGENT], commands

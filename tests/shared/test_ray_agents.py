@@ -1,0 +1,81 @@
+"""services.shared.ray_agents, the process a raylet of mso's runs in place of each of its two agents: the
+dashboard agent's stand-in writes its three ports as not in use at once and lives exactly as long as its raylet
+(the pipe the raylet hands it on stdin, or its parent when there is none); the runtime env agent's writes a port
+it reserved and becomes the agent on that port. A raylet running them is tested in test_ray_head_processes."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from services.shared import ray_agents
+from tests.conftest import wait_until
+
+NODE = "ab" * 28
+
+
+def port_file(session: str, name: str) -> str:
+    return os.path.join(session, f"{name}_{NODE}")
+
+
+def stand_in(kind: str, session, script: str = "/ray/dashboard/agent.py", *args: str) -> list[str]:
+    """The command a raylet runs (ray_env.leave_out_unused's): the stand-in, then the agent's own script and
+    arguments."""
+    return [sys.executable, "-S", "-u", ray_agents.__file__, kind, script, f"--node-id={NODE}",
+            f"--session-dir={session}", "--node-manager-port=1234", *args]
+
+
+def run_runtime_env_stand_in(tmp_path, port: int) -> list[str]:
+    """What the agent the stand-in became was started with, after its niceness. The agent here prints them
+    (Ray's own runs in test_ray_head_processes)."""
+    agent = tmp_path / "agent.py"
+    agent.write_text("import os, sys\nprint(os.nice(0), *sys.argv[1:])\n")
+    child = subprocess.run(stand_in("runtime_env", tmp_path, str(agent), "--node-ip-address=127.0.0.1",
+                                    f"--runtime-env-agent-port={port}"), capture_output=True, text=True, timeout=30)
+    assert child.returncode == 0, child.stderr
+    return child.stdout.split()
+
+
+def test_the_dashboard_stand_in_writes_its_ports_as_unused_and_ends_with_the_raylets_pipe(tmp_path):
+    child = subprocess.Popen(stand_in("dashboard", tmp_path), stdin=subprocess.PIPE)
+    try:
+        wait_until(lambda: all(os.path.exists(port_file(tmp_path, n)) for n in ray_agents.DASHBOARD_PORTS), 10,
+                   "the three port files")
+        assert [open(port_file(tmp_path, n)).read() for n in ray_agents.DASHBOARD_PORTS] == ["-1"] * 3
+        assert child.poll() is None  # alive while the raylet is
+        child.stdin.close()  # the raylet's end of the pipe goes when the raylet dies
+        assert child.wait(timeout=10) == 0
+    finally:
+        child.kill()
+
+
+def test_the_dashboard_stand_in_without_a_pipe_ends_when_its_parent_dies(tmp_path):
+    # A shell stands for the raylet; a background job of a non-interactive shell has /dev/null on stdin.
+    raylet = subprocess.Popen(["sh", "-c", " ".join(stand_in("dashboard", tmp_path)) + " & echo $!; exec sleep 60"],
+                              stdout=subprocess.PIPE, text=True)
+    agent = psutil.Process(int(raylet.stdout.readline()))
+    try:
+        wait_until(lambda: os.path.exists(port_file(tmp_path, "dashboard_agent_listen_port")), 10, "a port file")
+        assert agent.is_running()
+        raylet.send_signal(signal.SIGKILL)
+        raylet.wait()
+        wait_until(lambda: not agent.is_running() or agent.status() == psutil.STATUS_ZOMBIE, 10, "the stand-in gone")
+    finally:
+        raylet.kill()
+        agent.kill() if agent.is_running() else None
+
+
+def test_the_runtime_env_stand_in_writes_a_reserved_port_and_becomes_the_agent_on_it(tmp_path):
+    niceness, *args = run_runtime_env_stand_in(tmp_path, 0)
+    assert int(niceness) == min(os.nice(0) + 10, 19)  # below what a starting session waits for
+    port = int(open(port_file(tmp_path, ray_agents.RUNTIME_ENV_PORT)).read())
+    assert 0 < port < 65536
+    assert f"--runtime-env-agent-port={port}" in args and "--runtime-env-agent-port=0" not in args
+    assert f"--session-dir={tmp_path}" in args and "--node-manager-port=1234" in args
+
+
+def test_a_runtime_env_agent_port_given_is_kept(tmp_path):
+    assert "--runtime-env-agent-port=23456" in run_runtime_env_stand_in(tmp_path, 23456)
+    assert open(port_file(tmp_path, ray_agents.RUNTIME_ENV_PORT)).read() == "23456"
