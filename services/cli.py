@@ -76,11 +76,11 @@ def cmd_serve(args) -> int:
     if args.service == "rollout":
         from services.rollout.server import serve
 
-        serve(address, url, advertise=advertise, metrics_port=args.metrics_port)
+        serve(address, url, advertise=advertise, metrics_port=args.metrics_port, warm_again=not args.warm_once)
     else:
         from services.trainer.server import serve
 
-        serve(address, url, advertise=advertise)
+        serve(address, url, advertise=advertise, warm_again=not args.warm_once)
     # The service has stopped its actors and its server; leaving Ray here and exiting at once spares the
     # second or two the interpreter's own teardown (gRPC, torch, Ray's atexit hooks) takes on these machines.
     from services.shared import ray_runtime
@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         if service == "rollout":
             s.add_argument("--metrics-port", type=int, default=int(os.environ.get("MSO_METRICS_PORT", 0)),
                            help="serve Prometheus metrics on this port (0: off)")
+        if service != "launcher":
+            s.add_argument("--warm-once", action="store_true",
+                           help="start actors ahead of a session only when joining Ray, not again after each "
+                                "session (mso run's services, which serve one session)")
         add_tls_arguments(s, server=True, client=service == "launcher")
         s.set_defaults(fn=cmd_serve, service=service)
 

@@ -111,9 +111,10 @@ class Embedded:
     MAX_RESTARTS = 5
     FIRST_BACKOFF = 1.0
 
-    def __init__(self, num_cpus: int, quiet: bool = False):
+    def __init__(self, num_cpus: int, quiet: bool = False, one_session: bool = False):
         self.num_cpus = num_cpus
         self.quiet = quiet
+        self.one_session = one_session  # the services serve one session (`mso run`): they warm actors once
         self.redis: RedisServer | None = None
         self.children: list[ChildProcess] = []
         self._head: ChildProcess | None = None
@@ -159,7 +160,8 @@ class Embedded:
         for kind in ("rollout", "trainer"):
             port = free_port()
             self._add(ChildProcess(kind, [sys.executable, "-m", "services.cli", kind, "serve", "--host=127.0.0.1",
-                                          f"--port={port}"], env, quiet=self.quiet))  # REDIS_URL: not in `ps`
+                                          f"--port={port}", *(["--warm-once"] if self.one_session else [])],
+                                   env, quiet=self.quiet))  # REDIS_URL: not in `ps`
             self.addresses[kind] = f"127.0.0.1:{port}"
 
     def _wait(self) -> None:

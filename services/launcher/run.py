@@ -152,7 +152,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
     loading = LaunchLoad(name, overrides)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminated)
-    embedded = Embedded(num_cpus=HEAD_CPUS, quiet=options.quiet)
+    embedded = Embedded(num_cpus=HEAD_CPUS, quiet=options.quiet, one_session=True)
     started = time.monotonic()
     server = None
     summary: dict = {"config": name, "overrides": overrides}

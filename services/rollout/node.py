@@ -31,7 +31,7 @@ class StartFailed(RuntimeError):
 class RolloutNode:
     """`state` is a common_pb2.ServiceState name; `fault` what is wrong with its session right now."""
 
-    def __init__(self, client: redis.Redis, redis_url: str, node_id: str):
+    def __init__(self, client: redis.Redis, redis_url: str, node_id: str, warm_again: bool = True):
         self.client, self.redis_url, self.node_id = client, redis_url, node_id
         self.state = "SERVICE_STATE_IDLE"
         self.session_id = ""
@@ -43,9 +43,10 @@ class RolloutNode:
         self._lock = threading.Lock()
         self.closing = threading.Event()
         # A manager and one worker started ahead of a session (on a shared Ray cluster), with the default
-        # CPU resources: a session that wants other resources gets new ones.
-        self.warm_manager = ray_runtime.WarmActor(self._new_manager, {})
-        self.warm_worker = ray_runtime.WarmActor(self._new_worker, {"num_cpus": 1, "num_gpus": 0})
+        # CPU resources: a session that wants other resources gets new ones. Again after each session
+        # unless warm_again is False (ray_runtime.WarmActor).
+        self.warm_manager = ray_runtime.WarmActor(self._new_manager, {}, again=warm_again)
+        self.warm_worker = ray_runtime.WarmActor(self._new_worker, {"num_cpus": 1, "num_gpus": 0}, again=warm_again)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, session_id: str) -> None:

@@ -91,11 +91,12 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return reply
 
 
-def serve(address: str, redis_url: str, advertise: str | None = None, metrics_port: int = 0) -> None:
+def serve(address: str, redis_url: str, advertise: str | None = None, metrics_port: int = 0,
+          warm_again: bool = True) -> None:
     from services.shared.redis_server import connect
 
     client: redis.Redis = connect(redis_url)
-    node = RolloutNode(client, redis_url, "rollout-" + uuid.uuid4().hex[:8])
+    node = RolloutNode(client, redis_url, "rollout-" + uuid.uuid4().hex[:8], warm_again=warm_again)
     server = Server(address)
     server.add(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, RolloutServicer(node), "mso.v1.RolloutService")
     server.start()

@@ -157,23 +157,28 @@ def connect_early(then: Callable[[], None] | None = None) -> None:
 
 class WarmActor:
     """One actor started before a session needs it, so a Start does not wait seconds for a process to start
-    and import torch. Services make one when they join a shared cluster and again after each session. take()
-    hands it over only to a session that asks for the same resources; a mismatched one is killed so its
-    resources are free."""
+    and import torch. Services make one when they join a shared cluster and, unless `again` is False, again
+    after each session (a service of `mso run` serves one session: an actor started after it would only be
+    killed half-started when the run stops). take() hands it over only to a session that asks for the same
+    resources; a mismatched one is killed so its resources are free."""
 
-    def __init__(self, make: Callable[[dict], object], resources: dict):
-        self._make, self.resources = make, resources
+    def __init__(self, make: Callable[[dict], object], resources: dict, again: bool = True):
+        self._make, self.resources, self._again = make, resources, again
         self._handle = None
+        self._started = False
         self._closed = False
         self._lock = threading.Lock()
 
     def fill(self) -> None:
         """Start the warm actor if there is none (only on a shared cluster: a service's own Ray instance
-        starts at a Start, and an idle actor would keep it busy for nothing; never once closed)."""
+        starts at a Start, and an idle actor would keep it busy for nothing; never once closed, nor a second
+        time unless `again`)."""
         with self._lock:
-            if self._handle is None and not self._closed and shared_cluster() and ray.is_initialized():
+            if (self._handle is None and not self._closed and (self._again or not self._started)
+                    and shared_cluster() and ray.is_initialized()):
                 try:
                     self._handle = self._make(self.resources)
+                    self._started = True
                 except Exception as exc:  # only a head start lost: the next Start makes its own actor
                     log.warning("cannot start a warm actor: %s", exc)
 

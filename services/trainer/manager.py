@@ -81,16 +81,17 @@ def run_learner(spec: LearnerSpec, warm: ray_runtime.WarmActor) -> None:
 class TrainerManager:
     """What one trainer node does for one session at a time. `state` is a common_pb2.ServiceState name."""
 
-    def __init__(self, client: redis.Redis, redis_url: str, node_id: str):
+    def __init__(self, client: redis.Redis, redis_url: str, node_id: str, warm_again: bool = True):
         self.client, self.redis_url, self.node_id = client, redis_url, node_id
         self.session_id = ""
         self.state = "SERVICE_STATE_IDLE"
         self.last_error = ""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        # A learner started ahead of a session (on a shared Ray cluster), for single-rank CPU learners.
+        # A learner started ahead of a session (on a shared Ray cluster), for single-rank CPU learners; again
+        # after each session unless warm_again is False (ray_runtime.WarmActor).
         self.warm = ray_runtime.WarmActor(lambda resources: start_learner_actor(node_id, resources),
-                                          {"num_cpus": 1, "num_gpus": 0})
+                                          {"num_cpus": 1, "num_gpus": 0}, again=warm_again)
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -104,11 +104,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return reply
 
 
-def serve(address: str, redis_url: str, advertise: str | None = None) -> None:
+def serve(address: str, redis_url: str, advertise: str | None = None, warm_again: bool = True) -> None:
     from services.shared.redis_server import connect
 
     client: redis.Redis = connect(redis_url)
-    manager = TrainerManager(client, redis_url, "trainer-" + uuid.uuid4().hex[:8])
+    manager = TrainerManager(client, redis_url, "trainer-" + uuid.uuid4().hex[:8], warm_again=warm_again)
     server = Server(address)
     servicer = TrainerServicer(manager)
     server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "mso.v1.TrainerService")

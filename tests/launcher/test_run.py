@@ -1,11 +1,14 @@
 """`mso run`: CartPole learns through all three services and Redis; Ray Train ranks; Ctrl-C cleans up."""
 
+import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -238,6 +241,24 @@ def test_a_clean_run_prints_progress_and_results_and_nothing_that_looks_like_an_
     assert re.search(r"mso: finished after \S+: \d+ env steps", proc.stdout)
     assert f"TensorBoard logs in {tmp_path / 'runs'}/" in proc.stdout and "mso tensorboard" in proc.stdout
     assert "no checkpoint was written (train_config.save_interval=N" in proc.stdout
+
+
+def test_after_its_session_mso_run_starts_no_actor_for_a_next_one():
+    """The services of `mso run` serve one session: they start their actors ahead of it (a learner, a rollout
+    manager and worker), and not again once it ends, when the run stops them. They did: three processes more,
+    each importing torch at the end of every run and killed half-started, which made Ray's GCS print "Failed to
+    kill actor" errors into the run's output. Counted from the head's own log of the actors it registered."""
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's unix socket paths live under it
+    try:
+        proc = subprocess.run(MSO + ["run", "cartpole", "--until-steps=2000", "--port=0", "--quiet"],
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ, RAY_TMPDIR=temp))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs = glob.glob(os.path.join(temp, "ray", "session_2*", "logs", "gcs_server.out"))
+        assert len(logs) == 1, logs
+        registered = re.findall(r"Registering actor .*actor_id=(\w+)", open(logs[0]).read())
+        assert len(set(registered)) == 3, registered
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_ray_head_starts_while_the_config_loads_and_a_bad_config_leaves_nothing_behind():
