@@ -52,11 +52,14 @@ def leave_out_unused() -> None:
     for name in ("start_api_server", "start_ray_client_server", "start_monitor"):
         getattr(node.Node, name)
         setattr(node.Node, name, _not_started)
-    ports = (_raylet.METRICS_AGENT_PORT_NAME, _raylet.METRICS_EXPORT_PORT_NAME, _raylet.DASHBOARD_AGENT_LISTEN_PORT_NAME)
-    if ports != ray_agents.DASHBOARD_PORTS or _raylet.RUNTIME_ENV_AGENT_PORT_NAME != ray_agents.RUNTIME_ENV_PORT:
-        raise RuntimeError(f"this Ray names its agents' port files {ports} and {_raylet.RUNTIME_ENV_AGENT_PORT_NAME!r}, "
-                           f"not {ray_agents.DASHBOARD_PORTS} and {ray_agents.RUNTIME_ENV_PORT!r}")
+    ports = (_raylet.METRICS_AGENT_PORT_NAME, _raylet.METRICS_EXPORT_PORT_NAME,
+             _raylet.DASHBOARD_AGENT_LISTEN_PORT_NAME, _raylet.RUNTIME_ENV_AGENT_PORT_NAME)
+    if ports != (*ray_agents.DASHBOARD_PORTS, ray_agents.RUNTIME_ENV_PORT):
+        raise RuntimeError(f"this Ray names its agents' port files {ports}, not "
+                           f"{(*ray_agents.DASHBOARD_PORTS, ray_agents.RUNTIME_ENV_PORT)}")
     python_command = services._build_python_executable_command_memory_profileable
+    if getattr(python_command, "replaces", None):  # replaced already, by an earlier call in this process
+        return
     stand_ins = {ray_constants.PROCESS_TYPE_DASHBOARD_AGENT: "dashboard",
                  ray_constants.PROCESS_TYPE_RUNTIME_ENV_AGENT: "runtime_env"}
 
@@ -65,8 +68,8 @@ def leave_out_unused() -> None:
             return [sys.executable, "-S", "-u", ray_agents.__file__, stand_ins[component]]
         return python_command(component, session_dir, unbuffered)
 
-    if getattr(python_command, "__name__", "") != command.__name__:  # once per process
-        services._build_python_executable_command_memory_profileable = command
+    command.replaces = python_command
+    services._build_python_executable_command_memory_profileable = command
 
 
 def _not_started(*args, **kwargs) -> None:
