@@ -28,6 +28,13 @@ DASHBOARD_PORTS = ("metrics_agent_port", "metrics_export_port", "dashboard_agent
 RUNTIME_ENV_PORT = "runtime_env_agent_port"
 
 
+def command(kind: str) -> list[str]:
+    """How a raylet starts the stand-in of kind ("dashboard" or "runtime_env"), before the agent's own script and
+    arguments. Isolated (-I): run as a script, it would otherwise have its own folder first on sys.path, where
+    modules of mso's (queue.py) could shadow the standard library's."""
+    return [sys.executable, "-I", "-S", "-u", __file__, kind]
+
+
 def arguments(argv: list[str]) -> dict[str, str]:
     return dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
 

@@ -11,7 +11,6 @@ the store the same way, inherit it."""
 from __future__ import annotations
 
 import os
-import sys
 
 from services.shared import ray_agents
 
@@ -65,7 +64,7 @@ def leave_out_unused() -> None:
 
     def command(component: str, session_dir: str, unbuffered: bool = True) -> list[str]:
         if component in stand_ins:
-            return [sys.executable, "-S", "-u", ray_agents.__file__, stand_ins[component]]
+            return ray_agents.command(stand_ins[component])
         return python_command(component, session_dir, unbuffered)
 
     command.replaces = python_command

@@ -6,7 +6,6 @@ it reserved and becomes the agent on that port. A raylet running them is tested 
 import os
 import signal
 import subprocess
-import sys
 
 import psutil
 
@@ -23,7 +22,7 @@ def port_file(session: str, name: str) -> str:
 def stand_in(kind: str, session, script: str = "/ray/dashboard/agent.py", *args: str) -> list[str]:
     """The command a raylet runs (ray_env.leave_out_unused's): the stand-in, then the agent's own script and
     arguments."""
-    return [sys.executable, "-S", "-u", ray_agents.__file__, kind, script, f"--node-id={NODE}",
+    return [*ray_agents.command(kind), script, f"--node-id={NODE}",
             f"--session-dir={session}", "--node-manager-port=1234", *args]
 
 

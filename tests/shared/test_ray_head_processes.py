@@ -20,7 +20,7 @@ from services.shared import ray_agents
 from tests.conftest import wait_until
 
 UNUSED = ("dashboard/dashboard.py", "ray.util.client.server", "autoscaler/_private/monitor.py")
-STAND_IN = f"{sys.executable} -S -u {ray_agents.__file__} dashboard "  # (the raylet names it in its own arguments)
+STAND_IN = " ".join(ray_agents.command("dashboard")) + " "  # (the raylet names it in its own arguments too)
 AGENT_TITLES = (ray_constants.AGENT_PROCESS_TYPE_DASHBOARD_AGENT, ray_constants.AGENT_PROCESS_TYPE_RUNTIME_ENV_AGENT)
 
 DRIVER = textwrap.dedent("""
