@@ -1,6 +1,6 @@
 """What a raylet of mso's runs in place of Ray's two node agents (ray_env.leave_out_unused arranges it). Run by the
 raylet as `python ray_agents.py AGENT_SCRIPT ARGS...`, with the arguments Ray gives the agent it replaces; it
-imports nothing but the standard library.
+imports nothing of Ray's, and of mso's only services.shared.ports.
 
 A raylet registers its node, which is when the node can run an actor, only once both agents have written their
 ports into the session directory, and each writes them after importing most of Ray (~0.5 CPU-s apiece, beside
@@ -18,7 +18,6 @@ everything else a starting session imports). Here:
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import sys
 import time
@@ -32,7 +31,7 @@ def command(kind: str) -> list[str]:
     """How a raylet starts the stand-in of kind ("dashboard" or "runtime_env"), before the agent's own script and
     arguments. Isolated (-I): run as a script, it would otherwise have its own folder first on sys.path, where
     modules of mso's (queue.py) could shadow the standard library's."""
-    return [sys.executable, "-I", "-S", "-u", __file__, kind]
+    return [sys.executable, "-I", "-u", __file__, kind]
 
 
 def arguments(argv: list[str]) -> dict[str, str]:
@@ -70,13 +69,11 @@ def runtime_env_agent(argv: list[str]) -> None:
     args = arguments(rest)
     port = int(args.get("runtime-env-agent-port") or 0)
     if not port:
-        # The agent binds with SO_REUSEADDR, as this probe does; between the probe and its bind (its imports),
-        # another process could take the port only by binding it explicitly or as a connection's ephemeral port:
-        # the same window as the ports Ray itself reserves this way for its processes.
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((args["node-ip-address"], 0))
-            port = probe.getsockname()[1]
+        # Free now and outside the ephemeral range, where no outgoing connection can take it before the agent
+        # binds it (after its imports).
+        from services.shared.ports import free_port
+
+        port = free_port(args["node-ip-address"])
         rest = [f"--runtime-env-agent-port={port}" if arg.startswith("--runtime-env-agent-port=") else arg
                 for arg in rest]
     write_port(args["session-dir"], args["node-id"], RUNTIME_ENV_PORT, port)

@@ -9,7 +9,7 @@ import subprocess
 
 import psutil
 
-from services.shared import ray_agents
+from services.shared import ports, ray_agents
 from tests.conftest import wait_until
 
 NODE = "ab" * 28
@@ -70,7 +70,8 @@ def test_the_runtime_env_stand_in_writes_a_reserved_port_and_becomes_the_agent_o
     niceness, *args = run_runtime_env_stand_in(tmp_path, 0)
     assert int(niceness) == min(os.nice(0) + 10, 19)  # below what a starting session waits for
     port = int(open(port_file(tmp_path, ray_agents.RUNTIME_ENV_PORT)).read())
-    assert 0 < port < 65536
+    low, high = ports.ephemeral_range()
+    assert 0 < port < 65536 and not low <= port <= high  # services.shared.ports' choice, not the kernel's
     assert f"--runtime-env-agent-port={port}" in args and "--runtime-env-agent-port=0" not in args
     assert f"--session-dir={tmp_path}" in args and "--node-manager-port=1234" in args
 
