@@ -14,6 +14,7 @@ import os
 
 from services.shared import ray_agents
 
+LOG_MONITOR_NICE = 10  # added to the log monitor's nice value (leave_out_unused)
 FAST_START = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
               "RAY_raylet_client_num_connect_attempts": "200"}
 
@@ -41,10 +42,17 @@ def leave_out_unused() -> None:
     - the autoscaler's monitor, which a one-machine instance never needs (~50 MB): `ray start --no-monitor`
       leaves it out, ray.init has no such switch;
     - the raylet's wait for its two agents' imports before it registers the node (~1 s, the last wait before
-      the first actor): services.shared.ray_agents runs in their place, and says what it keeps.
+      the first actor): services.shared.ray_agents runs in their place, and says what it keeps;
+    - in every worker process (each actor's), the imports of leave_out_addon_serializers: the raylet runs
+      services.shared.ray_worker in place of Ray's default_worker.py.
+    And the log monitor (it carries the actors' output to their drivers, the services) runs at a lower priority
+    (LOG_MONITOR_NICE): its ~0.45 CPU-s of imports came while the actors imported torch, and nothing waits for
+    it then; tailing log files afterwards takes it little.
     All of these are private parts of Ray (Node's methods, the function that builds an agent's command line,
-    the names of the port files), replaced in this process only. Ray is pinned; a Ray without them fails here
-    by name rather than starting them unnoticed."""
+    the names of the port files, start_raylet's worker_path, start_log_monitor), replaced in this process
+    only. Ray is pinned; a Ray without them fails here by name rather than starting them unnoticed."""
+    import inspect
+
     from ray import _raylet
     from ray._private import node, ray_constants, services
 
@@ -69,6 +77,50 @@ def leave_out_unused() -> None:
 
     command.replaces = python_command
     services._build_python_executable_command_memory_profileable = command
+
+    start_raylet, signature = services.start_raylet, inspect.signature(services.start_raylet)
+    if "worker_path" not in signature.parameters:
+        raise RuntimeError("this Ray's services.start_raylet takes no worker_path")
+
+    def start_raylet_with_mso_worker(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["worker_path"] = ray_worker_script()
+        return start_raylet(*bound.args, **bound.kwargs)
+
+    services.start_raylet = start_raylet_with_mso_worker
+
+    start_log_monitor = services.start_log_monitor
+
+    def start_log_monitor_at_low_priority(*args, **kwargs):
+        started = start_log_monitor(*args, **kwargs)
+        os.setpriority(os.PRIO_PROCESS, started.process.pid,
+                       min(os.getpriority(os.PRIO_PROCESS, 0) + LOG_MONITOR_NICE, 19))
+        return started
+
+    services.start_log_monitor = start_log_monitor_at_low_priority
+
+
+def ray_worker_script() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_worker.py")
+
+
+def leave_out_addon_serializers() -> None:
+    """Make this process's Ray (a service's driver, a worker process: services.shared.ray_worker) register
+    none of the serializers Ray adds for other libraries when they are installed: pydantic v1's ModelField
+    (FastAPI's, for Ray Serve), starlette's State, pyarrow's tables and JSON options (Ray Data's). Ray imports
+    all three libraries in every driver and worker to register them, whether or not anything of theirs is ever
+    serialized: ~0.3 CPU-s of imports in each of a session's five Ray processes (its two services, learner,
+    rollout manager and rollout worker), while everything starts at once. Nothing mso passes through Ray is
+    of those types (fragments and weights go through Redis; actors get configs and get back records of
+    plain Python types). Replaces ray.util.serialization_addons.apply, which Ray calls when it makes a
+    serialization context, in this process only."""
+    from ray.util import serialization_addons
+
+    serialization_addons.apply = _no_addons
+
+
+def _no_addons(serialization_context) -> None:
+    return None
 
 
 def _not_started(*args, **kwargs) -> None:

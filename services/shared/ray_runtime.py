@@ -60,6 +60,7 @@ def _join() -> None:
             ray_env.leave_out_unused()
         else:
             wait_for_head(address, time.monotonic() + HEAD_WAIT)
+        ray_env.leave_out_addon_serializers()
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False, **kwargs)
 
 

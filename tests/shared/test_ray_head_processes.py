@@ -4,7 +4,9 @@ Ray's client server, the autoscaler's monitor, and the dashboard agent (services
 it, and starts the runtime env agent after the raylet's wait). `mso run`'s head (`ray start` in
 services.launcher.ray_head) and a service's own local instance (ray_runtime without RAY_ADDRESS) still run
 actors, actors with a runtime env (Ray Train's ranks have one), still carry an actor's output to its driver (the
-log monitor stays), and the head still stops every process of it on SIGTERM."""
+log monitor stays), and the head still stops every process of it on SIGTERM. Neither the driver nor its workers
+(services.shared.ray_worker) import the libraries of Ray's addon serializers (ray_env.leave_out_addon_serializers),
+and a worker's standard library is the standard library's, not a module of mso's of the same name."""
 
 import os
 import subprocess
@@ -16,7 +18,7 @@ from ray._private import ray_constants
 
 from services.launcher.embedded import start_ray_head
 from services.launcher.reaper import members
-from services.shared import ray_agents
+from services.shared import ray_agents, ray_env
 from tests.conftest import wait_until
 
 UNUSED = ("dashboard/dashboard.py", "ray.util.client.server", "autoscaler/_private/monitor.py")
@@ -24,34 +26,51 @@ STAND_IN = " ".join(ray_agents.command("dashboard")) + " "  # (the raylet names 
 AGENT_TITLES = (ray_constants.AGENT_PROCESS_TYPE_DASHBOARD_AGENT, ray_constants.AGENT_PROCESS_TYPE_RUNTIME_ENV_AGENT)
 
 DRIVER = textwrap.dedent("""
-    import psutil, ray
+    import sys, psutil, ray
     from services.shared import ray_runtime
+    ADDON_LIBRARIES = ("pydantic", "pyarrow", "starlette")
     ray_runtime.ensure()
     @ray.remote
     class Echo:
         def hello(self, word):
+            import queue
             print("actor says", word, flush=True)
-            return word * 2
-    assert ray.get(Echo.remote().hello.remote("hi")) == "hihi"
+            return word * 2, [m for m in ADDON_LIBRARIES if m in sys.modules], queue.__file__
+    word, imported, queue_file = ray.get(Echo.remote().hello.remote("hi"))
+    assert word == "hihi"
+    assert imported == [], f"the actor's process imported {imported}"
+    assert "/services/shared/" not in queue_file, queue_file
     @ray.remote
     def variable():
         import os
-        return os.environ.get("MSO_TEST_VARIABLE")
-    assert ray.get(variable.options(runtime_env={"env_vars": {"MSO_TEST_VARIABLE": "set"}}).remote()) == "set"
+        return os.environ.get("MSO_TEST_VARIABLE"), [m for m in ADDON_LIBRARIES if m in sys.modules]
+    value, imported = ray.get(variable.options(runtime_env={"env_vars": {"MSO_TEST_VARIABLE": "set"}}).remote())
+    assert value == "set"
+    assert imported == [], f"the task's process imported {imported}"
+    imported = [m for m in ADDON_LIBRARIES if m in sys.modules]
+    assert imported == [], f"the driver imported {imported}"
     for p in psutil.Process().children(recursive=True):
         print("child:", " ".join(p.cmdline()), flush=True)
+        print("nice:", p.nice(), " ".join(p.cmdline()), flush=True)
     print("driver done", flush=True)
 """)
 
 
-def session_commands(sid: int) -> list[str]:
+def session_commands(sid: int, nice: bool = False) -> list[str]:
     found = []
     for pid in members({sid}):
         try:
-            found.append(" ".join(psutil.Process(pid).cmdline()))
+            p = psutil.Process(pid)
+            found.append((f"{p.nice()} " if nice else "") + " ".join(p.cmdline()))
         except psutil.Error:
             pass
     return found
+
+
+def assert_log_monitor_lower(nice_commands: list[str]) -> None:
+    """The log monitor runs below the actors' priority (ray_env.leave_out_unused)."""
+    found = [int(c.split()[0]) for c in nice_commands if "log_monitor.py" in c]
+    assert found == [min(os.nice(0) + ray_env.LOG_MONITOR_NICE, 19)], nice_commands
 
 
 def drive(env: dict) -> subprocess.CompletedProcess:
@@ -70,6 +89,7 @@ def test_mso_runs_head_runs_actors_without_the_unused_processes_and_stops_on_sig
         assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
         assert any("log_monitor" in c for c in commands), commands
         assert_agents(commands)
+        assert_log_monitor_lower(session_commands(head.process.pid, nice=True))
         assert head.process.poll() is None
     finally:
         head.stop(grace=10)
@@ -82,6 +102,8 @@ def test_a_services_local_instance_runs_actors_without_the_unused_processes():
     children = [line.removeprefix("child: ") for line in out.stdout.splitlines() if line.startswith("child: ")]
     assert any("raylet" in c for c in children) and any("log_monitor" in c for c in children), children
     assert_agents(children)
+    assert_log_monitor_lower([line.removeprefix("nice: ") for line in out.stdout.splitlines()
+                              if line.startswith("nice: ")])
 
 
 def assert_agents(commands: list[str]) -> None:
