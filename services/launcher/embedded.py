@@ -18,7 +18,6 @@ from services.launcher.reaper import signal_sessions
 from services.shared.ports import free_port
 from services.shared.ray_env import with_fast_start
 from services.shared.redis_server import RedisServer
-from services.shared.rpc import wait_serving
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +147,9 @@ class Embedded:
     def _spawn(self) -> None:
         self.reaper = Reaper()
         if not self.redis_url:
-            # A password nobody else knows: anyone who can write this Redis can steer every node.
-            self.redis = RedisServer(password=secrets.token_urlsafe(24))
+            # A password nobody else knows: anyone who can write this Redis can steer every node. Waited for
+            # once the others have started: everything here takes seconds of imports, Redis milliseconds.
+            self.redis = RedisServer(password=secrets.token_urlsafe(24), wait=False)
             self.redis_url = self.redis.url
             self.reaper.watch(self.redis.process.pid)
         env = dict(os.environ, REDIS_URL=self.redis_url, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
@@ -163,8 +163,12 @@ class Embedded:
                                           f"--port={port}", *(["--warm-once"] if self.one_session else [])],
                                    env, quiet=self.quiet))  # REDIS_URL: not in `ps`
             self.addresses[kind] = f"127.0.0.1:{port}"
+        if self.redis is not None:
+            self.redis.wait_ready()
 
     def _wait(self) -> None:
+        from services.shared.rpc import wait_serving  # gRPC's import, after the processes spawn() started
+
         wait_ray_head(self._head)
         for child in self.children:
             if child.name in self.addresses:

