@@ -7,12 +7,13 @@ Run as a script, Python puts this file's folder first on sys.path, where modules
 shadow the standard library's for everything the worker imports; Ray's worker, run as a script, has its own
 folder there instead, and so it has here."""
 
+import os  # (loaded with the interpreter: no lookup on sys.path)
 import sys
 
-del sys.path[0]  # before any import that folder could shadow
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):  # (not with -P)
+    del sys.path[0]  # before any import that folder could shadow
 
 import importlib.util  # noqa: E402
-import os  # noqa: E402
 import runpy  # noqa: E402
 
 from services.shared import ray_env  # noqa: E402
