@@ -110,7 +110,7 @@ def report(summary: dict, name: str, overrides: list[str]) -> str:
 
 @dataclass
 class Followed:
-    """What _follow saw, kept where an interrupted run can still report it."""
+    """What follow() saw, kept where an interrupted run can still report it."""
     progress: Progress = field(default_factory=Progress)
     best: float = -math.inf                                # the best mean return of 20 episodes
     milestones: dict = field(default_factory=dict)         # {level: seconds from the command to it}

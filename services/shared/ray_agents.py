@@ -53,7 +53,8 @@ def wait_for_raylet(listener: socket.socket | None = None) -> bool:
     pipe = stat.S_ISFIFO(os.fstat(0).st_mode)
     parent = os.getppid()
     while True:
-        ready, _, _ = select.select(([0] if pipe else []) + ([listener] if listener else []), [], [], 1.0)
+        ready, _, _ = select.select(([0] if pipe else []) + ([listener] if listener else []), [], [],
+                                    None if pipe else 1.0)  # the parent is looked at only without a pipe
         if listener in ready:
             return True
         if (0 in ready and not os.read(0, 4096)) or (not pipe and os.getppid() != parent):

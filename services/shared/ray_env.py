@@ -58,7 +58,7 @@ def leave_out_unused() -> None:
 
     for name in ("start_api_server", "start_ray_client_server", "start_monitor"):
         getattr(node.Node, name)
-        setattr(node.Node, name, _not_started)
+        setattr(node.Node, name, _left_out)
     ports = (_raylet.METRICS_AGENT_PORT_NAME, _raylet.METRICS_EXPORT_PORT_NAME,
              _raylet.DASHBOARD_AGENT_LISTEN_PORT_NAME, _raylet.RUNTIME_ENV_AGENT_PORT_NAME)
     if ports != (*ray_agents.DASHBOARD_PORTS, ray_agents.RUNTIME_ENV_PORT):
@@ -116,12 +116,8 @@ def leave_out_addon_serializers() -> None:
     serialization context, in this process only."""
     from ray.util import serialization_addons
 
-    serialization_addons.apply = _no_addons
+    serialization_addons.apply = _left_out
 
 
-def _no_addons(serialization_context) -> None:
-    return None
-
-
-def _not_started(*args, **kwargs) -> None:
+def _left_out(*args, **kwargs) -> None:
     return None
