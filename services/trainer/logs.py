@@ -21,6 +21,8 @@ from services.shared import achievements, episode
 log = logging.getLogger(__name__)
 
 VIDEO_FRAMES = 200  # at most this many frames of a video go into TensorBoard (as an animated GIF)
+QUEUED_EVENTS = 1000  # events waiting for TensorBoard's writer thread before a write blocks
+FLUSH_SECONDS = 1     # how late TensorBoard's files may be on disk
 
 
 def gif_of(path: str, max_frames: int = VIDEO_FRAMES) -> tuple[bytes, int, int]:
@@ -73,7 +75,10 @@ class IterationLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.client, self.session_id = client, session_id
-        self.writer = SummaryWriter(str(log_dir / session_id))
+        # Events go to disk from TensorBoard's writer thread (a local file as each comes, a remote one within
+        # FLUSH_SECONDS). Flushing every iteration, and a queue of 10 events (torch's default) that an
+        # iteration's ~30 scalars overflow, made cartpole's learner wait for that thread every iteration.
+        self.writer = SummaryWriter(str(log_dir / session_id), max_queue=QUEUED_EVENTS, flush_secs=FLUSH_SECONDS)
         self.wandb = start_wandb(cfg, session_id, log_dir) if cfg.logger_config.wandb else None
         self.last_episode = ""
         self.videos_logged = 0
@@ -85,7 +90,6 @@ class IterationLog:
         scalars.update(self._episodes(iteration))
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, iteration)
-        self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=iteration)
 

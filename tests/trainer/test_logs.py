@@ -1,6 +1,8 @@
 """What rank 0 logs: TensorBoard scalars, the policy-lag histogram, episode statistics (with env-specific
 stats), the rollouts' episode videos, and a W&B run in offline mode when no API key is set."""
 
+import time
+
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -8,7 +10,7 @@ from services.shared import episode
 from services.shared.episode import Episode
 from services.shared.config import validate
 from services.rollout.video import VideoWriter
-from services.trainer.logs import IterationLog
+from services.trainer.logs import FLUSH_SECONDS, IterationLog
 
 
 def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monkeypatch):
@@ -47,3 +49,23 @@ def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monk
     assert len(runs) == 1
     data = runs[0].read_bytes()
     assert b"trainer/policy_loss" in data and b"episode/mean_return" in data
+
+
+def test_a_running_session_s_iterations_reach_the_event_file_within_seconds(redis_client, tmp_path):
+    # TensorBoard reads the file while the session runs: each iteration must reach disk without close(), and
+    # without the learner waiting for the writer every iteration (it no longer flushes each one itself).
+    cfg = validate({}, [])
+    logs = IterationLog(redis_client, tmp_path / "runs", "live", cfg)
+
+    def on_disk(n: int) -> bool:
+        events = EventAccumulator(str(tmp_path / "runs" / "live")).Reload()
+        return "trainer/policy_loss" in events.Tags()["scalars"] and \
+            len(events.Scalars("trainer/policy_loss")) == n
+
+    for iteration in (1, 2, 3):
+        logs.write(iteration, {"policy_loss": 0.5 / iteration}, lags=np.array([0]))
+        deadline = time.monotonic() + 3 * FLUSH_SECONDS + 5
+        while not on_disk(iteration):
+            assert time.monotonic() < deadline, f"iteration {iteration} not in the event file"
+            time.sleep(0.05)
+    logs.close()

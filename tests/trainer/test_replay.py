@@ -56,6 +56,30 @@ def test_each_fragment_is_used_exactly_max_reuse_times(redis_client):
     assert replay.fill(1, 0, lambda: True) is False  # nothing left to read, and asked to stop
 
 
+def deletions(client) -> int:
+    """XDEL calls so far (the retire script's, counted by Redis inside the script too)."""
+    return client.info("commandstats").get("cmdstat_xdel", {}).get("calls", 0)
+
+
+def test_an_iterations_chunks_are_retired_in_one_round_trip_per_outcome(redis_client):
+    # cartpole's iteration: 16 chunks of one fragment each; retired one by one they were 16 script calls (and
+    # 16 waits on Redis) in the learner's loop, 7 % of its wall time
+    push(redis_client, [fragment(slot=f"s{i}", version=1) for i in range(16)] +
+         [fragment(slot=f"t{i}", version=0) for i in range(4)])
+    replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_staleness=1, max_reuse=1))
+    assert replay.fill(20, 1, never_stop) and replay.held() == 20
+    before = deletions(redis_client)
+    replay._drop_stale(2)  # the four of version 0 are now too old: one call, as dropped_stale
+    assert deletions(redis_client) - before == 1 and replay.held() == 16
+    picked, frags = replay.sample(16, version=2)
+    before = deletions(redis_client)
+    replay.used(picked)
+    assert deletions(redis_client) - before == 1 and replay.held() == 0
+    counts = ledger(redis_client, "s1")
+    assert (counts["consumed"], counts["dropped_stale"], counts["pending"]) == (16, 4, 0)
+    assert balanced(redis_client)
+
+
 def test_staleness_is_checked_when_sampled_not_only_when_read(redis_client):
     push(redis_client, [fragment(slot="a", version=5), fragment(slot="b", version=7)])
     replay = Replay(FragmentConsumer(redis_client, "s1", "r0"), "s1", L, rb(max_staleness=2, max_reuse=5))
