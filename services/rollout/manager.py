@@ -29,10 +29,11 @@ class RolloutWorker:
 
     def __init__(self):
         from services.rollout.sender import Sender
+
+        self._sender = Sender()  # its process does its imports while this one does its own
         from services.rollout.worker import RolloutLoop  # torch, the env stack: in this actor's process only
 
         self._loop_type = RolloutLoop
-        self._sender = Sender()  # its process does its imports while this one waits for a session
         self.loop = None
         self.thread: threading.Thread | None = None
 
