@@ -124,6 +124,13 @@ class Learner:
 
     # -- the outer loop --------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:  # stopped, finished or failed: what the logs hold reaches their files
+            if self.logs is not None:
+                self.logs.close()
+
+    def _run(self) -> dict:
         tc = self.tc
         self._status(state="SERVICE_STATE_RUNNING", iteration=self.start_iteration)
         stop = lambda: trainer_status.stop_requested(self.client, self.session_id)  # noqa: E731
@@ -167,8 +174,6 @@ class Learner:
                 self._status(state="SERVICE_STATE_RUNNING", iteration=iteration + 1, metrics=metrics)
                 self.logs.write(iteration + 1, {**metrics, "model_version": self.version}, self._lags)
         self._status(state="SERVICE_STATE_FINISHED", iteration=tc.num_iterations)
-        if self.logs is not None:
-            self.logs.close()
         return {"iterations": tc.num_iterations, "stopped": False}
 
     # -- one PPO iteration (ppo.py) ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The learner outside the services: use_amp on a CPU runs the forward passes in bfloat16 where the CPU computes
 it natively (float32 with a warning elsewhere) and keeps PPO's first ratio exactly 1; an update
 on real fragments moves the parameters and reports finite metrics; a Stop takes effect at the next
-iteration even with a backlog; a value warm-up does not make every fragment stale; a restarted trainer of a
-resumed session goes on from the session's newest weights; a trainer with nothing usable says so, then fails."""
+iteration even with a backlog, its TensorBoard file holding every iteration it trained; a value warm-up does
+not make every fragment stale; a restarted trainer of a resumed session goes on from the session's newest
+weights; a trainer with nothing usable says so, then fails."""
 
 import logging
 import math
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from services.shared import keys, trainer_status, weights
 from services.shared.config import load
@@ -101,6 +103,9 @@ def test_a_stop_takes_effect_at_the_next_iteration_with_a_backlog(redis_server, 
     thread.join(60)
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert outcome["result"]["stopped"] and outcome["result"]["iterations"] <= asked_at + 1
+    # every iteration it trained is in TensorBoard's file once run() has returned (the logs are closed)
+    events = EventAccumulator(str(tmp_path / "stop1")).Reload()
+    assert len(events.Scalars("trainer/policy_loss")) == outcome["result"]["iterations"]
     counts = ledger(client, "stop1")
     assert counts["produced"] == counts["consumed"] + counts.get("dropped_stale", 0) + counts["pending"]
 
