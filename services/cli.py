@@ -93,9 +93,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_tensorboard(args) -> int:
-    """TensorBoard on a run's logs (mso run prints the folder of its session), in the foreground until Ctrl-C."""
-    import subprocess
-
+    """TensorBoard on a run's logs (mso run prints the folder of its session), in the foreground until Ctrl-C.
+    This process becomes TensorBoard (exec), so a signal sent to its pid alone (`docker stop`, systemd,
+    `timeout`, kill) stops TensorBoard: run as a child, it was left serving the port with nobody to stop it."""
     logdir = args.logdir or os.environ.get("MSO_LOG_DIR", "runs")
     if not os.path.isdir(logdir):
         print(f"error: no TensorBoard logs at {os.path.abspath(logdir)}: give the folder mso run printed "
@@ -103,11 +103,8 @@ def cmd_tensorboard(args) -> int:
         return 2
     print(f"mso: TensorBoard on {os.path.abspath(logdir)} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
           flush=True)
-    try:
-        return subprocess.call([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", f"--host={args.host}",
-                                f"--port={args.port}"])
-    except KeyboardInterrupt:
-        return 130
+    os.execv(sys.executable, [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", f"--host={args.host}",
+                              f"--port={args.port}"])
 
 
 def cmd_health(args) -> int:

@@ -1,7 +1,9 @@
 """The TensorBoard page a user opens (`mso tensorboard`, started as they start it), read by a real headless
-browser (Debian's chromium): the return, the losses, the policy lag and the episode GIFs are on it."""
+browser (Debian's chromium): the return, the losses, the policy lag and the episode GIFs are on it; and a SIGTERM to
+its pid stops all of it."""
 
 import html
+import os
 import re
 import shutil
 import signal
@@ -10,6 +12,7 @@ import sys
 import urllib.request
 
 import numpy as np
+import psutil
 import pytest
 
 from services.rollout.video import VideoWriter
@@ -98,3 +101,42 @@ def test_the_tensorboard_page_shows_return_losses_policy_lag_and_episode_gifs(re
             board.wait(10)
         except subprocess.TimeoutExpired:
             board.kill()
+
+
+def test_mso_tensorboard_stops_whole_on_a_sigterm_to_its_pid(redis_client, tmp_path):
+    # docker stop, systemd and timeout signal the pid they started, not its group: TensorBoard ran as a child of
+    # `mso tensorboard`, which died at the SIGTERM and left it serving the port (every CI run left one behind)
+    logs = IterationLog(redis_client, tmp_path / "runs", "sess", validate({}, []))
+    logs.write(1, {"policy_loss": 0.5}, lags=np.array([0]))
+    logs.close()
+    port = free_port()
+    board = subprocess.Popen([sys.executable, "-m", "services.cli", "tensorboard", str(tmp_path / "runs"),
+                              f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    group = board.pid  # its own session: every process it starts stays in this group
+
+    def in_group() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == group and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        return found
+
+    try:
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://localhost:{port}", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, 90, "TensorBoard to answer", interval=0.5)
+        board.send_signal(signal.SIGTERM)
+        board.wait(30)
+        wait_until(lambda: not in_group(), 30, "every process of mso tensorboard to end", interval=0.2)
+        assert not up()
+    finally:
+        for proc in in_group():
+            proc.kill()
