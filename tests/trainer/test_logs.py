@@ -1,8 +1,6 @@
 """What rank 0 logs: TensorBoard scalars, the policy-lag histogram, episode statistics (with env-specific
 stats), the rollouts' episode videos, and a W&B run in offline mode when no API key is set."""
 
-import time
-
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -11,6 +9,7 @@ from services.shared.episode import Episode
 from services.shared.config import validate
 from services.rollout.video import VideoWriter
 from services.trainer.logs import FLUSH_SECONDS, IterationLog
+from tests.conftest import wait_until
 
 
 def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monkeypatch):
@@ -64,8 +63,5 @@ def test_a_running_session_s_iterations_reach_the_event_file_within_seconds(redi
 
     for iteration in (1, 2, 3):
         logs.write(iteration, {"policy_loss": 0.5 / iteration}, lags=np.array([0]))
-        deadline = time.monotonic() + 3 * FLUSH_SECONDS + 5
-        while not on_disk(iteration):
-            assert time.monotonic() < deadline, f"iteration {iteration} not in the event file"
-            time.sleep(0.05)
+        wait_until(lambda: on_disk(iteration), 3 * FLUSH_SECONDS + 5, f"iteration {iteration} in the event file")
     logs.close()

@@ -26,6 +26,14 @@ from tests.conftest import wait_until
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def answers(url: str) -> bool:
+    """Whether TensorBoard serves its page at url."""
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def page(url: str) -> tuple[str, str]:
     """The page's DOM after its scripts ran (headless chromium; --no-sandbox: CI runs as root; a tall window,
     since the dashboard draws only the cards in view), and its visible text with tag names rejoined (a card
@@ -59,14 +67,7 @@ def test_the_tensorboard_page_shows_return_losses_policy_lag_and_episode_gifs(re
                              start_new_session=True)
     try:
         url = f"http://localhost:{port}"
-
-        def up():
-            try:
-                return urllib.request.urlopen(url, timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_until(up, 90, "TensorBoard to answer", interval=0.5)
+        wait_until(lambda: answers(url), 90, "TensorBoard to answer", interval=0.5)
         tags = ("episode/mean_return", "trainer/policy_loss", "trainer/value_loss", "trainer/policy_lag",
                 "episode/video_0")
 
@@ -125,18 +126,13 @@ def test_mso_tensorboard_stops_whole_on_a_sigterm_to_its_pid(redis_client, tmp_p
                 pass
         return found
 
+    url = f"http://localhost:{port}"
     try:
-        def up():
-            try:
-                return urllib.request.urlopen(f"http://localhost:{port}", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_until(up, 90, "TensorBoard to answer", interval=0.5)
+        wait_until(lambda: answers(url), 90, "TensorBoard to answer", interval=0.5)
         board.send_signal(signal.SIGTERM)
         board.wait(30)
         wait_until(lambda: not in_group(), 30, "every process of mso tensorboard to end", interval=0.2)
-        assert not up()
+        assert not answers(url)
     finally:
         for proc in in_group():
             proc.kill()
