@@ -114,6 +114,7 @@ class Followed:
     progress: Progress = field(default_factory=Progress)
     best: float = -math.inf                                # the best mean return of 20 episodes
     milestones: dict = field(default_factory=dict)         # {level: seconds from the command to it}
+    milestone_env_steps: dict = field(default_factory=dict)  # {level: env steps when it was seen}, not at the end
     curve: list = field(default_factory=list)              # a point every curve_interval seconds
 
 
@@ -121,7 +122,8 @@ def conclude(summary: dict, followed: Followed, embedded: Embedded, client, name
               options: RunOptions, wall_seconds: float) -> None:
     """Fill the summary with what the run did and print the closing lines."""
     p, sid = followed.progress, summary["session_id"]
-    summary.update(return_milestones=followed.milestones, service_restarts=dict(embedded.restarts),
+    summary.update(return_milestones=followed.milestones, return_milestone_env_steps=followed.milestone_env_steps,
+                   service_restarts=dict(embedded.restarts),
                    mean_return=p.mean_return, best_mean_return=followed.best, env_steps=p.env_steps,
                    iterations=p.iteration, model_version=p.model_version,
                    rollout_model_version=p.rollout_model_version, ledger=p.ledger, wall_seconds=wall_seconds,
@@ -151,8 +153,9 @@ def follow(launcher: Launcher, sid: str, embedded: Embedded, options: RunOptions
             if not math.isnan(p.mean_return):
                 followed.best = max(followed.best, p.mean_return)
                 for level in MILESTONES + ([options.until_return] if options.until_return else []):
-                    if p.mean_return >= level:
-                        followed.milestones.setdefault(str(level), time.time() - started_at)
+                    if p.mean_return >= level and str(level) not in followed.milestones:
+                        followed.milestones[str(level)] = time.time() - started_at
+                        followed.milestone_env_steps[str(level)] = p.env_steps
             if time.monotonic() - last_point >= options.curve_interval or phase in ENDED:
                 last_point = time.monotonic()
                 followed.curve.append({"seconds": round(time.time() - started_at, 1), "env_steps": p.env_steps,

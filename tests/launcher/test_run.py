@@ -39,6 +39,10 @@ def test_cartpole_learns_end_to_end(tmp_path):
     ledger = s["ledger"]
     assert ledger["produced"] == ledger["consumed"] + ledger.get("dropped_stale", 0) + \
         ledger.get("dropped_corrupt", 0) + ledger["pending"]
+    # The milestone's env steps are those of when it was reached (measure 6's "env steps to 475"), not the
+    # run's final count: the run went on training for hundreds of iterations after it.
+    steps_at_195 = s["return_milestone_env_steps"]["195.0"]
+    assert 0 < steps_at_195 < s["env_steps"] and s["return_milestones"]["195.0"] < s["wall_seconds"], s
     print(f"\ncartpole: best mean return {s['best_mean_return']:.1f}, {s['env_steps']} env steps, "
           f"{s['wall_seconds']:.1f}s wall")
 
