@@ -38,16 +38,20 @@ def gae(rewards: np.ndarray, values: np.ndarray, next_done: np.ndarray, bootstra
     """rewards, values, next_done: (N, T); bootstrap: (N,) V(next_obs); cut_values: (N, T) B_t (None: no
     truncations). Returns advantages and targets (N, T)."""
     n, t_len = rewards.shape
-    adv = np.zeros((n, t_len), dtype=np.float64)
-    nonterminal = 1.0 - next_done.astype(np.float64)
-    cut = np.zeros((n, t_len)) if cut_values is None else cut_values.astype(np.float64)
+    # The recursion runs on Python floats (float64, as numpy's scalars would): a numpy scalar's arithmetic
+    # costs several times a float's, and this loop visits every step of every iteration's batch.
+    r_rows, v_rows = rewards.tolist(), values.tolist()
+    nt_rows = (1.0 - next_done.astype(np.float64)).tolist()
+    b_rows = [[0.0] * t_len] * n if cut_values is None else cut_values.astype(np.float64).tolist()
+    adv_rows = [[0.0] * t_len for _ in range(n)]
     for chain in chain_list:
         a_next, v_next = 0.0, float(bootstrap[chain[-1]])
         for i in reversed(chain):
-            r, v, nt, b = rewards[i], values[i], nonterminal[i], cut[i]
+            r, v, nt, b, a = r_rows[i], v_rows[i], nt_rows[i], b_rows[i], adv_rows[i]
             for t in range(t_len - 1, -1, -1):
                 delta = r[t] + gamma * (v_next * nt[t] + b[t]) - v[t]
                 a_next = delta + gamma * lam * nt[t] * a_next
-                adv[i, t] = a_next
+                a[t] = a_next
                 v_next = v[t]
+    adv = np.array(adv_rows, dtype=np.float64)
     return adv.astype(np.float32), (adv + values).astype(np.float32)
