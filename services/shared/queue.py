@@ -151,6 +151,7 @@ class FragmentConsumer:
         self._pending_cursor: str | None = "0"
         self._retire = client.register_script(_RETIRE)
         self.bytes_read = 0  # payload bytes of the last read()
+        self.redelivered = False  # the last read()'s entries were this consumer's pending ones
         ensure_group(client, session_id)
 
     def reclaim(self, live_nodes: set[str]) -> int:
@@ -187,14 +188,17 @@ class FragmentConsumer:
     def read(self, count: int, block_ms: int | None = 200) -> list[tuple[bytes, dict]]:
         """Up to count decoded entries as (entry_id, tree): the reader checks each is a fragment
         (fragment.Checker); entries that do not even decode are retired and counted as corrupt here.
-        Entries this consumer already holds (pending) come first."""
+        Entries this consumer already holds (pending) come first; `redelivered` says whether this read's were
+        those (delivered before: reclaimed, or this consumer's own from before a restart)."""
         reply = None
+        self.redelivered = self._pending_cursor is not None
         if self._pending_cursor is not None:
             reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: self._pending_cursor},
                                            count=count)
             entries = [e for _s, es in reply or [] for e in es]
             self._pending_cursor = entries[-1][0] if entries else None
         if self._pending_cursor is None and not reply_entries(reply):
+            self.redelivered = False
             reply = self.client.xreadgroup(keys.GROUP, self.consumer, {self.keys.fragments: ">"},
                                            count=count, block=block_ms)
         out, corrupt = [], []

@@ -88,8 +88,10 @@ def request_checkpoint(client: redis.Redis, session_id: str) -> None:
     client.hset(keys.SessionKeys(session_id).trainer, _SAVE, "1")
 
 
-def checkpoint_requested(client: redis.Redis, session_id: str) -> bool:
-    return client.hget(keys.SessionKeys(session_id).trainer, _SAVE) == b"1"
+def requests(client: redis.Redis, session_id: str) -> tuple[bool, bool]:
+    """(a stop was asked, a checkpoint was asked), in one round trip: the learner asks at every iteration."""
+    stop, save = client.hmget(keys.SessionKeys(session_id).trainer, [_STOP, _SAVE])
+    return stop == b"1", save == b"1"
 
 
 def checkpoint_written(client: redis.Redis, session_id: str, path: str) -> None:

@@ -31,12 +31,16 @@ class WeightError(ValueError):
     """A published version that fails verification (missing chunk, size or checksum mismatch)."""
 
 
-def publish(client: redis.Redis, session_id: str, version: int, state_dict: dict[str, torch.Tensor]) -> dict:
+def publish(client: redis.Redis, session_id: str, version: int, state_dict: dict[str, torch.Tensor],
+            previous: dict | None = None) -> dict:
+    """Write version's chunks, flip the pointer to it, let the version before expire, notify; returns the
+    pointer. previous: the pointer this replaces when the caller knows it (the learner keeps the one it last
+    published, which saves a round trip an iteration); None: read from Redis."""
     sk = keys.SessionKeys(session_id)
     data = st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     n = max(1, -(-len(data) // CHUNK_BYTES))
     pointer = {"version": version, "chunks": n, "size": len(data), "xxh3": xxhash.xxh3_64_intdigest(data)}
-    previous = latest_pointer(client, session_id)
+    previous = previous or latest_pointer(client, session_id)
     pipe = client.pipeline(transaction=False)
     for i in range(n):
         # A bytes slice, not a memoryview: hiredis's packer copies a memoryview into bytes before copying it

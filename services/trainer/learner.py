@@ -115,8 +115,9 @@ class Learner:
         if resumed is not None:
             self.rho = resumed.get("rho", self.rho)
         self.fragments_per_rank = self.tc.batch_size_per_gpu * self.tc.batches_per_iteration
+        self.published = pointer  # the session's newest weights
         if self.rank == 0 and pointer is None:  # version 0, or the resumed weights: rollouts pick them up
-            weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
+            self.published = weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
         self.logs, self._lags = None, np.zeros(0)
         if self.rank == 0:
             self.logs = IterationLog(self.client, Path(spec.log_dir or "runs"), self.session_id,
@@ -137,7 +138,11 @@ class Learner:
         for iteration in range(self.start_iteration, tc.num_iterations):
             # Every rank takes the same branch: a Stop takes effect at the next iteration on all of them, and
             # a lease another node holds now stops them all (exactly one trainer trains a session).
-            stopping, lost = self.ranks.any([stop(), holder(self.client, self.session_id) not in (None, self.node_id)])
+            stop_asked, save_asked = trainer_status.requests(self.client, self.session_id)
+            if save_asked and self.rank == 0:  # SaveCheckpoint: the model as the last iteration left it
+                self._checkpoint(iteration)
+            stopping, lost = self.ranks.any([stop_asked,
+                                             holder(self.client, self.session_id) not in (None, self.node_id)])
             if lost:
                 raise RuntimeError(f"trainer node {holder(self.client, self.session_id)} took over session "
                                    f"{self.session_id}; this one stops")
@@ -157,7 +162,8 @@ class Learner:
             if iteration >= tc.vf_warmup:  # a new version only when it is published, as the reference: during
                 self.version += 1          # warm-up the policy does not change, and data of version 0 stays fresh
                 if self.rank == 0:
-                    weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
+                    self.published = weights.publish(self.client, self.session_id, self.version,
+                                                     self.policy.state_dict(), previous=self.published)
             # Retired only once the new version is announced: a rollout blocked on a full stream wakes at the
             # retirement, and woken before it stepped a burst on the version just replaced, stale an iteration
             # later (cartpole dropped 13-14 % of its fragments so, 4-7 % now).
@@ -168,8 +174,7 @@ class Learner:
                 steps = self.world * len(fragments) * self.length * tc.epochs_per_iteration
                 metrics["samples_per_second"] = steps / max(time.monotonic() - start, 1e-9)
                 metrics["learner_samples_per_second"] = steps / max(time.monotonic() - start - waited, 1e-9)
-                asked = trainer_status.checkpoint_requested(self.client, self.session_id)
-                if asked or (tc.save_interval and (iteration + 1) % tc.save_interval == 0):
+                if tc.save_interval and (iteration + 1) % tc.save_interval == 0:
                     self._checkpoint(iteration + 1)
                 self._status(state="SERVICE_STATE_RUNNING", iteration=iteration + 1, metrics=metrics)
                 self.logs.write(iteration + 1, {**metrics, "model_version": self.version}, self._lags)

@@ -94,7 +94,7 @@ class Replay:
         self._drop_stale(version)
         block_ms, taken, reported, started = None, 0, 0.0, time.monotonic()
         while True:
-            if should_stop():
+            if block_ms is not None and should_stop():  # asked before a wait; the caller asked before the call
                 return False
             batch = max(1, min(self._batch(), self.capacity - taken))
             entries = self.consumer.read(batch, block_ms=block_ms)
@@ -155,9 +155,12 @@ class Replay:
             return
         self.last_fresh = time.monotonic()
         self.dropped_since = {"dropped_stale": 0, "dropped_corrupt": 0}
-        # Entries a dead trainer had used keep their count (they come back through reclaim).
-        used = self.client.hmget(self.keys.uses, [i for i, _ in fresh])
-        earlier = {i: int(u) for (i, _), u in zip(fresh, used) if u is not None}
+        # Entries a dead trainer had used keep their count; they come back through reclaim, as this consumer's
+        # pending entries. An entry delivered for the first time has none: no round trip to look.
+        earlier = {}
+        if self.consumer.redelivered:
+            used = self.client.hmget(self.keys.uses, [i for i, _ in fresh])
+            earlier = {i: int(u) for (i, _), u in zip(fresh, used) if u is not None}
         for entry_id, fragment in fresh:
             size = _nbytes(fragment)
             if self.hot_bytes + size <= HOT_BYTES:

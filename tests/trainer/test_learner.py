@@ -184,3 +184,31 @@ def test_the_new_version_is_announced_before_the_fragments_it_was_trained_on_lea
     assert channels[:2] == [(sk.weights_channel, "0"), (sk.weights_channel, "1")], channels
     assert {c for c, _ in channels[2:]} == {sk.room_channel}, channels
     assert ledger(client, "order1")["consumed"] == 8
+
+
+def commands(client) -> dict[str, int]:
+    """Calls of each command the Redis server has run so far."""
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
+def test_an_iteration_asks_redis_only_what_it_cannot_know(redis_server, tmp_path):
+    """cartpole's learner runs ~40 iterations a second, and each Redis round trip waits on a redis-server that
+    shares the machine's two cores. An iteration reads its requests (stop, checkpoint) in one HMGET and the
+    lease's holder in one GET; it does not read back the weights pointer it wrote itself, nor look up use
+    counts for entries delivered for the first time, nor ask for a stop again before a read that does not
+    wait. Counted as the difference between runs of 4 and 8 iterations, so start and end cancel out."""
+    client = connect(redis_server.url)
+    per_run = {}
+    for n in (4, 8):
+        sid = f"trips{n}"
+        spec = make_spec(redis_server, tmp_path, sid, f"train_config.num_iterations={n}",
+                         "rollout_config.replay_buffer_config.max_staleness=1000")
+        produce(client, sid, iterations=n)
+        learner = Learner(spec)
+        before = commands(client)
+        assert learner.run() == {"iterations": n, "stopped": False}
+        after = commands(client)
+        per_run[n] = {k: after[k] - before.get(k, 0) for k in after}
+    per_iteration = {k: (per_run[8].get(k, 0) - per_run[4].get(k, 0)) / 4 for k in per_run[8]}
+    assert (per_iteration.get("hmget", 0), per_iteration.get("hget", 0), per_iteration.get("get", 0)) == (1, 0, 1), \
+        per_iteration
