@@ -16,6 +16,15 @@ def tree_map(fn, tree):
     return fn(tree)
 
 
+def leaves(tree) -> list:
+    """The tree's leaves, in tree_map's order."""
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in leaves(v)]
+    return [tree]
+
+
 def stack(trees: list, leaf_stack=np.array):
     """Trees of the same structure -> one tree whose leaves are the leaves stacked along a new axis 0. By
     default np.array, which stacks arrays of one shape as np.stack does (and refuses others as it does) at a

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from services.shared.fragment import Fragment
-from services.shared.trees import stack, tree_map
+from services.shared.trees import leaves, stack, tree_map
 from services.trainer.gae import chains, gae
 
 CPU_EVAL_STEPS = 128  # time steps per re-evaluation forward pass on a CPU (benchmarks/learner.py, crafter)
+CPU_EVAL_BYTES = CPU_EVAL_STEPS * 64 * 64 * 3  # ... or more steps while their observations are smaller than crafter's
 # -- one iteration ------------------------------------------------------------------------------------------
 @dataclass
 class Batch:
@@ -179,7 +180,11 @@ def evaluate(policy, batch: Batch, tc, device: torch.device):
     policy.eval()
     raw_v, old_logp = torch.zeros(n, t_len, device=device), torch.zeros(n, t_len, device=device)
     boot = torch.zeros(n, device=device)
-    group = tc.batch_size_per_gpu if device.type != "cpu" else max(1, CPU_EVAL_STEPS // t_len)
+    if device.type != "cpu":
+        group = tc.batch_size_per_gpu
+    else:  # cartpole's 16-byte observations: the whole batch in one pass, half the passes of 128-step groups
+        step_bytes = sum(x[0, 0].nbytes for x in leaves(batch.obs))
+        group = max(1, max(CPU_EVAL_STEPS, CPU_EVAL_BYTES // max(step_bytes, 1)) // t_len)
     for g in range(0, n, group):
         rows = slice(g, min(g + group, n))
         state = policy.merge_state(batch.in_states[rows])
