@@ -7,12 +7,13 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.launcher.embedded import Embedded
 from services.launcher.launch import ENDED, RUNNING, Launcher, Progress
-from services.shared import queue, trainer_status
+from services.shared import episode, queue, trainer_status
 
 if TYPE_CHECKING:
     from services.launcher.run import RunOptions
@@ -108,13 +109,48 @@ def report(summary: dict, name: str, overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
+class Returns:
+    """The mean return of the newest episode.RECENT episodes as it was after each episode, read from the
+    session's episode stream at every poll: its best, and when each level was first reached, to the episode
+    that reached it (its entry's time in Redis, on this machine's clock), not to the poll that saw it, with the
+    env steps then (interpolated between two polls' counts: the ledger counts a fragment at a time). A peak
+    between two polls counts too."""
+
+    def __init__(self, client, sid: str, started_at: float, levels: list[float]):
+        self.client, self.sid, self.started_at, self.levels = client, sid, started_at, levels
+        seconds, micros = client.time()
+        self.clock = time.time() - (seconds + micros / 1e6)  # add to a Redis time for this machine's
+        self.last_id, self.recent = "", deque(maxlen=episode.RECENT)
+        self.best = -math.inf
+        self.seconds: dict[str, float] = {}    # {level: seconds from the command to the episode that reached it}
+        self.env_steps: dict[str, int] = {}    # {level: env steps then}
+        self.polled = (started_at, 0)          # (time, env steps) at the previous poll
+
+    def update(self, env_steps: int) -> None:
+        now = time.time()
+        for entry_id, e in episode.after(self.client, self.sid, self.last_id):
+            self.last_id = entry_id
+            self.recent.append(e.episode_return)
+            mean = sum(self.recent) / len(self.recent)
+            self.best = max(self.best, mean)
+            for level in self.levels:
+                if mean >= level and str(level) not in self.seconds:
+                    at = min(int(entry_id.split("-")[0]) / 1000 + self.clock, now)
+                    (then, steps_then), share = self.polled, 1.0
+                    if now > then:
+                        share = min(max((at - then) / (now - then), 0.0), 1.0)
+                    self.seconds[str(level)] = at - self.started_at
+                    self.env_steps[str(level)] = round(steps_then + share * (env_steps - steps_then))
+        self.polled = (now, env_steps)
+
+
 @dataclass
 class Followed:
     """What follow() saw, kept where an interrupted run can still report it."""
     progress: Progress = field(default_factory=Progress)
     best: float = -math.inf                                # the best mean return of 20 episodes
     milestones: dict = field(default_factory=dict)         # {level: seconds from the command to it}
-    milestone_env_steps: dict = field(default_factory=dict)  # {level: env steps when it was seen}, not at the end
+    milestone_env_steps: dict = field(default_factory=dict)  # {level: env steps then}, not at the run's end
     curve: list = field(default_factory=list)              # a point every curve_interval seconds
 
 
@@ -144,18 +180,17 @@ def follow(launcher: Launcher, sid: str, embedded: Embedded, options: RunOptions
     milestones and the curve."""
     last_point = -math.inf
     line = ProgressLine(options)
+    returns = Returns(launcher.client, sid, started_at,
+                      MILESTONES + ([options.until_return] if options.until_return else []))
+    followed.milestones, followed.milestone_env_steps = returns.seconds, returns.env_steps
     try:
         while True:
             if embedded.supervise():
                 launcher.count_restarts(sid, sum(embedded.restarts.values()))
             phase, p = launcher.phase(sid), launcher.progress(sid)
             followed.progress = p
-            if not math.isnan(p.mean_return):
-                followed.best = max(followed.best, p.mean_return)
-                for level in MILESTONES + ([options.until_return] if options.until_return else []):
-                    if p.mean_return >= level and str(level) not in followed.milestones:
-                        followed.milestones[str(level)] = time.time() - started_at
-                        followed.milestone_env_steps[str(level)] = p.env_steps
+            returns.update(p.env_steps)
+            followed.best = returns.best
             if time.monotonic() - last_point >= options.curve_interval or phase in ENDED:
                 last_point = time.monotonic()
                 followed.curve.append({"seconds": round(time.time() - started_at, 1), "env_steps": p.env_steps,
