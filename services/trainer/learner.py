@@ -139,8 +139,6 @@ class Learner:
             # Every rank takes the same branch: a Stop takes effect at the next iteration on all of them, and
             # a lease another node holds now stops them all (exactly one trainer trains a session).
             stop_asked, save_asked = trainer_status.requests(self.client, self.session_id)
-            if save_asked and self.rank == 0:  # SaveCheckpoint: the model as the last iteration left it
-                self._checkpoint(iteration)
             stopping, lost = self.ranks.any([stop_asked,
                                              holder(self.client, self.session_id) not in (None, self.node_id)])
             if lost:
@@ -174,8 +172,8 @@ class Learner:
                 steps = self.world * len(fragments) * self.length * tc.epochs_per_iteration
                 metrics["samples_per_second"] = steps / max(time.monotonic() - start, 1e-9)
                 metrics["learner_samples_per_second"] = steps / max(time.monotonic() - start - waited, 1e-9)
-                if tc.save_interval and (iteration + 1) % tc.save_interval == 0:
-                    self._checkpoint(iteration + 1)
+                if save_asked or (tc.save_interval and (iteration + 1) % tc.save_interval == 0):
+                    self._checkpoint(iteration + 1)  # a SaveCheckpoint seen at this iteration's start
                 self._status(state="SERVICE_STATE_RUNNING", iteration=iteration + 1, metrics=metrics)
                 self.logs.write(iteration + 1, {**metrics, "model_version": self.version}, self._lags)
         self._status(state="SERVICE_STATE_FINISHED", iteration=tc.num_iterations)

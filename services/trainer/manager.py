@@ -143,7 +143,8 @@ class TrainerManager:
                 self.state = "SERVICE_STATE_IDLE"
 
     def save_checkpoint(self, still_wanted=lambda: True) -> str:
-        """Ask the learner for a checkpoint at the end of its current iteration; its path once written.
+        """Ask the learner for a checkpoint, which it writes at the end of the first iteration that begins after
+        the request; its path once written.
         Raises WrongState when nothing trains here, TimeoutError after SAVE_TIMEOUT."""
         if not self.running():
             raise WrongState("no training running on this node")
