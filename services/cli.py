@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from services.shared import startup_gc
+
 DEFAULT_CONFIG = "cartpole"
 PORTS = {"launcher": 50050, "rollout": 50051, "trainer": 50052}
 
@@ -292,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup_gc.defer()
     logging.basicConfig(level=os.environ.get("MSO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()

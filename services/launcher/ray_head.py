@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from services.shared import ray_env
+from services.shared import ray_env, startup_gc
 
 
 def main() -> None:
+    startup_gc.defer()
     from ray.scripts import scripts
 
     ray_env.leave_out_unused()

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from services.rollout.video import VideoWriter, frame_of
 from services.shared.config import ConfigSource
 from services.shared.episode import Episode
+from services.shared import startup_gc
 
 log = logging.getLogger(__name__)
 # A Ray worker process has threads, so forking it directly could copy held locks. A forkserver is a fresh,
@@ -162,6 +163,7 @@ class _Runner:
 def _env_main(conn: Connection, environ: dict, source: ConfigSource, seeds: list[int], discount: float,
               restart_interval, fps: int) -> None:
     """An env process: an EnvGroup behind the pipe, until the worker says None or an env cannot be built."""
+    startup_gc.defer()  # while it imports the env stack and builds its envs
     # The forkserver's environment is that of when it started; an env sees its worker's, as with spawn.
     os.environ.clear()
     os.environ.update(environ)

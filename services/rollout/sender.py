@@ -15,6 +15,11 @@ written first and never wait; fragments wait while the stream is full.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the sender's process, before it imports redis-py and numpy
+    from services.shared import startup_gc
+
+    startup_gc.defer()
+
 import logging
 import os
 import pickle

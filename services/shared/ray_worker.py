@@ -16,10 +16,11 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import importlib.util  # noqa: E402
 import runpy  # noqa: E402
 
-from services.shared import ray_env  # noqa: E402
+from services.shared import ray_env, startup_gc  # noqa: E402
 
 
 def main() -> None:
+    startup_gc.defer()
     script = os.path.join(os.path.dirname(importlib.util.find_spec("ray").origin), "_private", "workers",
                           "default_worker.py")
     sys.path.insert(0, os.path.dirname(script))

@@ -6,7 +6,8 @@ services.launcher.ray_head) and a service's own local instance (ray_runtime with
 actors, actors with a runtime env (Ray Train's ranks have one), still carry an actor's output to its driver (the
 log monitor stays), and the head still stops every process of it on SIGTERM. Neither the driver nor its workers
 (services.shared.ray_worker) import the libraries of Ray's addon serializers (ray_env.leave_out_addon_serializers),
-and a worker's standard library is the standard library's, not a module of mso's of the same name."""
+a worker's standard library is the standard library's, not a module of mso's of the same name, and a worker
+defers garbage collection while it starts (services.shared.startup_gc)."""
 
 import os
 import subprocess
@@ -33,11 +34,15 @@ DRIVER = textwrap.dedent("""
     @ray.remote
     class Echo:
         def hello(self, word):
-            import queue
+            import gc, queue, time
             print("actor says", word, flush=True)
-            return word * 2, [m for m in ADDON_LIBRARIES if m in sys.modules], queue.__file__
-    word, imported, queue_file = ray.get(Echo.remote().hello.remote("hi"))
+            age = time.time() - psutil.Process().create_time()
+            return word * 2, [m for m in ADDON_LIBRARIES if m in sys.modules], queue.__file__, gc.isenabled(), age
+    word, imported, queue_file, collecting, age = ray.get(Echo.remote().hello.remote("hi"))
     assert word == "hihi"
+    from services.shared import startup_gc
+    if age < startup_gc.START_SECONDS - 1:  # (a machine so loaded that an actor takes 9 s to start asserts nothing)
+        assert not collecting, f"the actor's process, {age:.1f} s old, collects garbage while it starts"
     assert imported == [], f"the actor's process imported {imported}"
     assert "/services/shared/" not in queue_file, queue_file
     @ray.remote
