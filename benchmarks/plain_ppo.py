@@ -1,6 +1,10 @@
 """A plain single-process PPO on CartPole-v1 with the cartpole config's network and hyper-parameters: the
 baseline of the learning benchmark. Returns the wall seconds to a mean return (last 20 episodes) of 475.
 
+An iteration steps each env as many times as mso's learner takes in one (iteration_steps: 32 for cartpole,
+rl-zoo's n_steps). Until session 39 it stepped fragment_length (16) times, half an iteration of mso's: twice the
+updates per env step, and a learning rate annealed over half the env steps.
+
 Its episodes end as mso's do: an env that ends is reset in the same step (gymnasium's SAME_STEP autoreset,
 as a rollout worker resets its envs), and an episode cut by the time limit bootstraps from the value of the
 observation it was cut at (services/trainer/gae.py). gymnasium's default, NEXT_STEP, spends one step per
@@ -23,7 +27,8 @@ def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict
     start = time.time()
     loaded = load("cartpole")
     rc, tc = loaded.cfg.rollout_config, loaded.cfg.train_config
-    n_envs, t_len = rc.worker_config.num_envs, rc.fragment_length
+    n_envs = rc.worker_config.num_envs
+    t_len = iteration_steps(loaded.cfg) // n_envs  # rl-zoo's n_steps (32): each env's steps in an iteration
     torch.manual_seed(seed)
     policy = loaded.module.policy_generator()
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.learning_rate, eps=tc.adam_eps, weight_decay=tc.weight_decay)
@@ -79,6 +84,16 @@ def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict
         if len(returns) == 20 and np.mean(returns) >= target:
             return {"seconds": time.time() - start, "env_steps": steps, "iterations": it + 1, "reached": True}
     return {"seconds": time.time() - start, "env_steps": steps, "iterations": max_iterations, "reached": False}
+
+
+def iteration_steps(cfg) -> int:
+    """The env steps of one of mso's iterations on one rank: the learner's batch_size_per_gpu x
+    batches_per_iteration fragments of fragment_length steps (cartpole: 16 x 16 = 256, rl-zoo's 8 envs x 32)."""
+    tc, rc = cfg.train_config, cfg.rollout_config
+    steps = tc.batch_size_per_gpu * tc.batches_per_iteration * rc.fragment_length
+    if steps % rc.worker_config.num_envs:
+        raise ValueError(f"an iteration's {steps} env steps do not divide among {rc.worker_config.num_envs} envs")
+    return steps
 
 
 def advantages(rew: torch.Tensor, val: torch.Tensor, done: torch.Tensor, cut: torch.Tensor, next_v: torch.Tensor,
