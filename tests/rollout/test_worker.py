@@ -47,11 +47,17 @@ class Running:
         assert not self.loop.stats["last_error"], self.loop.stats["last_error"]
 
     def fragments(self, per_slot: int, slots: int, timeout: float = 60):
+        return self.read_until(lambda by_slot: len(by_slot) >= slots and
+                               all(len(v) >= per_slot for v in by_slot.values()),
+                               f"{per_slot} fragments from each of {slots} slots", timeout)
+
+    def read_until(self, done, what: str, timeout: float = 60):
+        """Read the stream, oldest first, into by_slot until done(by_slot)."""
         def enough():
             for _id, f in self.consumer.read(100, block_ms=100):
                 self.by_slot[f["slot"]].append(f)
-            return len(self.by_slot) >= slots and all(len(v) >= per_slot for v in self.by_slot.values())
-        wait_until(enough, timeout, f"{per_slot} fragments from each of {slots} slots")
+            return done(self.by_slot)
+        wait_until(enough, timeout, what)
         return self.by_slot
 
 
@@ -110,7 +116,11 @@ def test_weights_published_mid_run_label_exactly_the_actions_they_chose(redis_se
                 policy.version.fill_(version)
             weights.publish(redis_client, run.sid, version, policy.state_dict())
             wait_until(lambda: run.loop.stats["model_version"] == version, 20, f"version {version} in use")
-        run.fragments(per_slot=12, slots=2)
+        # The stream is read oldest first, and the envs stepped on meanwhile (the stream has room for 10000
+        # fragments): read until each slot's fragments of version 3 arrive, however many older ones come first.
+        run.read_until(lambda by_slot: len(by_slot) == 2 and all(any(3 in f["model_version"] for f in frags)
+                                                                 for frags in by_slot.values()),
+                       "fragments stepped on version 3 from both slots")
     seen = set()
     for frags in run.by_slot.values():
         for f in frags:
