@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from services.shared.config import load
+from services.shared.config import fragments_per_rank, load
 from services.shared.redis_server import RedisServer
 from services.shared.fragment import Fragment
 from services.shared.session import Joined
@@ -88,7 +88,7 @@ def measure(redis_url: str, name: str, repeats: int) -> dict:
     torch.set_num_threads(1)
     loaded = load(name, ["train_config.save_interval=0"])
     cfg, tc = loaded.cfg, loaded.cfg.train_config
-    n = tc.batch_size_per_gpu * tc.batches_per_iteration
+    n = fragments_per_rank(cfg)
     length = cfg.rollout_config.fragment_length
     frags = fragments(name, cfg, n, np.random.default_rng(0))
     learner = Learner(LearnerSpec(Joined.of(f"bench-{name}", loaded), redis_url, "bench", "/tmp/mso-bench-runs"))

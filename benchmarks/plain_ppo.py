@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from services.shared.config import load
+from services.shared.config import fragments_per_rank, load
 
 
 def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict:
@@ -87,10 +87,10 @@ def run(target: float = 475.0, max_iterations: int = 400, seed: int = 0) -> dict
 
 
 def iteration_steps(cfg) -> int:
-    """The env steps of one of mso's iterations on one rank: the learner's batch_size_per_gpu x
-    batches_per_iteration fragments of fragment_length steps (cartpole: 16 x 16 = 256, rl-zoo's 8 envs x 32)."""
-    tc, rc = cfg.train_config, cfg.rollout_config
-    steps = tc.batch_size_per_gpu * tc.batches_per_iteration * rc.fragment_length
+    """The env steps of one of mso's iterations on one rank: the learner's fragments_per_rank fragments of
+    fragment_length steps (cartpole: 16 x 16 = 256, rl-zoo's 8 envs x 32)."""
+    rc = cfg.rollout_config
+    steps = fragments_per_rank(cfg) * rc.fragment_length
     if steps % rc.worker_config.num_envs:
         raise ValueError(f"an iteration's {steps} env steps do not divide among {rc.worker_config.num_envs} envs")
     return steps

@@ -280,7 +280,7 @@ def check(cfg: OnlineConfig) -> None:
                        rb.max_reuse, "replay_buffer_config.fragments_per_chunk": rb.fragments_per_chunk}.items():
         if value < 1:
             raise ConfigError(f"rollout_config.{key} must be at least 1, got {value}")
-    per_rank = t.batch_size_per_gpu * t.batches_per_iteration
+    per_rank = fragments_per_rank(cfg)
     if per_rank > rb.max_chunks * rb.fragments_per_chunk:
         raise ConfigError(f"train_config.batch_size_per_gpu * batches_per_iteration ({per_rank} fragments per rank "
                           f"and iteration) exceeds the replay capacity rollout_config.replay_buffer_config."
@@ -298,6 +298,11 @@ def check(cfg: OnlineConfig) -> None:
     if not 0 <= t.discount <= 1 or not 0 <= t.gae_lambda <= 1:
         raise ConfigError(f"train_config.discount and gae_lambda must lie in [0, 1], got {t.discount}, "
                           f"{t.gae_lambda}")
+
+
+def fragments_per_rank(cfg: OnlineConfig) -> int:
+    """Fragments one trainer rank's iteration trains on: batch_size_per_gpu x batches_per_iteration."""
+    return cfg.train_config.batch_size_per_gpu * cfg.train_config.batches_per_iteration
 
 
 def stream_bound(cfg: OnlineConfig) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from services.shared import keys, session, trainer_status, weights
+from services.shared.config import fragments_per_rank
 from services.shared.fragment import signature
 from services.shared.minestudio import adapt
 from services.shared.queue import FragmentConsumer, ledger
@@ -114,7 +115,7 @@ class Learner:
         self.rho = self.tc.kl_divergence_coef_rho * self.tc.coef_rho_decay ** self.start_iteration
         if resumed is not None:
             self.rho = resumed.get("rho", self.rho)
-        self.fragments_per_rank = self.tc.batch_size_per_gpu * self.tc.batches_per_iteration
+        self.fragments_per_rank = fragments_per_rank(self.cfg)
         self.published = pointer  # the session's newest weights
         if self.rank == 0 and pointer is None:  # version 0, or the resumed weights: rollouts pick them up
             self.published = weights.publish(self.client, self.session_id, self.version, self.policy.state_dict())
