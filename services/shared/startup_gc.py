@@ -4,8 +4,8 @@ A process's first seconds are imports (Ray, gRPC, torch, the env stack) and the 
 life. CPython's cyclic collector meanwhile runs a young collection every 700 allocations and, each time the
 heap has grown by a quarter, a full one over everything imported so far: work that finds next to nothing (at
 the end of an 8-second deferral, 0.7-7 % of a process's objects were garbage). With collection deferred in
-every process, `mso run cartpole`'s first update came ~0.4 s sooner on 2 cores (benchmarks/README, session
-39); in the steady state collection costs nothing measurable, so it resumes after START_SECONDS and the
+every process, `mso run cartpole`'s first update came ~0.3 s sooner on 2 cores (3.16 -> 2.82 s, medians of 26
+pairs; benchmarks/README, session 39); in the steady state collection costs nothing measurable, so it resumes after START_SECONDS and the
 garbage of the start is collected with the rest."""
 
 from __future__ import annotations
