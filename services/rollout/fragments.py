@@ -53,14 +53,16 @@ class FragmentCutter:
         self.contiguous = False
         return lost
 
-    def needs_state(self) -> bool:
-        """Whether the next step will start a fragment (then its in-state must be recorded)."""
-        return len(self.buffer) in (0, self.length)
-
     def add(self, step: Step) -> bool:
-        """Append a step; whether a fragment is now ready (cut takes it)."""
+        """Append a step; whether a fragment is now ready (cut takes it). A worker appends a step when its
+        observation arrives and sets its action, log-prob, version and (starts_fragment) in-state once chosen:
+        the fragment the step completes needs none of them."""
         self.buffer.append(step)
         return len(self.buffer) > self.length
+
+    def starts_fragment(self) -> bool:
+        """Whether the newest step is step 0 of a fragment (its in-state is the fragment's). Asked after cut."""
+        return len(self.buffer) == 1
 
 
 @dataclass

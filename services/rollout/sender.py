@@ -9,8 +9,9 @@ fragments or ended episodes (rollout/fragments.py: a batch's fragments stacked, 
 push what the stream has room for now, and exit. The pipe's end (the worker died) means the same.
 Sender -> worker: an Ack after each round trip that appended fragments or found the stream newly full, and
 one for those it gave up or failed to push. `done` counts the fragments the sender is finished with; `full`
-says it is waiting for room, which is when the worker's to_send_queue_size applies. Episode records are
-written first and never wait; fragments wait while the stream is full.
+says the stream has no room (its last round trip filled it, or found it full), which is when the worker's
+to_send_queue_size applies. Episode records are written first and never wait; fragments wait while the
+stream is full.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Ack(NamedTuple):
     done: int               # fragments finished with: pushed, or not produced because the worker is finishing
     pushed: int
     bytes: int
-    full: bool = False      # the stream refused some of them: the sender waits for room
+    full: bool = False      # the stream is full: it refused some of them, or has no room left after them
     error: str = ""         # what went wrong in this round, if anything
 
 
@@ -185,7 +186,7 @@ def _serve(conn: Connection) -> None:
                 errors.append(f"cannot push fragments: {exc}")
         for error in errors:
             log.error(error)
-        ack([], False, given_up=len(fragments) - acked, error="; ".join(errors))
+        ack([], was_full, given_up=len(fragments) - acked, error="; ".join(errors))
         if messages[-1] is None:
             return
 

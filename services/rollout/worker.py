@@ -117,7 +117,7 @@ class RolloutLoop:
         self.policy.eval()
         self.device = self.policy.device  # a property that walks the parameters: once, not every batch
         self.version, self.watcher_error = 0, ""
-        watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
+        self.watcher = WeightWatcher(connect(self.redis_url), self.session_id).start()
         # The sender process pushes what each batch cut or ended (services/rollout/sender.py): the fragments of a
         # batch together, in one round trip (a worker's envs finish their fragments in the same step). The
         # backpressure: while the stream is full, the envs step on only while at most to_send_queue_size
@@ -152,8 +152,9 @@ class RolloutLoop:
                         break  # nothing can run; last_error says why
                     batch = self._collect(min(wc.batch_size, wc.num_envs))
                     if batch:
-                        self._take_weights(watcher)
-                        self._act(batch)
+                        steps = self._record(batch)
+                        self._take_weights()
+                        self._act(batch, steps)
                         if self.held or time.monotonic() - self.acks_seen > RECORDS_EVERY:
                             self._take_acks()
         finally:
@@ -161,7 +162,7 @@ class RolloutLoop:
                 self._send(None)
             for ack in self.sender.finish(timeout=10):
                 self._acked(ack)
-            watcher.stop()
+            self.watcher.stop()
             for proc in self.procs:
                 proc.close(timeout=2)
             self.stats["live_envs"] = 0
@@ -267,7 +268,8 @@ class RolloutLoop:
         self.procs[p].restart()
 
     # -- take weights: a new version between two batches ------------------------------------------------
-    def _take_weights(self, watcher: WeightWatcher) -> None:
+    def _take_weights(self) -> None:
+        watcher = self.watcher
         ready = watcher.take()
         if watcher.last_error != self.watcher_error:  # a new trouble of the watcher (Redis away, a bad version)
             self.watcher_error = self.stats["last_error"] = watcher.last_error
@@ -287,19 +289,40 @@ class RolloutLoop:
             for slot in self.slots[:wc.videos_per_worker]:
                 slot.video = os.path.join(wc.video_output_dir, self.session_id, f"v{version:06d}-{slot.id}.mp4")
 
-    # -- act: inference on the batch, fragments cut, actions sent ----------------------------------------
-    def _act(self, batch: list[_Slot]) -> None:
-        policy, use_normalized_vf = self.policy, self.cfg.train_config.use_normalized_vf
+    # -- record: the batch's observations into the fragments, those complete sent -----------------------
+    def _record(self, batch: list[_Slot]) -> list[EnvStep]:
+        """Append each slot's new observation to its fragment and hand the fragments it completes to the
+        sender, then wait while the stream has no room for them (_wait_for_room). All before the batch is
+        acted on: a completed fragment needs its last observation, not the action on it, and that action is
+        step 0 of the slot's next fragment. Chosen after the wait, with the weights the trainer published
+        meanwhile, it does not make the next fragment a version older than the rest of its steps (stale, and
+        dropped, an iteration sooner)."""
+        policy, max_staleness = self.policy, self.cfg.rollout_config.replay_buffer_config.max_staleness
         steps = [slot.waiting for slot in batch]
         for slot in batch:
             slot.waiting = None
         cut_values = truncation_values(policy, self.device, [s.final_obs for s in steps],
-                                       [slot.state for slot in batch], use_normalized_vf)
-        for slot, step in zip(batch, steps):
+                                       [slot.state for slot in batch], self.cfg.train_config.use_normalized_vf)
+        ready: list[FragmentCutter] = []  # the slots whose fragment this observation completes
+        for slot, step, cut_value in zip(batch, steps, cut_values):
             if step.last_terminated or step.last_truncated:  # a new episode: fresh recurrent state
                 slot.state = policy.initial_state(1)
             if step.finished is not None:
                 self._episode(step.finished, slot.id)
+            cutter = slot.cutter
+            if cutter.buffer and self.version - cutter.buffer[0].version > max_staleness:
+                self.stats["steps_dropped"] += cutter.drop()
+            if cutter.add(Step(step.obs, None, None, 0.0, step.last_reward, step.last_terminated,
+                               step.last_truncated, self.version, last_truncation_value=cut_value)):
+                ready.append(cutter)
+        if ready or (self.records and time.monotonic() - self.records_sent > RECORDS_EVERY):
+            self._send(cut(ready) if ready else None)
+        self._wait_for_room()
+        return steps
+
+    # -- act: inference on the batch, actions recorded and sent ------------------------------------------
+    def _act(self, batch: list[_Slot], steps: list[EnvStep]) -> None:
+        policy = self.policy
         started = time.perf_counter()
         latents, state_out = one_step(policy, self.device, [s.obs for s in steps], [slot.state for slot in batch],
                                       [s.last_terminated or s.last_truncated for s in steps])
@@ -308,31 +331,23 @@ class RolloutLoop:
         new_states = policy.split_state(state_out, len(batch))
         actions = tree_map(lambda t: t.detach().cpu().numpy(), action)
         self.stats["inference_ms"] = 0.9 * self.stats["inference_ms"] + 0.1 * 1000 * (time.perf_counter() - started)
-        max_staleness = self.cfg.rollout_config.replay_buffer_config.max_staleness
         chosen: dict[int, tuple] = {}  # slot index -> (action, video path) to send to its process
-        ready: list[FragmentCutter] = []  # the slots whose fragment this step completes
         acts = unstack(tree_map(lambda a: a[:, 0], actions), len(batch))  # each env's action at its one time step
-        for slot, step, act, act_logp, cut_value, state in zip(batch, steps, acts, logp.tolist(), cut_values,
-                                                               new_states):
-            cutter = slot.cutter
-            if cutter.buffer and self.version - cutter.buffer[0].version > max_staleness:
-                self.stats["steps_dropped"] += cutter.drop()
-            state_np = tree_map(lambda t: t.detach().cpu().numpy(), slot.state) if cutter.needs_state() else None
-            if cutter.add(Step(step.obs, state_np, act, act_logp, step.last_reward, step.last_terminated,
-                               step.last_truncated, self.version, last_truncation_value=cut_value)):
-                ready.append(cutter)
+        for slot, act, act_logp, state in zip(batch, acts, logp.tolist(), new_states):
+            record = slot.cutter.buffer[-1]  # the step _record appended
+            record.action, record.logp, record.version = act, act_logp, self.version
+            if slot.cutter.starts_fragment():
+                record.state = tree_map(lambda t: t.detach().cpu().numpy(), slot.state)
             slot.state = state
             chosen[slot.index] = (act, slot.video)
             slot.video = None
-        if ready or (self.records and time.monotonic() - self.records_sent > RECORDS_EVERY):
-            self._send(cut(ready) if ready else None)
         for p in sorted({slot.process for slot in batch}):
             try:
                 self.procs[p].send([chosen.pop(i) for i in self.procs[p].slots])
             except (BrokenPipeError, OSError):
                 self._restart(p, "env process died")
         self.stats["env_steps"] += len(batch)
-        self._wait_for_room()
+        self._wait_for_sender()
 
     def _episode(self, finished: Episode, slot_id: str) -> None:
         self.stats["episodes"] += 1
@@ -352,12 +367,18 @@ class RolloutLoop:
 
     def _wait_for_room(self) -> None:
         """The backpressure: while the stream is full, the envs step on only while at most
-        to_send_queue_size fragments are with the sender; while it has room, only while one batch's more
-        are (the sender's round trip overlaps the stepping). A stop does not wait. Checked once the batch's
-        actions are sent, so the envs step meanwhile."""
+        to_send_queue_size fragments are with the sender. A stop does not wait. Checked before the batch is
+        acted on (see _record)."""
         bound = self.cfg.rollout_config.to_send_queue_size
-        while (self.held > bound and self.stream_full or self.held > bound + len(self.slots)) and \
-                not self.stop_event.is_set():
+        while self.held > bound and self.stream_full and not self.stop_event.is_set():
+            self._take_acks(timeout=0.05)
+
+    def _wait_for_sender(self) -> None:
+        """While the stream has room, the envs step on only while at most one batch's more fragments than
+        to_send_queue_size are with the sender. Checked once the batch's actions are sent, so the sender's
+        round trip overlaps the envs' step."""
+        bound = self.cfg.rollout_config.to_send_queue_size + len(self.slots)
+        while self.held > bound and not self.stop_event.is_set():
             self._take_acks(timeout=0.05)
 
     def _take_acks(self, timeout: float = 0.0) -> None:

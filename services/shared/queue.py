@@ -22,7 +22,7 @@ from services.shared.fragment import Fragment
 log = logging.getLogger(__name__)
 
 # KEYS: stream, ledger, produced by node. ARGV: max_pending, now, node, then env_steps and payload of each
-# fragment. Appends them in order while the stream has room; returns how many it appended.
+# fragment. Appends them in order while the stream has room; returns how many it appended and the room left.
 _PUSH = """
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
 local n, steps = 0, 0
@@ -38,7 +38,7 @@ if n > 0 then
   redis.call('HSETNX', KEYS[2], 'first_fragment_at', ARGV[2])
   redis.call('HINCRBY', KEYS[3], ARGV[3], n)
 end
-return n
+return {n, room - n}
 """
 # KEYS: stream, ledger, uses, room channel. ARGV: group, outcome, ids... The number of entries really
 # removed, also published on the room channel, where producers waiting for room listen.
@@ -84,8 +84,8 @@ class FragmentProducer:
                   each_round=lambda sizes, full: None) -> list[int]:
         """push() for several fragments, in order, as many in each round trip as the stream has room for (up
         to PUSH_BYTES of payload): a worker's envs tend to finish their fragments in the same step. Calls
-        each_round(sizes, full) after each round trip: the sizes it appended, and whether the stream refused
-        some. Returns each one's size, 0 for those should_stop() left unproduced; Backpressure after timeout
+        each_round(sizes, full) after each round trip: the sizes it appended, and whether the stream is full
+        (it refused some, or has no room left after them). Returns each one's size, 0 for those should_stop() left unproduced; Backpressure after timeout
         seconds without room (the fragments before the one that found none were appended)."""
         payloads = [(len(f.reward), f.encode()) for f in fragments]
         sizes, deadline, delay = [], None if timeout is None else time.monotonic() + timeout, ROOM_POLL[0]
@@ -97,11 +97,11 @@ class FragmentProducer:
                 args += [steps, payload]
                 nbytes += len(payload)
             asked = len(args) // 2
-            count = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
-                               args=[self.max_pending, time.time(), self.node_id, *args])
+            count, left = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
+                                     args=[self.max_pending, time.time(), self.node_id, *args])
             new = [len(payload) for _steps, payload in payloads[len(sizes):len(sizes) + count]]
             sizes += new
-            each_round(new, count < asked)
+            each_round(new, count < asked or left <= 0)
             if new:
                 delay = ROOM_POLL[0]
                 if deadline is not None:

@@ -10,15 +10,18 @@ def step(t, done_before=False, state=None, version=0):
                 last_reward=10.0 + t, last_terminated=done_before, last_truncated=False, version=version)
 
 
-def add(cutter, step):
-    """The fragment this step completes, cut alone, or None."""
-    return cut([cutter]).split()[0] if cutter.add(step) else None
+def add(cutter, step, state=None):
+    """Append a step as a worker does: the fragment it completes, cut alone, or None; then the in-state its
+    action started from, kept when the step starts the next fragment."""
+    fragment = cut([cutter]).split()[0] if cutter.add(step) else None
+    if cutter.starts_fragment():
+        cutter.buffer[-1].state = state
+    return fragment
 
 
 def test_alignment_of_rewards_dones_and_next_obs():
     cutter = FragmentCutter("s", "slot", 4)
-    out = [add(cutter, step(t, done_before=(t in (0, 3)), state=[np.zeros((1, 2))] if cutter.needs_state() else None))
-           for t in range(5)]
+    out = [add(cutter, step(t, done_before=(t in (0, 3))), state=[np.zeros((1, 2))]) for t in range(5)]
     assert out[:4] == [None] * 4
     f = out[4]
     np.testing.assert_array_equal(f.obs["x"][:, 0], [0, 1, 2, 3])
@@ -34,8 +37,7 @@ def test_fragments_tile_the_stream_and_carry_the_in_state_of_their_first_step():
     cutter = FragmentCutter("s", "slot", 3)
     fragments = []
     for t in range(10):
-        state = [np.full((1, 1), t)] if cutter.needs_state() else None
-        f = add(cutter, step(t, state=state, version=t // 4))
+        f = add(cutter, step(t, version=t // 4), state=[np.full((1, 1), t)])
         if f:
             fragments.append(f)
     assert [int(f.obs["x"][0, 0]) for f in fragments] == [0, 3, 6]
@@ -47,9 +49,9 @@ def test_fragments_tile_the_stream_and_carry_the_in_state_of_their_first_step():
 def test_a_dropped_buffer_marks_the_next_fragment_discontinuous():
     cutter = FragmentCutter("s", "slot", 2)
     for t in range(3):
-        add(cutter, step(t, state=[np.zeros(1)] if cutter.needs_state() else None))
+        add(cutter, step(t), state=[np.zeros(1)])
     assert cutter.drop() == 1
-    out = [add(cutter, step(t, state=[np.zeros(1)] if cutter.needs_state() else None)) for t in range(3)]
+    out = [add(cutter, step(t), state=[np.zeros(1)]) for t in range(3)]
     assert out[2].contiguous is False and out[2].seq == 1
 
 
@@ -63,16 +65,17 @@ def test_the_fragments_of_several_slots_cut_together_are_those_each_would_cut_al
     for t in range(7):
         ready = []
         for i, (a, b) in enumerate(zip(together, alone)):
-            def record(c):
-                return step(10 * i + t, done_before=(t == i + 1), version=t // 2,
-                            state=[np.full((1, 2), 10 * i + t)] if c.needs_state() else None)
-            if a.add(record(a)):
+            if a.add(step(10 * i + t, done_before=(t == i + 1), version=t // 2)):
                 ready.append(a)
-            if (f := add(b, record(b))) is not None:
+            if (f := add(b, step(10 * i + t, done_before=(t == i + 1), version=t // 2),
+                         state=[np.full((1, 2), 10 * i + t)])) is not None:
                 cut_alone.append(f)
         if ready:
             assert len(ready) == 3  # the slots step in lockstep: all or none complete a fragment
             cut_together += cut(ready).split()
+        for i, a in enumerate(together):
+            if a.starts_fragment():
+                a.buffer[-1].state = [np.full((1, 2), 10 * i + t)]
     assert len(cut_together) == len(cut_alone) == 6
     for a, b in zip(cut_together, cut_alone):
         assert (a.slot, a.seq, a.contiguous, a.version_first) == (b.slot, b.seq, b.contiguous, b.version_first)

@@ -130,6 +130,44 @@ def test_weights_published_mid_run_label_exactly_the_actions_they_chose(redis_se
     assert {0, 3} <= seen
 
 
+def test_a_worker_that_waited_for_room_acts_on_with_the_weights_published_meanwhile(redis_server, redis_client,
+                                                                                   monkeypatch):
+    """A trainer publishes a version, then retires the fragments it trained on, which makes room in the stream.
+    The action on step 0 of a slot's next fragment is chosen after the worker's wait for that room, so with the
+    new weights: chosen before it (with the fragment that step completes), it made the next fragment a version
+    older than its other steps, stale a version sooner (cartpole's learner dropped 24 % of its fragments so,
+    with 24 fragments of room). Two envs in one process step in lockstep; 20 ms steps let the sender's word
+    that the stream is full arrive before the next fragments are cut."""
+    monkeypatch.setenv("MSO_TEST_STEP_MS", "20,20")
+    with Running(redis_client, redis_server.url, ["rollout_config.worker_config.envs_per_process=2",
+                                                  "rollout_config.max_pending_fragments=2",
+                                                  "rollout_config.to_send_queue_size=0",
+                                                  "train_config.batch_size_per_gpu=1"]) as run:
+        stream = keys.SessionKeys(run.sid).fragments
+        wait_until(lambda: redis_client.xlen(stream) == 2 and run.loop.held == 2 and run.loop.stream_full, 60,
+                   "the worker to wait for room with two fragments at its sender")
+        policy = scenario.VersionPolicy()
+        with torch.no_grad():
+            policy.version.fill_(1)
+        weights.publish(redis_client, run.sid, 1, policy.state_dict())
+        wait_until(lambda: run.loop.watcher.version == 1, 20, "the worker's watcher to fetch version 1")
+
+        def made_room():  # the trainer's part: retire what it read, until each slot's version 1 fragment came
+            got = run.consumer.read(10, block_ms=100)
+            for _id, f in got:
+                run.by_slot[f["slot"]].append(f)
+            run.consumer.retire([i for i, _ in got], "consumed")
+            return len(run.by_slot) == 2 and all(any(1 in f["model_version"] for f in frags)
+                                                 for frags in run.by_slot.values())
+        wait_until(made_room, 60, "fragments stepped on version 1 from both slots")
+    for slot, frags in run.by_slot.items():
+        frags.sort(key=lambda f: f["seq"])
+        versions = [f["model_version"].tolist() for f in frags]
+        assert versions[:2] == [[0] * 4, [0] * 4], versions  # cut before the weights came
+        assert versions[2] == [1] * 4, (slot, versions)       # its step 0 chosen after the wait, on version 1
+        assert frags[2]["version_first"] == 1
+
+
 def test_a_weight_load_failure_keeps_the_old_weights_and_is_reported(redis_server, redis_client):
     with Running(redis_client, redis_server.url) as run:
         run.fragments(per_slot=1, slots=2)

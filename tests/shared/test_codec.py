@@ -16,11 +16,12 @@ def make_fragment(length=8, session_id="s1"):
     rng = np.random.default_rng(0)
     fragment = None
     for t in range(length + 1):
-        state = [rng.standard_normal((1, 3)).astype(np.float32)] if cutter.needs_state() else None
-        if cutter.add(Step(obs={"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)}, state=state,
+        if cutter.add(Step(obs={"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)}, state=None,
                            action={"buttons": np.array([t]), "camera": np.array([t % 3])}, logp=-0.5 * t,
                            last_reward=float(t), last_terminated=t == 3, last_truncated=False, version=7)):
             fragment = cut([cutter]).split()[0]
+        if cutter.starts_fragment():
+            cutter.buffer[-1].state = [rng.standard_normal((1, 3)).astype(np.float32)]
     return fragment
 
 

@@ -120,6 +120,17 @@ def test_several_fragments_go_in_order_as_far_as_the_stream_has_room(redis_clien
     assert queue.produced_by_node(redis_client, "s1") == {"n": 3}
 
 
+def test_a_push_that_fills_the_stream_says_it_is_full(redis_client):
+    """each_round's `full` is true once the stream has no room left, not only once it refused a fragment: a
+    worker told so waits before it acts on the fragments it cuts next (services/rollout/worker.py)."""
+    producer = FragmentProducer(redis_client, "s1", max_pending=3)
+    rounds = []
+    producer.push_many([make_fragment()], each_round=lambda sizes, full: rounds.append((len(sizes), full)))
+    producer.push_many([make_fragment(), make_fragment()], each_round=lambda sizes, full: rounds.append(
+        (len(sizes), full)))
+    assert rounds == [(1, False), (2, True)]
+
+
 def test_each_rollout_nodes_fragments_are_counted_and_add_up(redis_client):
     for node, n in (("rollout-a", 3), ("rollout-b", 2)):
         producer = FragmentProducer(redis_client, "s1", max_pending=100, node_id=node)
