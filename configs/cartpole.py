@@ -9,7 +9,8 @@ iteration, and the doubled step size keeps the env steps to 475 (21 seeds: 7.1 s
 What is ours is the pipeline depth: an iteration's data must not wait behind older data, or it arrives
 staler than max_staleness and its env steps are thrown away. With 32-step fragments, a 64-fragment queue
 and 8 fragments a worker may hold, 74 % of all env steps were dropped as stale (102 k env steps to 475);
-one iteration of queue (16 fragments of 16 steps), and one fragment held, drop ~6 %. The bodies are
+one iteration of queue (16 fragments of 16 steps), and one fragment held, drop none (a worker acts on a
+fragment's first step after its wait for room). The bodies are
 initialised as SB3's (orthogonal, gain sqrt 2): in a plain loop with rl-zoo's schedule, 34 k -> 27 k env
 steps to 475 (median of 5 seeds; benchmarks/README.md)."""
 
