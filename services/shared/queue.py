@@ -84,9 +84,10 @@ class FragmentProducer:
                   each_round=lambda sizes, full: None) -> list[int]:
         """push() for several fragments, in order, as many in each round trip as the stream has room for (up
         to PUSH_BYTES of payload): a worker's envs tend to finish their fragments in the same step. Calls
-        each_round(sizes, full) after each round trip: the sizes it appended, and whether the stream is full
-        (it refused some, or has no room left after them). Returns each one's size, 0 for those should_stop() left unproduced; Backpressure after timeout
-        seconds without room (the fragments before the one that found none were appended)."""
+        each_round(sizes, full) after each round trip: the sizes it appended, and whether the stream has no
+        room left (it refused some, or they filled it). Returns each one's size, 0 for those should_stop() left
+        unproduced; Backpressure after timeout seconds without room (the fragments before the one that found
+        none were appended)."""
         payloads = [(len(f.reward), f.encode()) for f in fragments]
         sizes, deadline, delay = [], None if timeout is None else time.monotonic() + timeout, ROOM_POLL[0]
         while len(sizes) < len(payloads):
@@ -96,12 +97,11 @@ class FragmentProducer:
                     break
                 args += [steps, payload]
                 nbytes += len(payload)
-            asked = len(args) // 2
             count, left = self._push(keys=[self.keys.fragments, self.keys.ledger, self.keys.produced_by_node],
                                      args=[self.max_pending, time.time(), self.node_id, *args])
             new = [len(payload) for _steps, payload in payloads[len(sizes):len(sizes) + count]]
             sizes += new
-            each_round(new, count < asked or left <= 0)
+            each_round(new, left <= 0)  # a fragment refused leaves none either: the script stopped at room 0
             if new:
                 delay = ROOM_POLL[0]
                 if deadline is not None:
