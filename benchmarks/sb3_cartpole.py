@@ -13,9 +13,9 @@ import json
 import time
 from collections import deque
 
-import psutil
+from services.shared import process_start
 
-STARTED = psutil.Process().create_time()
+STARTED = process_start.wall_time()
 
 
 def main(argv=None) -> dict:

@@ -15,9 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from services.launcher.embedded import Embedded
+from services.shared import process_start
 from services.shared.config import ConfigError, LaunchLoad, allow_locally
 from services.shared.redis_server import connect, redact
 
@@ -57,7 +56,7 @@ def run(name: str, overrides: list[str], options: RunOptions) -> int:
         print("error: mso run calls the services it serves: with --tls-cert/MSO_TLS_CERT give --tls-ca/MSO_TLS_CA "
               "(the CA that signed the certificate) too", file=sys.stderr)
         return 2
-    started_at = psutil.Process().create_time()  # start-up is counted from the command, imports included
+    started_at = process_start.wall_time()  # start-up is counted from the command, imports included
     # The config is read (or its module run in a child: torch and the env stack stay out of this process) while
     # Redis, the Ray head and the services start: each takes seconds on a small machine.
     loading = LaunchLoad(name, overrides)
