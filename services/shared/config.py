@@ -293,8 +293,6 @@ def check(cfg: OnlineConfig) -> None:
         raise ConfigError(f"trainer_name {cfg.trainer_name!r} is not a trainer mso has: only PPOTrainer exists")
     if t.stall_timeout < 0:
         raise ConfigError(f"train_config.stall_timeout must be 0 (wait forever) or positive, got {t.stall_timeout}")
-    if t.is_weight_clip <= 0:
-        raise ConfigError(f"train_config.is_weight_clip must be positive, got {t.is_weight_clip}")
     if not 0 <= t.discount <= 1 or not 0 <= t.gae_lambda <= 1:
         raise ConfigError(f"train_config.discount and gae_lambda must lie in [0, 1], got {t.discount}, "
                           f"{t.gae_lambda}")

@@ -99,7 +99,6 @@ class TrainConfig:
     resume_optimizer: bool = True           # also restore the optimizer
     save_path: Optional[str] = None         # base folder for checkpoints
     use_amp: bool = False                   # mixed precision: float16 on CUDA, bfloat16 on a CPU with native bf16
-    is_weight_clip: float = 1.0             # mso: truncation of the importance weight pi_old/mu of stale data
     max_approx_kl: float = 10.0             # mso: a batch whose approx KL exceeds this (on any rank) is skipped
     stall_timeout: float = 300.0            # mso: seconds the trainer may wait without a usable fragment before
                                             # the session fails saying why (0: wait forever)

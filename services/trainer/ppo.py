@@ -1,31 +1,31 @@
 """PPO as mso runs it, top to bottom: one iteration on a rank's fragments (re-evaluation, GAE, advantage
 normalisation, the epochs of minibatches with gradient accumulation, the KL and NaN guard, value-normaliser
-updates, the optimizer step), then the loss on one BPTT window. MineStudio's maths (reference §4.5), decoupled
-from the behaviour policy so stale and reused data are corrected for. Collectives come in as `ranks` (one
-rank or many: learner.Ranks), so nothing here knows about torch.distributed.
+updates, the optimizer step), then the loss on one BPTT window. MineStudio's maths (reference §4.5), with the
+ratio taken against the behaviour policy so stale and reused data are corrected for. Collectives come in as
+`ranks` (one rank or many: learner.Ranks), so nothing here knows about torch.distributed.
 
 The loss on one window:
 
     mu       the behaviour policy that acted (its log-prob travels in the fragment)
-    pi_old   the learner at the start of the iteration (the proximal policy of the PPO trust region)
-    w        = min(pi_old(a|s) / mu(a|s), is_weight_clip)     truncated importance weight, no gradient
-    log_r    = min(log pi(a|s) - log pi_old(a|s), log_ratio_range)
-    pg   = mean(w * max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))
+    pi_old   the learner at the start of the iteration (the max_approx_kl guard measures the epochs from it)
+    log_r    = min(log pi(a|s) - log mu(a|s), log_ratio_range)
+    pg   = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))
     vf   = mean(0.5 * (V - target)^2)          (target normalised by the EWMA head if use_normalized_vf)
     kl   = mean(KL(pi || pi_ref))              (pi_ref: the frozen initial policy; weight rho decays)
     ent  = mean(H(pi))
     loss = policy_coef * pg + rho * kl + vf_coef * vf - entropy_coef * ent
 During vf_warmup iterations: loss = vf_coef * vf + kl. Where A < 0, log pi is floored at -11 as in the
-reference, so a near-impossible action cannot blow the ratio up; log pi_old is floored there too (the
-reference floors only log pi, so an action pi_old gave e^-30 showed a ratio of e^19, a policy loss of 10^8
-with no gradient, on VPT's 8641-way button head).
+reference, so a near-impossible action cannot blow the ratio up; log mu is floored there too (the reference
+floors only log pi, so an action the policy gave e^-30 showed a ratio of e^19, a policy loss of 10^8 with no
+gradient, on VPT's 8641-way button head).
 
-Why decoupled (Hilton et al. 2021, "Batch size-invariance for policy optimization"): the reference takes the
-ratio against pi_old and ignores mu, so data up to max_staleness versions old is trained on as if it were
-on-policy. Taking the ratio against mu instead would put stale data outside the clip range from the first
-epoch and drop its gradient. Splitting the two keeps PPO's trust region around pi_old and corrects the
-off-policyness with a V-trace-style truncated weight (is_weight_clip, default 1: never up-weight). On fresh
-data pi_old = mu, w = 1 and this is exactly the reference's loss.
+Why the ratio against mu: PPO's ratio is against the policy that collected the data, and its clip bounds how far
+an update moves from it. The reference takes it against pi_old and ignores mu, so data up to max_staleness
+versions old is trained on as if it were on-policy. mso took it against pi_old too, times a truncated
+importance weight min(pi_old / mu, 1) (Hilton et al. 2021's decoupled PPO) until session 41: on cartpole, where
+about half of an iteration's fragments were stepped by the version before (benchmarks/README.md), that weight
+counted the older half less, and 48 seeds reached a mean return of 475 in a median of 42.7 k env steps against
+37.1 k with the ratio against mu. On fresh data pi_old = mu and both are exactly the reference's loss.
 """
 
 from __future__ import annotations
@@ -114,8 +114,7 @@ def iteration(learning: Learning, batch: Batch, tc, rho: float, warmup: bool, ra
         mean = total / count
         adv = (adv - mean) / (max(total_sq / count - mean ** 2, 0.0) ** 0.5 + 1e-8)
 
-    whole = Window.of(batch.obs, batch.action, batch.first, batch.behaviour_logp, old_logp, adv, target, raw_v,
-                      tc.is_weight_clip)
+    whole = Window.of(batch.obs, batch.action, batch.first, batch.behaviour_logp, old_logp, adv, target, raw_v)
     policy.train()
     policy.value_head.eval()  # the EWMA normaliser is updated once per optimizer step, below, not per loss
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -252,20 +251,18 @@ class Window:
     first: torch.Tensor         # (B, C) bool
     old_logp: torch.Tensor      # (B, C) log pi_old(a|s), at the iteration start
     logp_floor: torch.Tensor    # (B, C) LOGP_FLOOR where the advantage is negative, -inf elsewhere
-    floored_old_logp: torch.Tensor  # (B, C) old_logp floored so
-    pg_weight: torch.Tensor     # (B, C) -A * w (w >= 0, so w * max(-A r, -A clip(r)) = max(-A w r, -A w clip(r)))
-    is_weight: torch.Tensor     # (B, C) w = min(pi_old(a|s) / mu(a|s), is_weight_clip)
+    floored_behaviour_logp: torch.Tensor  # (B, C) log mu(a|s), floored so
+    neg_advantage: torch.Tensor  # (B, C) -A
     target: torch.Tensor        # (B, C) TD(lambda) return, denormalised
     old_vpred: torch.Tensor     # (B, C) value at iteration start, in the head's space
 
     @classmethod
     def of(cls, obs, action, first, behaviour_logp: torch.Tensor, old_logp: torch.Tensor, advantage: torch.Tensor,
-           target: torch.Tensor, old_vpred: torch.Tensor, is_weight_clip: float) -> Window:
+           target: torch.Tensor, old_vpred: torch.Tensor) -> Window:
         """From log mu (the fragment's), log pi_old and the advantages (normalised if configured)."""
         floor = torch.full_like(old_logp, -math.inf).masked_fill_(advantage < 0, LOGP_FLOOR)
-        weight = (old_logp - behaviour_logp).exp().clamp(max=is_weight_clip)
-        return cls(obs, action, first, old_logp, floor, old_logp.clamp(min=floor), -advantage * weight, weight,
-                   target, old_vpred)
+        return cls(obs, action, first, old_logp, floor, behaviour_logp.clamp(min=floor), -advantage, target,
+                   old_vpred)
 
     def rows(self, rows, start: int, end: int) -> Window:
         """Steps start:end of the fragments `rows` (an index array, or slice(None) for all: views, not copies)."""
@@ -311,28 +308,28 @@ def window_loss(policy, ref_policy, w: Window, state, ref_state, tc, rho: float,
     if tc.entropy_bonus_coef != 0 and not warmup:
         loss = loss - tc.entropy_bonus_coef * entropy
     with torch.no_grad():
-        values = torch.cat([torch.stack([pg, vf, entropy, kl, w.is_weight.mean(), loss]), policy_stats]).tolist()
+        values = torch.cat([torch.stack([pg, vf, entropy, kl, loss]), policy_stats]).tolist()
     return loss, dict(zip(METRICS, values)), state_out, ref_state
 
 
-METRICS = ("policy_loss", "value_loss", "entropy", "kl_divergence", "is_weight", "total_loss", "approx_kl",
+METRICS = ("policy_loss", "value_loss", "entropy", "kl_divergence", "total_loss", "approx_kl",
            "clip_fraction")  # what window_loss reports, one host transfer for all
 
 
 class Surrogate(torch.autograd.Function):
-    """PPO's policy loss on a window as one autograd node: pg = mean(max(-A w r, -A w clip(r))) with
-    r = exp(min(floor(log pi) - floor(log pi_old), log_ratio_range)), and beside it [approx_kl, clip_fraction]
+    """PPO's policy loss on a window as one autograd node: pg = mean(max(-A r, -A clip(r))) with
+    r = exp(min(floor(log pi) - floor(log mu), log_ratio_range)), and beside it [approx_kl, clip_fraction]
     (no gradient). Written as a dozen autograd ops it cost a tenth of cartpole's update in graph bookkeeping;
-    its gradient is one product: d pg / d log pi = -A w r / N where the unclipped term is the one taken (or
+    its gradient is one product: d pg / d log pi = -A r / N where the unclipped term is the one taken (or
     ties), log pi is not below its floor and the log-ratio not above its cap, and 0 elsewhere, which is what
     autograd computes for the same expression (tests/trainer/test_ppo.py checks them against each other)."""
 
     @staticmethod
     def forward(ctx, logp: torch.Tensor, w: Window, clip: float, cap: float):
-        log_ratio = logp.clamp(min=w.logp_floor) - w.floored_old_logp
+        log_ratio = logp.clamp(min=w.logp_floor) - w.floored_behaviour_logp
         ratio = log_ratio.clamp(max=cap).exp()
         clipped = ratio.clamp(1 - clip, 1 + clip)
-        unclipped_term, clipped_term = w.pg_weight * ratio, w.pg_weight * clipped
+        unclipped_term, clipped_term = w.neg_advantage * ratio, w.neg_advantage * clipped
         taken = unclipped_term >= clipped_term
         live = taken.logical_and_(logp >= w.logp_floor).logical_and_(log_ratio <= cap)
         ctx.save_for_backward(unclipped_term.where(live, 0.0))

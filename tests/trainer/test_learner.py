@@ -82,8 +82,9 @@ def test_use_amp_on_a_cpu_runs_the_forward_passes_in_bfloat16_where_the_cpu_comp
         assert set(body) == {torch.float32}
     assert set(heads) == {torch.float32} and len(body) == len(heads) > 1
     # pi_old is computed in the precision the epoch computes pi in: before the one optimizer step (one epoch of
-    # one minibatch) every ratio is exactly 1. A float32 re-evaluation under a bfloat16 epoch moves it.
-    assert metrics["approx_kl"] == 0 and metrics["clip_fraction"] == 0
+    # one minibatch) pi / pi_old is exactly 1 on every step, so the KL the guard measures is 0. A float32
+    # re-evaluation under a bfloat16 epoch moves it.
+    assert metrics["approx_kl"] == 0
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())
     assert all(p.dtype == torch.float32 for p in learner.policy.parameters())

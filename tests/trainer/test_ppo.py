@@ -36,11 +36,11 @@ def log_softmax(row):
     return [v - z for v in row]
 
 
-def make_window(action, behaviour, old, adv, target, old_vpred=None, is_weight_clip=1.0):
+def make_window(action, behaviour, old, adv, target, old_vpred=None):
     t = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)  # noqa: E731
     return Window.of(obs={"x": t([0, 1, 2], torch.long)}, action=t(action, torch.long), first=t([False] * 3, torch.bool),
                      behaviour_logp=t(behaviour), old_logp=t(old), advantage=t(adv), target=t(target),
-                     old_vpred=t(old_vpred if old_vpred is not None else VALUES), is_weight_clip=is_weight_clip)
+                     old_vpred=t(old_vpred if old_vpred is not None else VALUES))
 
 
 def tc(*overrides):
@@ -52,13 +52,12 @@ def expected(action, behaviour, old, adv, target, cfg, rho=0.0, ref_logits=None,
     pg, vf, ent, kl = [], [], [], []
     for i in range(3):
         lp = log_softmax(LOGITS[i])
-        new, prox = lp[action[i]], old[i]
+        new, mu = lp[action[i]], behaviour[i]  # the ratio is against the policy that acted
         if adv[i] < 0:
-            new, prox = max(new, -11.0), max(prox, -11.0)
-        r = math.exp(min(new - prox, cfg.log_ratio_range))
-        w = min(math.exp(old[i] - behaviour[i]), cfg.is_weight_clip)
+            new, mu = max(new, -11.0), max(mu, -11.0)
+        r = math.exp(min(new - mu, cfg.log_ratio_range))
         clipped = min(max(r, 1 - cfg.ppo_clip), 1 + cfg.ppo_clip)
-        pg.append(w * max(-adv[i] * r, -adv[i] * clipped))
+        pg.append(max(-adv[i] * r, -adv[i] * clipped))
         vf.append(0.5 * (VALUES[i] - target[i]) ** 2)
         ent.append(-sum(math.exp(v) * v for v in lp))
         if ref_logits is not None:
@@ -73,13 +72,13 @@ def expected(action, behaviour, old, adv, target, cfg, rho=0.0, ref_logits=None,
 
 
 CASES = {
-    # on-policy: pi_old = mu, so the weight is 1 and this is the reference's loss
+    # on-policy: pi_old = mu, so this is the reference's loss
     "on_policy": dict(action=[1, 0, 1], behaviour=[-0.3, -0.05, -0.7], old=[-0.3, -0.05, -0.7],
                       adv=[1.0, -0.5, 2.0], target=[0.5, 0.0, 1.0]),
     # the ratio leaves the clip range in both directions
     "clipped": dict(action=[1, 1, 0], behaviour=[-1.5, -1.0, -0.2], old=[-1.5, -1.0, -0.2],
                     adv=[1.0, -1.0, 0.7], target=[0.0, 0.0, 0.0]),
-    # stale data: pi_old/mu above the clip of the weight on step 0, below it on step 1
+    # stale data: pi_old has moved from mu, out of the clip range on steps 0 and 2, inside it on step 1
     "stale": dict(action=[1, 0, 1], behaviour=[-2.0, -0.01, -0.9], old=[-0.3, -0.05, -0.7],
                   adv=[0.4, 0.9, -0.3], target=[0.2, 0.3, 0.4]),
 }
@@ -97,15 +96,28 @@ def test_loss_terms_match_hand_computation(name):
     assert loss.item() == pytest.approx(total, rel=1e-5)
 
 
-def test_importance_weight_is_truncated_at_is_weight_clip():
-    case = CASES["stale"]
-    for clip in (0.5, 1.0, 5.0):
-        cfg = tc(f"train_config.is_weight_clip={clip}")
-        window = make_window(**case, is_weight_clip=clip)
-        _l, m, _s, _r = window_loss(TablePolicy(LOGITS, VALUES), None, window, [], None, cfg, 0.0, False)
-        weights = [min(math.exp(o - b), clip) for o, b in zip(case["old"], case["behaviour"])]
-        assert m["is_weight"] == pytest.approx(sum(weights) / 3, rel=1e-5)
-        assert m["policy_loss"] == pytest.approx(expected(**case, cfg=cfg)[1], rel=1e-5)
+def test_stale_data_is_clipped_around_the_policy_that_acted():
+    """Fragments a version old: pi_old (the learner at the iteration's start) has already moved from mu. PPO's
+    trust region is around mu, so an action pi_old already made 1.2x more likely than mu did, with A > 0, gets no
+    more gradient, and one it made less likely gets a ratio below 1. (mso took the ratio against pi_old, times
+    min(pi_old / mu, 1), until session 41: the same step had a ratio of 1, a full gradient, and the weight
+    counted the stale half of cartpole's iterations less.)"""
+    cfg = tc()
+    logits = [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]                    # pi = pi_old: the first epoch's ratio
+    half = math.log(0.5)
+    window = make_window(action=[1, 0, 1], behaviour=[half - 0.5, half + 0.1, half], old=[half] * 3,
+                         adv=[1.0, 1.0, 0.0], target=[0.0, 0.0, 0.0])
+    policy = TablePolicy(logits, VALUES)
+    _l, m, _s, _r = window_loss(policy, None, window, [], None, cfg, 0.0, False)
+    r0, r1 = math.exp(0.5), math.exp(-0.1)                              # pi / mu on steps 0 and 1
+    assert m["policy_loss"] == pytest.approx((-(1 + cfg.ppo_clip) - r1) / 3, rel=1e-5)
+    assert m["clip_fraction"] == pytest.approx(1 / 3) and r0 > 1 + cfg.ppo_clip
+    assert m["approx_kl"] == pytest.approx(0.0, abs=1e-7)              # the epochs have not moved pi from pi_old
+    policy.table.grad = None
+    loss, *_ = window_loss(policy, None, window, [], None, cfg, 0.0, False)
+    loss.backward()
+    grad = policy.table.grad
+    assert grad[0].abs().max().item() == 0.0 and grad[1].abs().max().item() > 0  # step 0 is past the clip
 
 
 def test_low_probability_clamp_applies_only_where_advantage_is_negative():
@@ -199,13 +211,13 @@ def test_the_fused_surrogate_matches_autograd_on_the_plain_expression():
     """ppo.Surrogate computes the policy loss and its gradient by hand: both must equal what autograd gives for
     the loss written out op by op, on steps that are floored, capped, clipped on either side and inside."""
     g = torch.Generator().manual_seed(0)
-    n, cap, clip, w_clip = 4096, 1.5, 0.2, 1.0
+    n, cap, clip = 4096, 1.5, 0.2
     old = -torch.rand(1, n, generator=g) * 20                 # log pi_old from 0 down to -20: some below the floor
     logp = old + torch.randn(1, n, generator=g)               # pi has moved: ratios e^-3..e^3, some above the cap
-    behaviour = old + 0.3 * torch.randn(1, n, generator=g)    # stale data: weights below and at the clip
+    behaviour = old + 0.3 * torch.randn(1, n, generator=g)    # stale data: pi_old has moved from mu
     adv = torch.randn(1, n, generator=g)
     window = Window.of({}, torch.zeros(1, n), torch.zeros(1, n, dtype=torch.bool), behaviour, old, adv,
-                       torch.zeros(1, n), torch.zeros(1, n), w_clip)
+                       torch.zeros(1, n), torch.zeros(1, n))
 
     fused_logp = logp.clone().requires_grad_()
     pg, (approx_kl, clip_fraction) = Surrogate.apply(fused_logp, window, clip, cap)
@@ -214,11 +226,10 @@ def test_the_fused_surrogate_matches_autograd_on_the_plain_expression():
     plain_logp = logp.clone().requires_grad_()
     floor = adv < 0
     new = torch.where(floor, plain_logp.clamp(min=-11.0), plain_logp)
-    prox = torch.where(floor, old.clamp(min=-11.0), old)
-    log_ratio = new - prox
+    mu = torch.where(floor, behaviour.clamp(min=-11.0), behaviour)
+    log_ratio = new - mu
     ratio = log_ratio.clamp(max=cap).exp()
-    weight = (old - behaviour).exp().clamp(max=w_clip)
-    plain = (weight * torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))).mean()
+    plain = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
     plain.backward()
 
     # every branch of the gradient is exercised
