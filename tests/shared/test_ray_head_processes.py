@@ -7,7 +7,8 @@ actors, actors with a runtime env (Ray Train's ranks have one), still carry an a
 log monitor stays), and the head still stops every process of it on SIGTERM. Neither the driver nor its workers
 (services.shared.ray_worker) import the libraries of Ray's addon serializers (ray_env.leave_out_addon_serializers),
 a worker's standard library is the standard library's, not a module of mso's of the same name, and a worker
-defers garbage collection while it starts (services.shared.startup_gc)."""
+defers garbage collection while it starts (services.shared.startup_gc). No worker is prestarted beside the actors'
+own processes (ray_env.FAST_START)."""
 
 import os
 import subprocess
@@ -19,6 +20,7 @@ from ray._private import ray_constants
 
 from services.launcher.embedded import start_ray_head
 from services.launcher.reaper import members
+from services.launcher.run import HEAD_CPUS
 from services.shared import ray_agents, ray_env
 from tests.conftest import wait_until
 
@@ -118,3 +120,48 @@ def assert_agents(commands: list[str]) -> None:
     # the dashboard agent does not run.
     titles = [c.strip() for c in commands if c.strip() in AGENT_TITLES]
     assert titles == [ray_constants.AGENT_PROCESS_TYPE_RUNTIME_ENV_AGENT], commands
+
+
+IDLE_DRIVER = textwrap.dedent("""
+    import sys, ray
+    from services.shared import ray_runtime
+    ray_runtime.ensure()
+    @ray.remote(num_cpus=1)
+    class Actor:
+        def pid(self):
+            import os
+            return os.getpid()
+    actor = Actor.remote()
+    print(ray.get(actor.pid.remote()), flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_mso_runs_head_prestarts_no_worker_that_nothing_uses():
+    """A raylet prestarts workers for the first driver that connects; on `mso run`'s head (HEAD_CPUS logical
+    CPUs) one sat idle for the whole run beside the actors' own processes, importing Ray while they imported
+    torch (ray_env.FAST_START)."""
+    head, join = start_ray_head(HEAD_CPUS, dict(os.environ))
+    try:
+        driver = subprocess.Popen([sys.executable, "-c", IDLE_DRIVER], env=dict(os.environ, **join),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            actor_pid = int(driver.stdout.readline())
+            # The driver registered (and any prestart began) before it asked for the actor, which has answered.
+            workers = [" ".join(c) for pid, c in session_processes(head.process.pid)
+                       if pid != actor_pid and (c[0].startswith("ray::") or ray_env.ray_worker_script() in c[:3])]
+            assert workers == [], workers
+        finally:
+            driver.communicate("\n", timeout=60)
+    finally:
+        head.stop(grace=10)
+
+
+def session_processes(sid: int) -> list[tuple[int, list[str]]]:
+    found = []
+    for pid in members({sid}):
+        try:
+            found.append((pid, psutil.Process(pid).cmdline() or [""]))
+        except psutil.Error:
+            pass
+    return found
