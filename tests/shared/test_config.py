@@ -50,11 +50,11 @@ def test_a_module_with_the_reference_key_set_loads_unchanged():
 
 
 def test_the_stream_holds_max_pending_fragments_per_trainer_rank():
-    """Adding ranks must not leave them starved by a bound sized for one (cartpole's is one iteration)."""
+    """Adding ranks must not leave them starved by a bound sized for one (cartpole's is an iteration and a half)."""
     one = load("cartpole").cfg
     two = load("cartpole", ["train_config.num_workers=2"]).cfg
-    assert stream_bound(one) == one.rollout_config.max_pending_fragments == 16
-    assert stream_bound(two) == 32
+    assert stream_bound(one) == one.rollout_config.max_pending_fragments == 24
+    assert stream_bound(two) == 48
 
 
 def test_dotted_module_path_loads():

@@ -113,9 +113,10 @@ def test_a_stop_takes_effect_at_the_next_iteration_with_a_backlog(redis_server, 
 
 def test_a_value_warm_up_does_not_make_every_fragment_stale(redis_server, tmp_path):
     # Rollouts act with version 0 until a version is published; the version moves only when one is, so the
-    # learner's own warm-up cannot outrun them (max_staleness is 1 in cartpole).
+    # learner's own warm-up cannot outrun them (with max_staleness 1, two versions of warm-up would).
     client = connect(redis_server.url)
-    spec = make_spec(redis_server, tmp_path, "warm1", "train_config.num_iterations=4", "train_config.vf_warmup=2")
+    spec = make_spec(redis_server, tmp_path, "warm1", "train_config.num_iterations=4", "train_config.vf_warmup=2",
+                     "rollout_config.replay_buffer_config.max_staleness=1")
     produce(client, "warm1", iterations=4, version=0)
     learner = Learner(spec)
     thread, outcome = run_in_thread(learner)
