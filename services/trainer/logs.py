@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from services.shared import achievements, episode
 
@@ -88,8 +89,10 @@ class IterationLog:
         if lags.size:
             self.writer.add_histogram("trainer/policy_lag_histogram", lags, iteration)
         scalars.update(self._episodes(iteration))
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, iteration)
+        # One event holds them all: the writer builds, queues, serialises and checksums each event, and one
+        # add_scalar a value (~30 an iteration) cost cartpole's learner 0.6-1.0 ms an iteration, against 35 us.
+        self.writer._get_file_writer().add_summary(
+            Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]), iteration)
         if self.wandb is not None:
             self.wandb.log(scalars, step=iteration)
 
@@ -118,8 +121,6 @@ class IterationLog:
         return out
 
     def _video(self, path: str, iteration: int) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         try:
             gif, h, w = gif_of(path)
         except Exception as exc:  # a video still being written, or unreadable: not worth a failed iteration
