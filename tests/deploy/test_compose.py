@@ -46,7 +46,7 @@ def test_compose_shape_scales_rollout_and_orders_by_health():
     assert "--appendonly yes" in spec["redis"]["command"][-1] and spec["redis"]["healthcheck"]
 
 
-def test_the_image_gives_the_ray_heads_it_runs_the_fast_object_store_retry():
+def test_the_image_gives_the_ray_heads_it_runs_the_settings_of_ray_env():
     """`ray start` in docker-compose.ray.yml is a shell command, not a head mso starts: the image's environment
     carries services/shared/ray_env.py's settings to it, and must carry the same ones."""
     env = {}
