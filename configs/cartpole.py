@@ -13,8 +13,9 @@ to two versions old (max_staleness 2), their ratio taken against the policy that
 to 475, against 4.97 s and 36 k with one iteration of queue and max_staleness 1 (session 41). Before the ratio
 was taken against the behaviour policy, deeper pipelines lost: 24 entries with max_staleness 1 dropped a quarter
 of the fragments as stale, 32 with max_staleness 2 needed 55 k env steps (session 40), and 32-step fragments, a
-64-fragment queue and 8 fragments a worker may hold dropped 74 % of all env steps. The bodies are initialised as SB3's (orthogonal, gain sqrt 2): in a plain loop with rl-zoo's schedule, 34 k ->
-27 k env steps to 475 (median of 5 seeds; benchmarks/README.md)."""
+64-fragment queue and 8 fragments a worker may hold dropped 74 % of all env steps. The bodies are initialised
+as SB3's (orthogonal, gain sqrt 2): in a plain loop with rl-zoo's schedule, 34 k -> 27 k env steps to 475
+(median of 5 seeds; benchmarks/README.md)."""
 
 import gymnasium as gym
 import numpy as np

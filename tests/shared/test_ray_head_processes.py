@@ -132,7 +132,7 @@ IDLE_DRIVER = textwrap.dedent("""
             import os
             return os.getpid()
     actor = Actor.remote()
-    print(ray.get(actor.pid.remote()), flush=True)
+    print("actor", ray.get(actor.pid.remote()), flush=True)
     sys.stdin.readline()
 """)
 
@@ -146,22 +146,13 @@ def test_mso_runs_head_prestarts_no_worker_that_nothing_uses():
         driver = subprocess.Popen([sys.executable, "-c", IDLE_DRIVER], env=dict(os.environ, **join),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            actor_pid = int(driver.stdout.readline())
+            assert driver.stdout.readline().startswith("actor")
             # The driver registered (and any prestart began) before it asked for the actor, which has answered.
-            workers = [" ".join(c) for pid, c in session_processes(head.process.pid)
-                       if pid != actor_pid and (c[0].startswith("ray::") or ray_env.ray_worker_script() in c[:3])]
-            assert workers == [], workers
+            workers = [c for c in session_commands(head.process.pid)
+                       if c.startswith("ray::") or ray_env.ray_worker_script() in c.split()[:3]]
+            assert len(workers) == 1 and workers[0].startswith("ray::Actor"), workers
         finally:
             driver.communicate("\n", timeout=60)
     finally:
         head.stop(grace=10)
 
-
-def session_processes(sid: int) -> list[tuple[int, list[str]]]:
-    found = []
-    for pid in members({sid}):
-        try:
-            found.append((pid, psutil.Process(pid).cmdline() or [""]))
-        except psutil.Error:
-            pass
-    return found
