@@ -6,8 +6,9 @@ learning rate annealed over 1e5 steps) but 5 epochs at lr 4e-3 instead of 20 at 
 asynchronous pipeline waits for on a small machine (0.92 of a core while the worker uses 0.46), so the time to
 475 is the learner's optimizer steps, and a quarter of the steps at four times the step size moves the policy
 as far an iteration. 48 seeds interleaved (session 42): 3.98 s and 41 k env steps to 475, against 4.51 s and
-35 k with 10 epochs at 2e-3 (session 38's choice, which had beaten 20 epochs: 7.1 s against 8.6 s); one run in
-48 of each never reached 475 in its 1e5 steps. 10 epochs at 1e-3 took 59 k env steps, 4 at 5e-3 45 k.
+35 k with 10 epochs at 2e-3 (session 38's choice, which had beaten 20 epochs: 7.1 s against 8.6 s). 10 epochs at
+1e-3 took 59 k env steps, 4 at 5e-3 45 k. About one run in 50 of either (3 of 160 of this one, 1 of 48 of the old)
+never reaches 475 in its 1e5 env steps: its value network's second tanh layer saturates (benchmarks/README.md).
 What is ours is the pipeline depth. The stream holds an iteration and a half (24 fragments of 16 steps), so
 the worker steps half of the next iteration while the learner trains, and the learner trains on fragments up
 to two versions old (max_staleness 2), their ratio taken against the policy that stepped them
