@@ -26,11 +26,10 @@ from services.rollout.sender import Ack, Sender, SenderGone, Settings
 from services.shared.config import stream_bound
 from services.shared.episode import Episode
 from services.shared.fragment import signature
-from services.shared.minestudio import adapt
 from services.shared.redis_server import connect
 from services.shared.session import Joined
 from services.shared.trees import stack, tree_map, unstack
-from services.shared.weights import WeightWatcher
+from services.shared.weights import WeightWatcher, initial_policy
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +111,7 @@ class RolloutLoop:
 
     def _run(self) -> None:
         rc, wc = self.cfg.rollout_config, self.cfg.rollout_config.worker_config
-        torch.manual_seed(self.cfg.seed)  # identical to the trainer's initial weights: version 0
-        self.policy = adapt(self.module.policy_generator())  # a MineStudio policy gets mso's contract
+        self.policy = initial_policy(self.module, self.cfg)  # version 0, as the learner's
         self.policy.eval()
         self.device = self.policy.device  # a property that walks the parameters: once, not every batch
         self.version, self.watcher_error = 0, ""

@@ -20,11 +20,25 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from services.shared import keys
+from services.shared.minestudio import adapt
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024 * 1024
 GRACE_SECONDS = 120  # a superseded version stays readable this long for nodes mid-download
+
+
+def initial_policy(module, cfg) -> torch.nn.Module:
+    """Version 0, which is never published: the config module's policy_generator() under the session's seed,
+    with mso's contract (adapt), its value head zeroed when train_config.zero_initial_vf. The learner and every
+    rollout worker build it here, so that they start from one set of weights."""
+    torch.manual_seed(cfg.seed)
+    policy = adapt(module.policy_generator())
+    if cfg.train_config.zero_initial_vf:
+        with torch.no_grad():
+            for p in policy.value_head.parameters():
+                p.zero_()
+    return policy
 
 
 class WeightError(ValueError):

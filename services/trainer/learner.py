@@ -19,7 +19,6 @@ import torch.distributed as dist
 from services.shared import keys, session, trainer_status, weights
 from services.shared.config import fragments_per_rank
 from services.shared.fragment import signature
-from services.shared.minestudio import adapt
 from services.shared.queue import FragmentConsumer, ledger
 from services.shared.redis_server import connect
 from services.trainer import checkpoints
@@ -62,16 +61,11 @@ class Learner:
         self.length = self.cfg.rollout_config.fragment_length
         self.client = connect(spec.redis_url)
         module = spec.joined.source.load()
-        torch.manual_seed(self.cfg.seed)  # the same initial weights as every rollout node: version 0
-        self.policy = adapt(module.policy_generator())  # a MineStudio policy gets mso's contract
+        self.policy = weights.initial_policy(module, self.cfg)  # version 0, as every rollout worker's
         # Ray (and Ray Train) give a rank with num_gpus_per_worker > 0 its own GPU as cuda:0.
         use_gpu = self.tc.num_gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.policy.to(self.device)
-        if self.tc.zero_initial_vf:
-            with torch.no_grad():
-                for p in self.policy.value_head.parameters():
-                    p.zero_()
         self.ref_policy = None
         if self.tc.kl_divergence_coef_rho != 0:
             self.ref_policy = copy.deepcopy(self.policy).eval()

@@ -399,3 +399,30 @@ def test_envs_in_the_worker_thread_rebuild_a_crashing_env_and_step_the_others(re
     for frags in by_slot.values():
         for f in frags:
             np.testing.assert_array_equal(np.diff(f["obs"]["g"][:, 0]), 1)
+
+
+def test_a_worker_acts_with_the_weights_the_learner_starts_from(redis_server, redis_client, tmp_path):
+    """Version 0 is the one version no worker loads from Redis: each builds it from the config and the seed, so it
+    must build the learner's, the value head zeroed by train_config.zero_initial_vf included (only the learner
+    zeroed it before: a truncation bootstrapped by version 0 took its value from a random head)."""
+    from services.trainer.learner import Learner
+    from services.trainer.spec import LearnerSpec
+
+    loaded = load("cartpole", ["seed=5"])
+    assert loaded.cfg.train_config.zero_initial_vf
+    sid = session.create(redis_client, loaded)
+    loop = RolloutLoop(0, Joined.of(sid, loaded), redis_server.url, "node1")
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: loop.stats["env_steps"] > 0, 60, "the worker stepping")
+        acting = {k: v.clone() for k, v in loop.policy.state_dict().items()}
+    finally:
+        loop.stop_event.set()
+        thread.join(30)
+    learner = Learner(LearnerSpec(Joined.of(sid, loaded), redis_server.url, "t", str(tmp_path)))
+    learner.logs.close()
+    starting = learner.policy.state_dict()
+    assert acting.keys() == starting.keys()
+    assert [k for k in acting if not torch.equal(acting[k], starting[k])] == []
+    assert all(not starting[k].any() for k in starting if k.startswith("value_head.linear."))
