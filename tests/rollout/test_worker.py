@@ -20,6 +20,8 @@ from services.shared.config import load
 from services.shared.session import Joined
 from services.shared.queue import FragmentConsumer
 from services.rollout.worker import PROBE_EVERY, WAIT_PAYS, RolloutLoop
+from services.trainer.learner import Learner
+from services.trainer.spec import LearnerSpec
 from tests.conftest import wait_until
 from tests.rollout import scenario_config as scenario
 
@@ -405,9 +407,6 @@ def test_a_worker_acts_with_the_weights_the_learner_starts_from(redis_server, re
     """Version 0 is the one version no worker loads from Redis: each builds it from the config and the seed, so it
     must build the learner's, the value head zeroed by train_config.zero_initial_vf included (only the learner
     zeroed it before: a truncation bootstrapped by version 0 took its value from a random head)."""
-    from services.trainer.learner import Learner
-    from services.trainer.spec import LearnerSpec
-
     loaded = load("cartpole", ["seed=5"])
     assert loaded.cfg.train_config.zero_initial_vf
     sid = session.create(redis_client, loaded)
