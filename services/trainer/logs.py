@@ -87,7 +87,12 @@ class IterationLog:
     def write(self, iteration: int, metrics: dict, lags: np.ndarray) -> None:
         scalars = {f"trainer/{k}": float(v) for k, v in metrics.items()}
         if lags.size:
-            self.writer.add_histogram("trainer/policy_lag_histogram", lags, iteration)
+            # One bucket per lag (they are whole versions): add_histogram's ~1500 exponential buckets took
+            # 0.25-0.55 ms an iteration of cartpole's learner, this 30 us.
+            values, counts = np.unique(lags, return_counts=True)
+            self.writer.add_histogram_raw("trainer/policy_lag_histogram", float(values[0]), float(values[-1]),
+                                          int(lags.size), float(lags.sum()), float((lags.astype(np.float64) ** 2).sum()),
+                                          (values + 0.5).tolist(), counts.tolist(), iteration)
         scalars.update(self._episodes(iteration))
         # One event holds them all: the writer builds, queues, serialises and checksums each event, and one
         # add_scalar a value (~30 an iteration) cost cartpole's learner 0.6-1.0 ms an iteration, against 35 us.
@@ -111,7 +116,9 @@ class IterationLog:
             for k, v in e.stats.items():
                 stats.setdefault(k, []).append(v)
         out.update({f"episode/{k}": float(np.mean(v)) for k, v in stats.items()})
-        scored, rates = achievements.success_rates(self.client, self.session_id)
+        # The rates change only with an episode that reports achievements (achievements.count): read them then.
+        reported = any(k.startswith(achievements.PREFIX) for e in episodes for k in e.stats)
+        scored, rates = achievements.success_rates(self.client, self.session_id) if reported else (0, {})
         if scored:  # over every episode of the session so far, as the Crafter paper scores them
             out["achievements/score"] = achievements.score(rates)
             out.update({f"achievements/success_rate_{k}": v for k, v in rates.items()})

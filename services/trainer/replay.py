@@ -237,12 +237,13 @@ class Replay:
         pipe = self.client.pipeline(transaction=False)
         for c in picked:
             c.uses += 1
-            for i in c.ids:
-                pipe.hincrby(self.keys.uses, i, 1)
+            if c.uses < self.max_reuse:  # a chunk retired now needs no count: retiring forgets it
+                for i in c.ids:
+                    pipe.hincrby(self.keys.uses, i, 1)
         reused = sum(len(c.ids) for c in picked if c.uses > 1)
         if reused:
             pipe.hincrby(self.keys.ledger, "reused", reused)
-        pipe.execute()
+        pipe.execute()  # empty with max_reuse 1 (cartpole): no round trip, only the retirement's below
         self.chunks = [c for c in self.chunks if c.uses < self.max_reuse]
         self._retire([c for c in picked if c.uses >= self.max_reuse])
 

@@ -28,19 +28,28 @@ def test_iteration_log_writes_tensorboard_and_wandb(redis_client, tmp_path, monk
     logs = IterationLog(redis_client, tmp_path / "runs", "sess", cfg)
     logs.write(1, {"policy_loss": 0.25, "explained_var": 0.5}, lags=np.array([0, 1, 1, 2]))
     logs.write(2, {"policy_loss": 0.125}, lags=np.array([0]))  # no new episodes: none logged twice
+    pipe = redis_client.pipeline()
+    episode.append(pipe, "sess", [Episode(7.0, 3.5, 10, False)])  # no achievements: the rates are not read
+    pipe.execute()
+    redis_client.config_resetstat()
+    logs.write(3, {"policy_loss": 0.0625}, lags=np.array([1]))
+    assert "cmdstat_hgetall" not in redis_client.info("commandstats")
     logs.close()
 
-    events = EventAccumulator(str(tmp_path / "runs" / "sess"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(tmp_path / "runs" / "sess"), size_guidance={"images": 0, "histograms": 0}).Reload()
     scalars = events.Tags()["scalars"]
-    assert [e.value for e in events.Scalars("trainer/policy_loss")] == [0.25, 0.125]
-    assert events.Scalars("episode/mean_return")[0].value == 4.0
-    assert len(events.Scalars("episode/count")) == 1
+    assert [e.value for e in events.Scalars("trainer/policy_loss")] == [0.25, 0.125, 0.0625]
+    assert [(e.step, e.value) for e in events.Scalars("episode/mean_return")] == [(1, 4.0), (3, 7.0)]
+    assert len(events.Scalars("episode/count")) == 2
     assert events.Scalars("episode/achievement_collect_wood")[0].value == 0.5
     # the Crafter score over all episodes so far: one achievement reported, unlocked in 1 of 2 episodes
     assert events.Scalars("achievements/success_rate_collect_wood")[0].value == 50.0
     assert abs(events.Scalars("achievements/score")[0].value - 50.0) < 1e-4
     assert "trainer/explained_var" in scalars
-    assert "trainer/policy_lag_histogram" in events.Tags()["histograms"]
+    # one bucket per lag: iteration 1's lags 0, 1, 1, 2
+    lags = events.Histograms("trainer/policy_lag_histogram")[0].histogram_value
+    assert (lags.min, lags.max, lags.num, lags.sum, lags.sum_squares) == (0, 2, 4, 4, 6)
+    assert list(lags.bucket_limit) == [0.5, 1.5, 2.5] and list(lags.bucket) == [1, 2, 1]
     image = events.Images("episode/video_0")[0]
     assert (image.width, image.height) == (128, 128) and image.encoded_image_string[:6] == b"GIF89a"
 
