@@ -224,17 +224,36 @@ class EnvProcess:
         self.spawn()
 
     def close(self, timeout: float = 5.0) -> None:
+        self.ask_to_close()
+        self.wait_closed(time.monotonic() + timeout)
+
+    def ask_to_close(self) -> None:
+        """Tell the process to close its envs and exit; wait_closed waits for it."""
         if self.conn is not None:
             try:
                 self.conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
             self.conn.close()
+
+    def wait_closed(self, deadline: float) -> None:
+        """Wait for the process to exit until deadline (time.monotonic()), then kill it."""
         if self.process is not None:
-            self.process.join(timeout)
+            self.process.join(max(0.0, deadline - time.monotonic()))
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
+
+
+def close_all(procs: list, timeout: float) -> None:
+    """Close a worker's env processes (or its in-thread group) together: each is told first, then all are waited
+    for until one deadline. An env's close may take seconds (MineRL's stops a Java process), and one process
+    after another a worker's stop took the sum of theirs."""
+    for proc in procs:
+        proc.ask_to_close()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.wait_closed(deadline)
 
 
 class EnvGroup:
@@ -285,3 +304,9 @@ class EnvGroup:
     def close(self, timeout: float = 0.0) -> None:
         for r in self.runners:
             r.close()
+
+    def ask_to_close(self) -> None:  # close_all's interface: in this thread, closing is done at once
+        self.close()
+
+    def wait_closed(self, deadline: float) -> None:
+        pass

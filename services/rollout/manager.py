@@ -16,6 +16,7 @@ from services.shared.session import Joined
 
 log = logging.getLogger(__name__)
 STATUS_TIMEOUT = 5.0
+STOP_TIMEOUT = 60.0        # seconds a node's workers have to stop (drain their senders, close their envs)
 MAX_WORKER_RESTARTS = 10   # replacements of one worker before the node stops replacing it (and says so)
 SUMMED = ("env_steps", "fragments_pushed", "bytes_pushed", "episodes", "env_restarts", "env_timeouts",
           "steps_dropped", "live_envs", "videos", "malformed_obs")
@@ -102,18 +103,23 @@ class RolloutManager:
             ray.kill(spare)
         ray.get([w.handle.start.remote(w.index, *self.args) for w in added])
         self.workers += added
-        while len(self.workers) > num_workers:
-            self._retire(self.workers.pop())
+        removed, self.workers = self.workers[num_workers:], self.workers[:num_workers]
+        self._retire(removed)
         return len(self.workers)
 
-    def _retire(self, worker: _Worker) -> None:
-        try:
-            final = ray.get(worker.handle.stop.remote(), timeout=60)
-        except Exception as exc:  # dead or hung: its last status is what it did
-            log.warning("worker %d did not stop cleanly: %s", worker.index, exc)
-            final = worker.last
-        self._keep_counts(final)
-        ray.kill(worker.handle)
+    def _retire(self, workers: list[_Worker]) -> None:
+        """Stop workers, all at once: a worker's stop drains its sender and closes its envs, and one after
+        another a node's stop took the sum of theirs."""
+        refs = [w.handle.stop.remote() for w in workers]
+        ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT)
+        for worker, ref in zip(workers, refs):
+            try:
+                final = ray.get(ref, timeout=0)
+            except Exception as exc:  # dead, or hung past STOP_TIMEOUT: its last status is what it did
+                log.warning("worker %d did not stop cleanly: %s", worker.index, exc)
+                final = worker.last
+            self._keep_counts(final)
+            ray.kill(worker.handle)
 
     def _keep_counts(self, stats: dict) -> None:
         for k in SUMMED:
@@ -184,6 +190,6 @@ class RolloutManager:
         return total
 
     def stop(self) -> dict:
-        while self.workers:
-            self._retire(self.workers.pop())
+        workers, self.workers = self.workers, []
+        self._retire(workers)
         return dict(self.retired)

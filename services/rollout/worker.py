@@ -20,7 +20,7 @@ from multiprocessing.connection import wait
 import numpy as np
 import torch
 
-from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal
+from services.rollout.envs import EnvGroup, EnvProcess, EnvStep, Fatal, close_all
 from services.rollout.fragments import FragmentCutter, Fragments, Step, cut
 from services.rollout.sender import Ack, Sender, SenderGone, Settings
 from services.shared.config import stream_bound
@@ -161,8 +161,7 @@ class RolloutLoop:
             for ack in self.sender.finish(timeout=10):
                 self._acked(ack)
             self.watcher.stop()
-            for proc in self.procs:
-                proc.close(timeout=2)
+            close_all(self.procs, timeout=2)
             self.stats["live_envs"] = 0
 
     def _start_envs(self, wc) -> list:

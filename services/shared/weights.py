@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import msgpack
 import redis
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024 * 1024
 GRACE_SECONDS = 120  # a superseded version stays readable this long for nodes mid-download
+STOP_SLICE = 0.05    # seconds: how soon a WeightWatcher notices stop() while no version is announced
 
 
 def initial_policy(module, cfg) -> torch.nn.Module:
@@ -132,8 +134,7 @@ class WeightWatcher:
                 pubsub.subscribe(keys.SessionKeys(self.session_id).weights_channel)
                 while not self._stop.is_set():
                     self._check()
-                    # A notification wakes us at once; the timeout is the fallback for a missed one.
-                    pubsub.get_message(timeout=self.poll_seconds)
+                    self._await_notice(pubsub)
             except redis.RedisError as exc:  # Redis restarting: keep the weights we have, resubscribe
                 self.last_error = f"weight watcher lost Redis, retrying: {exc}"
                 log.warning(self.last_error)
@@ -144,6 +145,16 @@ class WeightWatcher:
                 self._stop.wait(1.0)
             finally:
                 pubsub.close()
+
+    def _await_notice(self, pubsub) -> None:
+        """Until a version is announced, poll_seconds pass (the fallback for a missed notice) or stop() is called:
+        the wait is cut in slices of STOP_SLICE, since nothing wakes a pubsub read but a message, and a stopping
+        worker waited out the whole poll (a node's Stop took a second a worker)."""
+        deadline = time.monotonic() + self.poll_seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or pubsub.get_message(timeout=min(left, STOP_SLICE)) is not None:
+                return
 
     def _check(self) -> None:
         try:

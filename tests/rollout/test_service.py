@@ -4,6 +4,7 @@ a running session on its own, heartbeat expiry of a killed node, WatchEpisodes, 
 import os
 import signal
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -185,3 +186,31 @@ def test_a_worker_whose_process_dies_is_replaced_and_reported(cluster):
                        "the node's heartbeat to tell of the replacement (GetSession shows it)")
         finally:
             stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=120)
+
+
+def test_a_node_stops_its_workers_and_their_envs_together(cluster):
+    """A node's Stop stops its workers, and each closes its env processes; a simulator's close may take seconds
+    (MineRL's stops a Java process). One worker after another, and one env process after another within each,
+    this node of 2 workers of 3 env processes took six closes in a row (9 s; `docker stop` allows 10), and each
+    worker waited a second more for its weight watcher's poll. Together they take about one close."""
+    from tests.rollout.slow_close_config import CLOSE_SECONDS
+
+    client = cluster["client"]
+    sid = session.create(client, load(str(Path(__file__).with_name("slow_close_config.py"))))
+    with channel(cluster["address"]) as ch:
+        stub = rollout_pb2_grpc.RolloutServiceStub(ch)
+        assert stub.Start(rollout_pb2.RolloutStartRequest(session_id=sid), timeout=120).workers == 2
+        consumer = FragmentConsumer(client, sid, "test")
+        slots: set[str] = set()
+
+        def every_env_steps():
+            slots.update(f["slot"] for _id, f in consumer.read(1000, block_ms=100))
+            return len(slots) == 6
+        wait_until(every_env_steps, 120, "fragments from all six envs")
+        assert len(env_processes(cluster["ray_head"])) == 6
+        started = time.monotonic()
+        st = stub.Stop(rollout_pb2.RolloutStopRequest(), timeout=120)
+        took = time.monotonic() - started
+        assert st.workers == 0 and st.state == 1
+        assert took < 2 * CLOSE_SECONDS, f"Stop took {took:.1f}s for envs that close in {CLOSE_SECONDS}s"
+        assert not env_processes(cluster["ray_head"])

@@ -1,5 +1,7 @@
 """The weight store: chunked safetensors through real Redis, verified, followed by a watcher."""
 
+import time
+
 import pytest
 import torch
 
@@ -65,3 +67,14 @@ def test_the_watcher_survives_a_version_it_cannot_load_and_takes_the_next(redis_
         assert version == 2 and torch.equal(got["a"], state(2)["a"])
     finally:
         watcher.stop()
+
+
+def test_a_watcher_stops_at_once_not_at_its_next_poll(redis_client):
+    """Nothing wakes a pubsub read but a message: the watcher waited out its poll on stop(), and every worker's
+    stop took a second (a node stopped its workers one after another)."""
+    watcher = weights.WeightWatcher(redis_client, "s", poll_seconds=30).start()
+    weights.publish(redis_client, "s", 1, state(1))
+    wait_until(watcher.take, 10, "version 1")  # the watcher is now waiting for the next notice
+    started = time.monotonic()
+    watcher.stop()
+    assert time.monotonic() - started < 2 and not watcher._thread.is_alive()
