@@ -48,9 +48,20 @@ cmd_install() {
     fi
 }
 
+# aardvark-dns, the network's name server, outlives the stack it served and keeps records of containers gone
+# (seen after a teardown: mso_default still listing a rollout and the trainer, not redis); a later stack's workers
+# then failed to resolve redis ("Name or service not known") and its launch failed. With no container left on
+# the machine, it and its records are ours to remove; netavark starts it afresh for the next network.
+clear_stale_dns() {
+    [ -z "$(podman ps -aq 2>/dev/null)" ] || return 0
+    pkill -x aardvark-dns 2>/dev/null || true
+    rm -f /run/containers/networks/aardvark-dns/mso_* /run/containers/networks/aardvark-dns/aardvark.pid
+}
+
 cmd_setup() {
     mkdir -p "$STATE"
     cmd_install
+    clear_stale_dns
     cat > "$CONTAINERS_CONF" <<EOF
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
@@ -123,6 +134,7 @@ cmd_teardown() {
         kill "$(cat "$STATE/service.pid")" 2>/dev/null || true
         rm -f "$STATE/service.pid" "$STATE/podman.sock"
     fi
+    clear_stale_dns
     # netavark (and CNI) leave their firewall chains when the last network goes; with no container left they are ours.
     if [ -z "$(podman ps -aq 2>/dev/null)" ] && command -v iptables >/dev/null; then
         local table rule chain chains
