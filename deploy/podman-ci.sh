@@ -52,8 +52,12 @@ cmd_install() {
 # (seen after a teardown: mso_default still listing a rollout and the trainer, not redis); a later stack's workers
 # then failed to resolve redis ("Name or service not known") and its launch failed. With no container left on
 # the machine, it and its records are ours to remove; netavark starts it afresh for the next network.
+no_container_left() {
+    [ -z "$(podman ps -aq 2>/dev/null)" ]
+}
+
 clear_stale_dns() {
-    [ -z "$(podman ps -aq 2>/dev/null)" ] || return 0
+    no_container_left || return 0
     pkill -x aardvark-dns 2>/dev/null || true
     rm -f /run/containers/networks/aardvark-dns/mso_* /run/containers/networks/aardvark-dns/aardvark.pid
 }
@@ -136,7 +140,7 @@ cmd_teardown() {
     fi
     clear_stale_dns
     # netavark (and CNI) leave their firewall chains when the last network goes; with no container left they are ours.
-    if [ -z "$(podman ps -aq 2>/dev/null)" ] && command -v iptables >/dev/null; then
+    if no_container_left && command -v iptables >/dev/null; then
         local table rule chain chains
         for table in filter nat; do
             iptables -t "$table" -S | grep -E '^-A [A-Z]+ .*-j (NETAVARK|CNI)' | sed 's/^-A /-D /' | while read -r rule; do

@@ -22,15 +22,20 @@ PREFIX = "achievement_"
 EPISODES = "episodes"  # the hash's count of episodes that reported achievements
 
 
+def unlocked(stats: dict[str, float]) -> dict[str, int]:
+    """The achievements an episode's stats report, each 1 (unlocked) or 0; {} for an episode that reports none."""
+    return {k[len(PREFIX):]: 1 if v > 0 else 0 for k, v in stats.items() if k.startswith(PREFIX)}
+
+
 def count(pipe: redis.client.Pipeline, session_id: str, stats: list[dict[str, float]]) -> None:
     """Queue on pipe the counts of the episodes whose stats report achievements."""
     key = keys.SessionKeys(session_id).achievements
     for s in stats:
-        unlocked = {k[len(PREFIX):]: 1 if v > 0 else 0 for k, v in s.items() if k.startswith(PREFIX)}
-        if not unlocked:
+        hits = unlocked(s)
+        if not hits:
             continue
         pipe.hincrby(key, EPISODES, 1)
-        for name, hit in unlocked.items():
+        for name, hit in hits.items():
             pipe.hincrby(key, PREFIX + name, hit)  # an increment of 0 still creates the field: it counts as 0 %
 
 

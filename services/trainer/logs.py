@@ -117,7 +117,7 @@ class IterationLog:
                 stats.setdefault(k, []).append(v)
         out.update({f"episode/{k}": float(np.mean(v)) for k, v in stats.items()})
         # The rates change only with an episode that reports achievements (achievements.count): read them then.
-        reported = any(k.startswith(achievements.PREFIX) for e in episodes for k in e.stats)
+        reported = any(achievements.unlocked(e.stats) for e in episodes)
         scored, rates = achievements.success_rates(self.client, self.session_id) if reported else (0, {})
         if scored:  # over every episode of the session so far, as the Crafter paper scores them
             out["achievements/score"] = achievements.score(rates)
